@@ -1,0 +1,63 @@
+"""The engine interface: propagate one batch, return its hits grouped by event."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..geometry import Detector
+from ..photons import HitBatch, PhotonBatch
+
+
+class EngineError(RuntimeError):
+    """An engine could not be created or could not run a batch."""
+
+
+@dataclass
+class EngineConfig:
+    """Settings shared by every engine (``charon-batch`` flags of the same names)."""
+
+    seed: int = 0  # run seed: first half of every photon's RNG key
+    max_steps: int = 100  # propagation steps before a photon is left where it is (as Chroma)
+    device: int = 0  # CUDA device ordinal
+    max_batch_photons: int = 5_000_000  # preallocated capacity (CUDA)
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent in each stage of the last batch (GPU stages timed with CUDA events)."""
+
+    copy_in: float = 0.0
+    propagate: float = 0.0
+    demux: float = 0.0
+    copy_out: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.copy_in + self.propagate + self.demux + self.copy_out
+
+
+class Engine(abc.ABC):
+    """One propagation call per batch. Implementations must be thread-compatible:
+    the server calls :meth:`propagate` from a single engine thread."""
+
+    name: str = "abstract"
+
+    def __init__(self, detector: Detector, config: EngineConfig):
+        self.detector = detector
+        self.config = config
+        self.last_times = StageTimes()
+
+    @abc.abstractmethod
+    def propagate(self, batch: PhotonBatch) -> HitBatch:
+        """Propagate every photon of ``batch`` (its table/flags may be overwritten) and
+        return the hits grouped by event slot: ``hits.offsets`` has ``batch.n_events + 1`` entries."""
+
+    def warm_up(self) -> None:
+        """Compile kernels ahead of the first request (optional)."""
+
+    def close(self) -> None:
+        """Release device resources."""

@@ -1,0 +1,75 @@
+"""Ray-primitive tests: Möller–Trumbore triangles and slab boxes.
+
+Tolerances follow Chroma (PHYSICS.md): barycentric edge tolerance 1e-6 and
+hits closer than 1e-6 mm ignored, so a photon sitting on the triangle it just
+crossed does not hit it again.
+"""
+
+from __future__ import annotations
+
+import math
+
+EDGE_TOL = 1e-6  # barycentric slack at triangle edges
+T_MIN = 1e-6  # mm: nearer hits are ignored
+NO_HIT = math.inf
+
+
+def make_intersect(jit):
+    @jit
+    def ray_triangle(ox, oy, oz, dx, dy, dz, v0, e1, e2, k):
+        """Distance along the ray to triangle ``k`` (rows of v0, e1=v1-v0, e2=v2-v0), or inf."""
+        e1x = e1[k, 0]
+        e1y = e1[k, 1]
+        e1z = e1[k, 2]
+        e2x = e2[k, 0]
+        e2y = e2[k, 1]
+        e2z = e2[k, 2]
+        # p = d x e2
+        px = dy * e2z - dz * e2y
+        py = dz * e2x - dx * e2z
+        pz = dx * e2y - dy * e2x
+        det = e1x * px + e1y * py + e1z * pz
+        if det == 0.0:
+            return NO_HIT
+        inv = 1.0 / det
+        sx = ox - v0[k, 0]
+        sy = oy - v0[k, 1]
+        sz = oz - v0[k, 2]
+        u = (sx * px + sy * py + sz * pz) * inv
+        if u < -EDGE_TOL or u > 1.0 + EDGE_TOL:
+            return NO_HIT
+        # q = s x e1
+        qx = sy * e1z - sz * e1y
+        qy = sz * e1x - sx * e1z
+        qz = sx * e1y - sy * e1x
+        v = (dx * qx + dy * qy + dz * qz) * inv
+        if v < -EDGE_TOL or u + v > 1.0 + EDGE_TOL:
+            return NO_HIT
+        t = (e2x * qx + e2y * qy + e2z * qz) * inv
+        if t <= T_MIN:
+            return NO_HIT
+        return t
+
+    @jit
+    def ray_box(ox, oy, oz, ix, iy, iz, lo, hi, n):
+        """Entry distance of the ray into box ``n`` (clamped at 0), or inf if missed.
+
+        ``ix, iy, iz`` are the inverse direction components (finite stand-ins for 1/0).
+        """
+        t0 = (lo[n, 0] - ox) * ix
+        t1 = (hi[n, 0] - ox) * ix
+        tmin = min(t0, t1)
+        tmax = max(t0, t1)
+        t0 = (lo[n, 1] - oy) * iy
+        t1 = (hi[n, 1] - oy) * iy
+        tmin = max(tmin, min(t0, t1))
+        tmax = min(tmax, max(t0, t1))
+        t0 = (lo[n, 2] - oz) * iz
+        t1 = (hi[n, 2] - oz) * iz
+        tmin = max(tmin, min(t0, t1))
+        tmax = min(tmax, max(t0, t1))
+        if tmax < 0.0 or tmin > tmax:
+            return NO_HIT
+        return max(tmin, 0.0)
+
+    return ray_triangle, ray_box
