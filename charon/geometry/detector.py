@@ -121,7 +121,7 @@ class Detector:
         present = [k for k in REEMISSION_KEYS if k in arrays]
         if present and len(present) != len(REEMISSION_KEYS):
             absent = [k for k in REEMISSION_KEYS if k not in arrays]
-            raise DetectorError(absent[0], "re-emission keys must be given all together")
+            raise DetectorError(absent[0], f"re-emission keys must be given all together: have {present}, missing {absent}")
         kw = {}
         for f in fields(cls):
             if f.name not in arrays:
@@ -186,9 +186,9 @@ class Detector:
             if len(bad):
                 k, w = bad[0]
                 raise DetectorError(
-                    "surface_detect",
+                    "surface_detect+surface_absorb+surface_reflect_diffuse+surface_reflect_specular",
                     f"detect+absorb+reflect_diffuse+reflect_specular = {total[k, w]:.6g} > 1 "
-                    f"for surface {self.surface_names[k]!r} at {self.wavelength[w]:g} nm",
+                    f"for surface {str(self.surface_names[k])!r} at {self.wavelength[w]:g} nm",
                 )
         if self.has_reemission:
             _table(self, "material_reemission_prob", M, W)

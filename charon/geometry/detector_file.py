@@ -28,5 +28,5 @@ def load_detector(path: str | os.PathLike) -> Detector:
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise DetectorError("<file>", f"cannot read {os.fspath(path)!r} as .npz: {exc}") from exc
     except ValueError as exc:  # object arrays need pickle, which we refuse
-        raise DetectorError("<file>", f"{os.fspath(path)!r}: {exc}") from exc
+        raise DetectorError("<file>", f"cannot read {os.fspath(path)!r} as .npz without pickle: {exc}") from exc
     return Detector.from_arrays(arrays)

@@ -1,0 +1,33 @@
+"""Test configuration.
+
+CUDA code runs in numba's CUDA simulator unless CHARON_TEST_REAL_GPU=1 (the
+device machine): the variable must be set before numba.cuda is imported.
+"""
+
+import os
+
+if os.environ.get("CHARON_TEST_REAL_GPU") != "1":
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def cpu():
+    from charon.engines.cpu import cpu_kernels
+
+    return cpu_kernels()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def pytest_collection_modifyitems(config, items):
+    real_gpu = os.environ.get("CHARON_TEST_REAL_GPU") == "1"
+    skip_gpu = pytest.mark.skip(reason="needs a real GPU: set CHARON_TEST_REAL_GPU=1 on a CUDA machine")
+    for item in items:
+        if "gpu" in item.keywords and not real_gpu:
+            item.add_marker(skip_gpu)
