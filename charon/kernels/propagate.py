@@ -95,6 +95,9 @@ def make_propagate(jit, k):
         t = float(table[10, i])
         fl = np.int64(flags[i])
         last = -1
+        # Clients send unit vectors up to float32 rounding; distances assume exactly unit.
+        dx, dy, dz = normalize(dx, dy, dz)
+        ex, ey, ez = normalize(ex, ey, ez)
         for _ in range(max_steps):
             if (
                 math.isnan(px)

@@ -1,0 +1,74 @@
+"""Prometheus metrics of the batching server (prometheus-client, own registry)."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_PHOTON_BUCKETS = (1e2, 1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 5e6, 1e7)
+_SECOND_BUCKETS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+
+
+class BusyClock:
+    """Fraction of wall time the engine was busy over a sliding window (default 10 s).
+
+    Thread-safe: the engine thread records intervals, the metrics thread reads.
+    """
+
+    def __init__(self, window: float = 10.0):
+        self.window = window
+        self._lock = threading.Lock()
+        self._intervals: collections.deque = collections.deque()
+        self._busy_since: float | None = None
+        self._start = time.monotonic()
+        self.total_busy = 0.0
+
+    def start(self):
+        with self._lock:
+            self._busy_since = time.monotonic()
+
+    def stop(self):
+        with self._lock:
+            now = time.monotonic()
+            if self._busy_since is not None:
+                self._intervals.append((self._busy_since, now))
+                self.total_busy += now - self._busy_since
+            self._busy_since = None
+            while self._intervals and self._intervals[0][1] < now - self.window:
+                self._intervals.popleft()
+
+    def fraction(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            lo = max(now - self.window, self._start)
+            busy = sum(max(0.0, b - max(a, lo)) for a, b in self._intervals)
+            if self._busy_since is not None:
+                busy += now - max(self._busy_since, lo)
+            return busy / (now - lo) if now > lo else 0.0
+
+
+class Metrics:
+    def __init__(self, busy: BusyClock):
+        r = self.registry = CollectorRegistry()
+        self.events = Counter("charon_events", "Events answered with SIM_COMPLETE", registry=r)
+        self.photons = Counter("charon_photons", "Photons propagated", registry=r)
+        self.hits = Counter("charon_hits", "Hits returned", registry=r)
+        self.batches = Counter("charon_batches", "Engine calls (batches)", registry=r)
+        self.failed = Counter("charon_failed", "Requests answered with SIM_FAILED or UNKNOWN_REQUEST", ["reason"],
+                              registry=r)  # fmt: skip
+        self.duplicates = Counter("charon_duplicate_requests", "Resent requests joined to one already queued or in flight",
+                                  registry=r)  # fmt: skip
+        self.queued_photons = Gauge("charon_queued_photons", "Photons waiting for a batch", registry=r)
+        self.batch_photons = Histogram("charon_batch_photons", "Photons per batch", buckets=_PHOTON_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("charon_batch_seconds", "Engine time per batch", buckets=_SECOND_BUCKETS,
+                                       registry=r)  # fmt: skip
+        self.busy_fraction = Gauge("charon_engine_busy_fraction", "Engine busy time / wall time, last 10 s", registry=r)
+        self.busy_fraction.set_function(busy.fraction)
+
+    def serve(self, port: int, addr: str = "0.0.0.0"):
+        """Start the HTTP text endpoint; returns the server so it can be shut down."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server

@@ -1,0 +1,169 @@
+"""Wire codec for the ChAR0N protocol (both client dialects; see docs/protocol.md).
+
+Requests (frame 0 is an ASCII header; numeric frames are raw little-endian
+arrays, no padding, one value per photon)::
+
+    [PING]                                   -> [PONG] (or [ACK], --ping-reply)
+    [DETECTOR_INFO]                          -> [DETECTOR_INFO, x f32[C], y f32[C], z f32[C], type i32[C]]
+    [RUN_BEGIN, output_filename utf-8]       -> [ACK]
+    [RUN_END]                                -> [ACK]
+    [PHOTONDATA, meta u32[2] = (event_id, n),
+     x, y, z, dx, dy, dz, polx, poly, polz, wavelength, t   (f32[n] each)
+     (, flags u32[n])]                       -> 13 frames: dialect A (ratpac-two), 14: dialect B (ChAR0N)
+
+Replies to PHOTONDATA::
+
+    compact (dialect A):  [SIM_COMPLETE, event_id u32, channel u32[H], time f32[H], wavelength f32[H]]
+    full    (dialect B):  [SIM_COMPLETE, event_id u32, channel u32[H], dx, dy, dz, polx, poly, polz,
+                           wavelength, time (f32[H] each), flags u32[H]]
+    async:                [SIM_COMPLETE_ASYNC, event_id u32]
+    failure:              [SIM_FAILED, event_id u32, reason utf-8]
+    unknown header:       [UNKNOWN_REQUEST]
+
+Every frame is validated (count, byte length, dtype multiple, agreement with
+``n``) *before* any ``frombuffer``; then the values are checked in one pass
+(finite, non-zero direction and polarization, positive wavelength). A
+malformed request raises :class:`RequestError`, which carries the event id
+(``0xFFFFFFFF`` when the meta frame itself is unreadable) and a reason naming
+the frame and the problem.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import xxhash
+
+from .photons import ROW_NAMES, HitBatch
+
+PING = b"PING"
+PONG = b"PONG"
+ACK = b"ACK"
+DETECTOR_INFO = b"DETECTOR_INFO"
+PHOTONDATA = b"PHOTONDATA"
+RUN_BEGIN = b"RUN_BEGIN"
+RUN_END = b"RUN_END"
+SIM_COMPLETE = b"SIM_COMPLETE"
+SIM_COMPLETE_ASYNC = b"SIM_COMPLETE_ASYNC"
+SIM_FAILED = b"SIM_FAILED"
+UNKNOWN_REQUEST = b"UNKNOWN_REQUEST"
+NO_WORKERS = b"NO_WORKERS"
+
+UNKNOWN_EVENT = 0xFFFFFFFF  # event id used in SIM_FAILED when the meta frame is unreadable
+FRAMES_COMPACT_REQUEST = 13
+FRAMES_FULL_REQUEST = 14
+
+
+class Layout(enum.Enum):
+    COMPACT = "compact"
+    FULL = "full"
+
+
+class RequestError(ValueError):
+    def __init__(self, event_id: int, reason: str):
+        super().__init__(reason)
+        self.event_id = event_id
+        self.reason = reason
+
+
+@dataclass
+class PhotonData:
+    event_id: int
+    n: int
+    rows: list  # 11 float32 [n] arrays (zero-copy views of the frames), ROW_NAMES order
+    flags: np.ndarray | None  # [n] uint32 (dialect B) or None (dialect A)
+    layout: Layout  # the reply layout the client's dialect expects
+    digest: int  # xxh3-64 of the payload frames: identifies a resent request
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.event_id, self.n, self.digest)
+
+
+def _buf(frame) -> memoryview:
+    """A zero-copy view of a frame (bytes or zmq.Frame)."""
+    b = getattr(frame, "buffer", None)
+    return memoryview(frame) if b is None else b
+
+
+@numba.njit(cache=False, nogil=True)
+def _check_values(x, y, z, dx, dy, dz, px, py, pz, wl, t):
+    """One pass over the photons: 0 if fine, else (code, first bad index)."""
+    for i in range(x.shape[0]):
+        v = x[i] + y[i] + z[i] + dx[i] + dy[i] + dz[i] + px[i] + py[i] + pz[i] + wl[i] + t[i]
+        if not np.isfinite(v):
+            return 1, i
+        if dx[i] * dx[i] + dy[i] * dy[i] + dz[i] * dz[i] < 1e-12:
+            return 2, i
+        if px[i] * px[i] + py[i] * py[i] + pz[i] * pz[i] < 1e-12:
+            return 3, i
+        if wl[i] <= 0:
+            return 4, i
+    return 0, -1
+
+
+_VALUE_PROBLEMS = {
+    1: "non-finite value (NaN or inf) in photon {i}",
+    2: "zero-length direction vector in photon {i}",
+    3: "zero-length polarization vector in photon {i}",
+    4: "non-positive wavelength in photon {i}",
+}
+
+
+def decode_photondata(frames, max_photons: int) -> PhotonData:
+    """Validate and decode a PHOTONDATA request (frames[0] == PHOTONDATA). Raises RequestError."""
+    nf = len(frames)
+    meta = _buf(frames[1]) if nf > 1 else memoryview(b"")
+    event_id = int.from_bytes(bytes(meta[:4]), "little") if meta.nbytes >= 4 else UNKNOWN_EVENT
+    if nf not in (FRAMES_COMPACT_REQUEST, FRAMES_FULL_REQUEST):
+        raise RequestError(event_id, f"PHOTONDATA needs 13 or 14 frames, got {nf}")
+    if meta.nbytes != 8:
+        raise RequestError(event_id, f"meta frame must be 8 bytes (u32 event_id, u32 n_photons), got {meta.nbytes}")
+    n = int.from_bytes(bytes(meta[4:8]), "little")
+    if n > max_photons:
+        raise RequestError(event_id, f"event has {n} photons, over the limit of {max_photons} per event")
+    bufs = [_buf(f) for f in frames[2:]]
+    names = ROW_NAMES + (("flags",) if nf == FRAMES_FULL_REQUEST else ())
+    for name, b in zip(names, bufs):
+        if b.nbytes % 4:
+            raise RequestError(event_id, f"frame '{name}' has {b.nbytes} bytes, not a multiple of 4")
+        if b.nbytes != 4 * n:
+            raise RequestError(event_id, f"frame '{name}' has {b.nbytes // 4} values, meta says n_photons={n}")
+    rows = [np.frombuffer(b, dtype="<f4") for b in bufs[:11]]
+    flags = np.frombuffer(bufs[11], dtype="<u4") if nf == FRAMES_FULL_REQUEST else None
+    if n:
+        code, i = _check_values(*rows)
+        if code:
+            raise RequestError(event_id, _VALUE_PROBLEMS[code].format(i=i))
+    h = xxhash.xxh3_64()
+    for b in bufs:
+        h.update(b)
+    layout = Layout.FULL if flags is not None else Layout.COMPACT
+    return PhotonData(event_id, n, rows, flags, layout, h.intdigest())
+
+
+def u32(value: int) -> bytes:
+    return int(value).to_bytes(4, "little")
+
+
+def encode_hits(event_id: int, hits: HitBatch, layout: Layout) -> list:
+    """Reply frames for one event's hits. Array frames are zero-copy views where contiguous."""
+    t = hits.table
+    ch = np.ascontiguousarray(hits.channel, dtype="<u4")
+    if layout is Layout.COMPACT:
+        return [SIM_COMPLETE, u32(event_id), ch, np.ascontiguousarray(t[7]), np.ascontiguousarray(t[6])]
+    return [SIM_COMPLETE, u32(event_id), ch, *(np.ascontiguousarray(t[r]) for r in range(8)),
+            np.ascontiguousarray(hits.flags, dtype="<u4")]  # fmt: skip
+
+
+def encode_failed(event_id: int, reason: str) -> list:
+    return [SIM_FAILED, u32(event_id), reason.encode("utf-8", "replace")]
+
+
+def encode_detector_info(channel_position: np.ndarray, channel_type: np.ndarray) -> list:
+    p = np.asarray(channel_position, dtype="<f4")
+    return [DETECTOR_INFO, *(np.ascontiguousarray(p[:, i]).tobytes() for i in range(3)),
+            np.asarray(channel_type, dtype="<i4").tobytes()]  # fmt: skip

@@ -1,0 +1,343 @@
+"""charon-batch: the multi-event batching server loop.
+
+Data flows one way:
+
+    ROUTER socket -> decode (protocol) -> queue (scheduler.queue) -> batch (scheduler.batcher)
+    -> engine thread (engine_thread) -> hits + per-event offsets -> demux (per request) -> encode -> socket
+
+The loop owns the sockets and every scheduler structure; the engine thread
+only sees finished batches. A request identical to one still queued or in
+flight (Lazy-Pirate resend) joins it instead of being simulated again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from . import protocol as P
+from .engine_thread import BatchResult, EngineThread
+from .engines import EngineConfig, create_engine
+from .geometry import Detector, resolve_detector
+from .metrics import BusyClock, Metrics
+from .photons import HitBatch, empty_hits
+from .protocol import Layout, RequestError
+from .scheduler.batcher import Batcher
+from .scheduler.queue import make_queue
+from .scheduler.request import EventRequest, Route
+
+log = logging.getLogger("charon.server")
+
+
+@dataclass
+class ServerConfig:
+    """Settings of charon-batch; each field is the CLI flag of the same name."""
+
+    bind: str = "tcp://*:5555"
+    detector: str = "demo"
+    engine: str = "auto"
+    seed: int = 0
+    max_batch_photons: int = 5_000_000
+    max_wait_ms: float = 20.0
+    max_queued_photons: int = 50_000_000
+    max_event_photons: int = 50_000_000
+    max_steps: int = 100
+    ping_reply: str = "PONG"
+    reply_layout: str = "auto"
+    queue_policy: str = "fcfs"
+    metrics_port: int | None = None
+    log_level: str = "INFO"
+    device: int = 0
+
+    def validate(self) -> None:
+        if self.max_batch_photons < 1:
+            raise ValueError("--max-batch-photons must be >= 1")
+        if self.max_queued_photons < 1 or self.max_event_photons < 1:
+            raise ValueError("--max-queued-photons and --max-event-photons must be >= 1")
+        if self.max_wait_ms < 0:
+            raise ValueError("--max-wait-ms must be >= 0")
+        if self.ping_reply not in ("PONG", "ACK"):
+            raise ValueError("--ping-reply must be PONG or ACK")
+        if self.reply_layout not in ("auto", "compact", "full"):
+            raise ValueError("--reply-layout must be auto, compact or full")
+
+
+def split_envelope(frames: list) -> tuple[list, list]:
+    """Split a ROUTER message into (envelope, body).
+
+    REQ peers (and charon's DEALER client) put an empty delimiter after their
+    identity; a bare DEALER does not. Headers are never empty, so an empty
+    second frame can only be the delimiter.
+    """
+    if len(frames) > 1 and len(frames[1]) == 0:
+        return frames[:2], frames[2:]
+    return frames[:1], frames[1:]
+
+
+class BatchServer:
+    def __init__(self, config: ServerConfig, detector: Detector | None = None, engine_factory=None,
+                 context: zmq.Context | None = None):  # fmt: skip
+        config.validate()
+        self.config = config
+        self.detector = detector if detector is not None else resolve_detector(config.detector)
+        self.ctx = context or zmq.Context.instance()
+        self.busy = BusyClock()
+        self.metrics = Metrics(self.busy)
+        self.batcher = Batcher(make_queue(config.queue_policy), config.max_batch_photons)
+        self.by_key: dict[tuple, EventRequest] = {}  # queued or in flight, for resend de-duplication
+        self.requests_in_flight = 0
+        self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
+        self._detector_info = P.encode_detector_info(self.detector.channel_position, self.detector.channel_type)
+        self._stop = threading.Event()
+        self._buffers: list = []
+        self._engine_factory = engine_factory or (
+            lambda: create_engine(
+                config.engine,
+                self.detector,
+                EngineConfig(seed=config.seed, max_steps=config.max_steps, device=config.device,
+                             max_batch_photons=config.max_batch_photons),  # fmt: skip
+            )
+        )
+        self.socket = None
+        self.address = None
+        self.started = threading.Event()
+        self._metrics_server = None
+
+    # ---------------------------------------------------------------- setup
+    def _open(self):
+        self._notify_addr = f"inproc://charon-engine-{id(self)}"
+        self._notify = self.ctx.socket(zmq.PULL)
+        self._notify.bind(self._notify_addr)
+        self.engine_thread = EngineThread(self.ctx, self._engine_factory, self._notify_addr, self.busy)
+        engine = self.engine_thread.start()
+        self.socket = self.ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        if self.config.bind.endswith(":0"):  # random port (tests)
+            port = self.socket.bind_to_random_port(self.config.bind[: self.config.bind.rfind(":")])
+            self.address = self.config.bind[: self.config.bind.rfind(":")].replace("*", "127.0.0.1") + f":{port}"
+        else:
+            self.socket.bind(self.config.bind)
+            self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._buffers = [self.engine_thread.host_buffer(), self.engine_thread.host_buffer()]
+        if self.config.metrics_port is not None:
+            self._metrics_server = self.metrics.serve(self.config.metrics_port)
+        log.info(
+            "charon-batch listening on %s: detector %s (%d triangles, %d channels), engine %s, "
+            "max batch %d photons, max wait %.1f ms%s",
+            self.address, self.config.detector, self.detector.n_triangles, self.detector.n_channels, engine.name,
+            self.config.max_batch_photons, self.config.max_wait_ms,
+            f", metrics on :{self.config.metrics_port}" if self.config.metrics_port is not None else "",
+        )  # fmt: skip
+
+    def stop(self):
+        self._stop.set()
+
+    # ----------------------------------------------------------------- loop
+    def serve_forever(self):
+        self._open()
+        self.started.set()
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(self._notify, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(self._poll_timeout_ms()))
+                if self._notify in events:
+                    while self._notify.poll(0):
+                        self._notify.recv()
+                    self._collect_results()
+                if self.socket in events:
+                    # Drain what is there, but bounded, so results and dispatch interleave.
+                    for _ in range(1000):
+                        try:
+                            frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                self._maybe_dispatch()
+        finally:
+            self._close()
+
+    def _close(self):
+        self.engine_thread.stop()
+        if self.engine_thread.results:
+            self._collect_results()
+        lost = [r.event_id for r in self.by_key.values()]
+        if lost:
+            log.warning("shutting down with %d event(s) unanswered: %s", len(lost), lost[:20])
+        self.socket.close(0)
+        self._notify.close(0)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+
+    def _poll_timeout_ms(self) -> int:
+        oldest = self.batcher.queue.oldest_arrival()
+        if oldest is None or self.engine_thread.in_flight:
+            return 100
+        left = oldest + self.config.max_wait_ms / 1e3 - time.monotonic()
+        return max(0, min(100, int(np.ceil(left * 1e3))))
+
+    # ------------------------------------------------------------- requests
+    def _reply(self, envelope, frames):
+        self.socket.send_multipart(list(envelope) + frames, copy=False)
+
+    def _handle(self, msg):
+        envelope, body = split_envelope(msg)
+        if not body:
+            return
+        header = body[0].bytes
+        if header == P.PHOTONDATA:
+            self._handle_photondata(envelope, body)
+        elif header == P.PING and len(body) == 1:
+            self._reply(envelope, [self._ping])
+        elif header == P.DETECTOR_INFO and len(body) == 1:
+            self._reply(envelope, self._detector_info)
+        elif header in (P.RUN_BEGIN, P.RUN_END):
+            self._reply(envelope, [P.ACK])
+        else:
+            self.metrics.failed.labels("unknown_request").inc()
+            log.info("unknown request header %r (%d frames)", header[:40], len(body))
+            self._reply(envelope, [P.UNKNOWN_REQUEST])
+
+    def _layout(self, requested: Layout) -> Layout:
+        if self.config.reply_layout == "auto":
+            return requested
+        return Layout(self.config.reply_layout)
+
+    def _handle_photondata(self, envelope, body):
+        try:
+            pd = P.decode_photondata(body, self.config.max_event_photons)
+        except RequestError as exc:
+            self._fail(envelope, exc.event_id, exc.reason, "bad_request")
+            return
+        route = Route(envelope, self._layout(pd.layout))
+        if pd.n == 0:  # a valid event with no photons has no hits
+            self.metrics.events.inc()
+            self._reply(envelope, P.encode_hits(pd.event_id, empty_hits(1).event(0), route.layout))
+            return
+        same = self.by_key.get(pd.key)
+        if same is not None:
+            same.route = route  # the newest requester is the one still listening
+            self.metrics.duplicates.inc()
+            log.debug("event %d resent: joined the copy already queued or in flight", pd.event_id)
+            return
+        if pd.n > self.config.max_queued_photons:
+            self._fail(envelope, pd.event_id,
+                       f"event has {pd.n} photons, more than --max-queued-photons={self.config.max_queued_photons}",
+                       "bad_request")  # fmt: skip
+            return
+        if self.batcher.queued_photons + pd.n > self.config.max_queued_photons:
+            self._fail(envelope, pd.event_id,
+                       f"busy: queue full ({self.batcher.queued_photons} photons queued, "
+                       f"limit {self.config.max_queued_photons}); retry later", "busy")  # fmt: skip
+            return
+        req = EventRequest(pd.event_id, pd.n, pd.rows, pd.flags, pd.key, route, time.monotonic())
+        self.by_key[pd.key] = req
+        self.batcher.add(req)
+        self.metrics.queued_photons.set(self.batcher.queued_photons)
+
+    def _fail(self, envelope, event_id, reason, label):
+        self.metrics.failed.labels(label).inc()
+        log.info("event %d failed: %s", event_id, reason)
+        self._reply(envelope, P.encode_failed(event_id, reason))
+
+    # ------------------------------------------------------------- batching
+    def _maybe_dispatch(self):
+        """Dispatch when the engine can take a batch and it is full, or its oldest event waited long enough.
+
+        At most one batch waits behind the running one (double buffering): it is
+        assembled while the engine runs, but only when full, so that a partial
+        batch keeps accepting events until the engine frees up.
+        """
+        et = self.engine_thread
+        while et.in_flight < 2 and self.batcher.queued_photons > 0:
+            full = self.batcher.queued_photons >= self.config.max_batch_photons
+            oldest = self.batcher.queue.oldest_arrival()
+            waited = oldest is not None and time.monotonic() - oldest >= self.config.max_wait_ms / 1e3
+            if not (full or (waited and et.in_flight == 0)):
+                return
+            slots = self.batcher.take()
+            buf = self._buffers.pop(0)
+            et.submit(self.batcher.assemble(slots, buf))
+            self.metrics.queued_photons.set(self.batcher.queued_photons)
+
+    def _collect_results(self):
+        et = self.engine_thread
+        while et.results:
+            res: BatchResult = et.results.popleft()
+            et.in_flight -= 1
+            self._buffers.append(res.batch.buffer)
+            self._demux(res)
+
+    def _demux(self, res: BatchResult):
+        n_hits = 0
+        for part in res.parts:
+            for s, slot in enumerate(part.slots):
+                req = slot.request
+                if part.hits is None:
+                    req.error = part.error
+                    req.add_piece(slot.start, slot.count, empty_hits(1).event(0))
+                else:
+                    piece = part.hits.event(s)
+                    n_hits += piece.n_hits
+                    req.add_piece(slot.start, slot.count, piece)
+                if req.complete:
+                    self._finish(req)
+        photons = res.batch.photons.n_photons
+        m = self.metrics
+        m.batches.inc()
+        m.photons.inc(photons)
+        m.hits.inc(n_hits)
+        m.batch_photons.observe(photons)
+        m.batch_seconds.observe(res.engine_seconds)
+        log.info(
+            "batch: %d events, %d photons, %d hits, engine %.1f ms (%.2f Mphotons/s), queue %d events / %d photons",
+            len(res.batch.slots), photons, n_hits, res.engine_seconds * 1e3,
+            photons / max(res.engine_seconds, 1e-9) / 1e6, len(self.batcher.queue), self.batcher.queued_photons,
+        )  # fmt: skip
+
+    def _finish(self, req: EventRequest):
+        self.by_key.pop(req.key, None)
+        if req.error is not None:
+            self._fail(req.route.envelope, req.event_id, req.error, "engine_error")
+            return
+        hits: HitBatch = req.hits()
+        self.metrics.events.inc()
+        self._reply(req.route.envelope, P.encode_hits(req.event_id, hits, req.route.layout))
+
+
+def run_in_thread(config: ServerConfig, **kw) -> tuple[BatchServer, threading.Thread]:
+    """Start a server on a background thread (tests, benchmarks); waits until it listens."""
+    server = BatchServer(config, **kw)
+    errors = []
+
+    def target():
+        try:
+            server.serve_forever()
+        except BaseException as exc:  # surfaced to the caller below
+            errors.append(exc)
+            server.started.set()
+            raise
+
+    th = threading.Thread(target=target, name="charon-server", daemon=True)
+    th.start()
+    server.started.wait(120)
+    if errors:
+        raise errors[0]
+    return server, th
+
+
+def default_log_config(level: str):
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
