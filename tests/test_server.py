@@ -1,0 +1,459 @@
+"""charon-batch over real ZeroMQ sockets on random loopback ports.
+
+Every receive has a timeout, so a broken server fails a test instead of hanging it.
+"""
+
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import zmq
+
+from charon import protocol as P
+from charon.client import DealerClient, ReqClient, decode_reply, photondata_frames
+from charon.engines.base import EngineConfig
+from charon.engines.cpu import CPUEngine
+from charon.geometry.builtin import sphere_detector
+from charon.geometry.optics import constant_surface
+from charon.photons import CHERENKOV, SURFACE_DETECT, PhotonBatch
+from charon.server import ServerConfig, run_in_thread
+from charon.sources import point_source, random_event
+
+SEED = 4242
+
+
+@pytest.fixture(scope="module")
+def det():
+    wall = constant_surface("grey", detect=0.3, absorb=0.5, reflect_diffuse=0.2)
+    return sphere_detector(1000.0, wall_surface=wall, subdivisions=2)
+
+
+@pytest.fixture(scope="module")
+def reference_engine(det):
+    return CPUEngine(det, EngineConfig(seed=SEED))
+
+
+def expected_hits(engine, event_id, table, flags=None):
+    """Hits of one event propagated alone: what the server must return (batch invariance)."""
+    b = PhotonBatch.from_events([table.copy()], [event_id], flags=None if flags is None else [flags])
+    return engine.propagate(b).event(0)
+
+
+class Server:
+    def __init__(self, det, engine_factory=None, **kw):
+        cfg = ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", seed=SEED, **kw)
+        self.srv, self.thread = run_in_thread(cfg, detector=det, engine_factory=engine_factory)
+        self.address = self.srv.address
+        self.clients = []
+
+    def req(self, **kw):
+        c = ReqClient(self.address, **kw)
+        self.clients.append(c)
+        return c
+
+    def dealer(self):
+        c = DealerClient(self.address)
+        self.clients.append(c)
+        return c
+
+    def metric(self, name, **labels):
+        v = self.srv.metrics.registry.get_sample_value(name, labels or None)
+        return 0.0 if v is None else v
+
+    def stop(self):
+        for c in self.clients:
+            c.close()
+        self.srv.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def server(det):
+    s = Server(det, max_batch_photons=20_000, max_wait_ms=5)
+    yield s
+    s.stop()
+
+
+def ev(n, seed):
+    return random_event(n, np.random.default_rng(seed), radius=500.0)
+
+
+def assert_good_request_still_served(address, reference_engine, event_id=999):
+    table = ev(300, event_id)
+    c = ReqClient(address, timeout_ms=10_000, retries=0)
+    r = c.simulate(event_id, table)
+    c.close()
+    assert r.kind == P.SIM_COMPLETE and r.event_id == event_id
+    np.testing.assert_array_equal(r.hits["channel"], expected_hits(reference_engine, event_id, table).channel)
+
+
+# ------------------------------------------------------------------ message types
+
+
+def test_ping_detector_info_run_begin_end_unknown(server, det):
+    c = server.req(timeout_ms=5000, retries=0)
+    assert c.ping() == b"PONG"
+    pos, typ = c.detector_info()
+    np.testing.assert_array_equal(pos, det.channel_position)
+    np.testing.assert_array_equal(typ, det.channel_type)
+    assert c.request([P.RUN_BEGIN, b"run.root"]) == [b"ACK"]
+    assert c.request([P.RUN_END]) == [b"ACK"]
+    assert c.request([b"HELLO"]) == [b"UNKNOWN_REQUEST"]
+    assert c.request([P.PING, b"extra"]) == [b"UNKNOWN_REQUEST"]
+    assert server.metric("charon_failed_total", reason="unknown_request") == 2
+    c.close()
+
+
+def test_ping_ack_option(det):
+    s = Server(det, ping_reply="ACK")
+    try:
+        assert s.req(timeout_ms=5000, retries=0).ping() == b"ACK"
+    finally:
+        s.stop()
+
+
+def test_compact_reply_for_13_frames_matches_engine(server, reference_engine):
+    table = ev(2000, 1)
+    r = server.req(timeout_ms=10_000, retries=0).simulate(7, table)
+    assert r.kind == P.SIM_COMPLETE and r.event_id == 7 and len(r.frames) == 5
+    want = expected_hits(reference_engine, 7, table)
+    assert want.n_hits > 100
+    np.testing.assert_array_equal(r.hits["channel"], want.channel)
+    np.testing.assert_array_equal(r.hits["time"], want.table[7])
+    np.testing.assert_array_equal(r.hits["wavelength"], want.table[6])
+
+
+def test_full_reply_for_14_frames_keeps_client_flags(server, reference_engine):
+    table = ev(1500, 2)
+    flags = np.full(1500, CHERENKOV, np.uint32)
+    r = server.req(timeout_ms=10_000, retries=0).simulate(8, table, flags)
+    assert r.kind == P.SIM_COMPLETE and len(r.frames) == 12
+    want = expected_hits(reference_engine, 8, table, flags)
+    np.testing.assert_array_equal(r.hits["channel"], want.channel)
+    np.testing.assert_array_equal(r.hits["flags"], want.flags)
+    assert np.all(r.hits["flags"] & CHERENKOV) and np.all(r.hits["flags"] & SURFACE_DETECT)
+    for i, k in enumerate(("dx", "dy", "dz", "polx", "poly", "polz", "wavelength", "time")):
+        np.testing.assert_array_equal(r.hits[k], want.table[i])
+
+
+@pytest.mark.parametrize("forced,frames", [("full", 12), ("compact", 5)])
+def test_forced_reply_layout(det, forced, frames):
+    s = Server(det, reply_layout=forced)
+    try:
+        c = s.req(timeout_ms=10_000, retries=0)
+        r13 = c.simulate(1, ev(200, 3))
+        r14 = c.simulate(2, ev(200, 4), np.zeros(200, np.uint32))
+        assert len(r13.frames) == frames and len(r14.frames) == frames
+    finally:
+        s.stop()
+
+
+def test_zero_photon_event_is_valid_and_has_no_hits(server):
+    r = server.req(timeout_ms=5000, retries=0).simulate(3, np.zeros((11, 0), np.float32))
+    assert r.kind == P.SIM_COMPLETE and r.event_id == 3 and r.hits["channel"].size == 0
+
+
+# ------------------------------------------------------------------ batching
+
+
+def test_many_concurrent_clients_each_get_exactly_their_events(server, reference_engine):
+    n_clients, per_client = 12, 4
+    results, errors = {}, []
+
+    def client(k):
+        try:
+            c = server.req(timeout_ms=20_000, retries=0)
+            for j in range(per_client):
+                eid = 1000 * k + j
+                table = ev(500 + 37 * k, eid)
+                r = c.simulate(eid, table)
+                results[eid] = (r, table)
+            c.close()
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(results) == n_clients * per_client
+    for eid, (r, table) in results.items():
+        assert r.event_id == eid
+        np.testing.assert_array_equal(r.hits["channel"], expected_hits(reference_engine, eid, table).channel)
+        np.testing.assert_array_equal(r.hits["time"], expected_hits(reference_engine, eid, table).table[7])
+
+
+def test_pipelined_dealer_events_come_back_out_of_order_and_coalesced(det, reference_engine):
+    gate = threading.Event()
+    s = Server(det, engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate),
+               max_batch_photons=2000, max_wait_ms=50)  # fmt: skip
+    try:
+        d = s.dealer()
+        big = ev(9000, 50)  # split over 5 batches
+        d.submit(50, big)
+        small = {i: ev(100, i) for i in range(51, 71)}
+        for i, t in small.items():
+            d.submit(i, t)
+        d.submit(71, np.zeros((11, 0), np.float32))  # needs no engine: overtakes everything in flight
+        first = d.recv(5000)
+        assert first.event_id == 71 and first.kind == P.SIM_COMPLETE
+        gate.set()
+        order = [d.recv(20_000) for _ in range(21)]
+        assert sorted(r.event_id for r in order) == list(range(50, 71))
+        by_id = {r.event_id: r for r in order}
+        np.testing.assert_array_equal(by_id[50].hits["channel"], expected_hits(reference_engine, 50, big).channel)
+        np.testing.assert_array_equal(by_id[50].hits["time"], expected_hits(reference_engine, 50, big).table[7])
+        for i, t in small.items():
+            np.testing.assert_array_equal(by_id[i].hits["time"], expected_hits(reference_engine, i, t).table[7])
+        assert s.metric("charon_events_total") == 22
+        assert s.metric("charon_photons_total") == 9000 + 2000
+        assert s.metric("charon_batches_total") == 6  # 11000 photons in batches of 2000: coalesced
+        assert s.metric("charon_batch_photons_count") == s.metric("charon_batches_total")
+    finally:
+        gate.set()
+        s.stop()
+
+
+def test_oversized_event_is_split_and_reassembled(det, reference_engine):
+    s = Server(det, max_batch_photons=1000, max_wait_ms=1)
+    try:
+        table = ev(3500, 9)
+        r = s.req(timeout_ms=20_000, retries=0).simulate(9, table)
+        want = expected_hits(reference_engine, 9, table)
+        np.testing.assert_array_equal(r.hits["channel"], want.channel)
+        np.testing.assert_array_equal(r.hits["time"], want.table[7])
+        assert s.metric("charon_batches_total") == 4
+    finally:
+        s.stop()
+
+
+class GatedEngine:
+    """Wraps the CPU engine; each batch waits until the test opens the gate."""
+
+    def __init__(self, inner, gate):
+        self.inner, self.gate = inner, gate
+        self.name, self.last_times, self.calls = "gated", inner.last_times, 0
+
+    def warm_up(self):
+        pass
+
+    def propagate(self, batch):
+        self.calls += 1
+        assert self.gate.wait(30)
+        return self.inner.propagate(batch)
+
+    def close(self):
+        pass
+
+
+def test_identical_resent_request_is_simulated_once_and_answers_newest(det, reference_engine):
+    gate = threading.Event()
+    s = Server(det, engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate),
+               max_batch_photons=100_000, max_wait_ms=0)  # fmt: skip
+    try:
+        blocker = s.dealer()
+        blocker.submit(1, ev(100, 1))  # occupies the engine until the gate opens
+        time.sleep(0.2)
+        table = ev(400, 2)
+        first, second, third = s.dealer(), s.dealer(), s.dealer()
+        first.submit(2, table)  # queued behind the blocker
+        time.sleep(0.1)
+        second.submit(2, table)  # a Lazy-Pirate resend from a new socket: joins
+        third.submit(2, ev(400, 3))  # same event id, different photons: a different request
+        time.sleep(0.2)
+        assert s.metric("charon_duplicate_requests_total") == 1
+        gate.set()
+        r = second.recv(10_000)
+        np.testing.assert_array_equal(r.hits["time"], expected_hits(reference_engine, 2, table).table[7])
+        assert third.recv(10_000).event_id == 2
+        with pytest.raises(TimeoutError):
+            first.recv(300)  # the superseded requester gets nothing
+        blocker.recv(10_000)
+        assert s.metric("charon_photons_total") == 100 + 400 + 400
+        for c in (blocker, first, second, third):
+            c.close()
+    finally:
+        gate.set()
+        s.stop()
+
+
+def test_lazy_pirate_client_retry_is_joined(det):
+    class Slow(GatedEngine):
+        def propagate(self, batch):
+            time.sleep(0.6)
+            return self.inner.propagate(batch)
+
+    s = Server(det, engine_factory=lambda: Slow(CPUEngine(det, EngineConfig(seed=SEED)), None), max_wait_ms=0)
+    try:
+        c = s.req(timeout_ms=250, retries=5)
+        r = c.simulate(77, ev(300, 77))
+        assert r.kind == P.SIM_COMPLETE and r.event_id == 77 and c.resends >= 1
+        assert s.metric("charon_duplicate_requests_total") >= 1
+        assert s.metric("charon_photons_total") == 300
+    finally:
+        s.stop()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _good_frames(n=50, eid=5, flags=False):
+    t = ev(n, eid)
+    return photondata_frames(eid, t, np.zeros(n, np.uint32) if flags else None), t
+
+
+def _mutations():
+    """(name, frames, expected reason fragment)."""
+    f, t = _good_frames()
+    out = []
+    out.append(("12 frames", f[:12], "13 or 14 frames"))
+    out.append(("15 frames", f + [b"x" * 200, b"y"], "13 or 14 frames"))
+    out.append(("1 frame", f[:1], "13 or 14 frames"))
+    out.append(("short meta", [f[0], f[1][:4]] + f[2:], "meta frame must be 8 bytes"))
+    g = list(f)
+    g[5] = g[5][:-4]
+    out.append(("ragged", g, "frame 'dx' has 49 values"))
+    g = list(f)
+    g[7] = g[7] + b"\x00\x00"
+    out.append(("not multiple of 4", g, "not a multiple of 4"))
+    g = list(f)
+    g[1] = np.array([5, 60], "<u4").tobytes()
+    out.append(("count mismatch", g, "meta says n_photons=60"))
+    for row, val, why in [(0, np.nan, "non-finite"), (10, np.inf, "non-finite"), (9, 0.0, "non-positive wavelength"),
+                          (9, -3.0, "non-positive wavelength")]:  # fmt: skip
+        bad = t.copy()
+        bad[row, 17] = val
+        out.append((why, photondata_frames(5, bad), why))
+    bad = t.copy()
+    bad[3:6, 4] = 0
+    out.append(("zero direction", photondata_frames(5, bad), "zero-length direction"))
+    bad = t.copy()
+    bad[6:9, 4] = 0
+    out.append(("zero polarization", photondata_frames(5, bad), "zero-length polarization"))
+    g = list(_good_frames(flags=True)[0])
+    g[13] = g[13][:-4]
+    out.append(("short flags", g, "frame 'flags'"))
+    return out
+
+
+@pytest.mark.parametrize("name,frames,reason", _mutations(), ids=[m[0] for m in _mutations()])
+def test_malformed_request_gets_sim_failed_then_good_request_works(server, reference_engine, name, frames, reason):
+    c = server.req(timeout_ms=5000, retries=0)
+    r = decode_reply(c.request(frames))
+    assert r.kind == P.SIM_FAILED, name
+    assert reason in r.reason, (name, r.reason)
+    if len(frames) > 1 and len(frames[1]) >= 4:
+        assert r.event_id == 5
+    else:
+        assert r.event_id == P.UNKNOWN_EVENT
+    assert server.metric("charon_failed_total", reason="bad_request") == 1
+    assert_good_request_still_served(server.address, reference_engine)
+
+
+def test_event_over_photon_limit(det, reference_engine):
+    s = Server(det, max_event_photons=1000)
+    try:
+        r = s.req(timeout_ms=5000, retries=0).simulate(4, ev(1001, 4))
+        assert r.kind == P.SIM_FAILED and "over the limit of 1000" in r.reason and r.event_id == 4
+        assert_good_request_still_served(s.address, reference_engine)
+    finally:
+        s.stop()
+
+
+def test_full_queue_answers_busy_at_once_and_loses_nothing(det, reference_engine):
+    gate = threading.Event()
+    s = Server(det, engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate),
+               max_batch_photons=100_000, max_queued_photons=1000, max_wait_ms=0)  # fmt: skip
+    try:
+        d = s.dealer()
+        d.submit(1, ev(600, 1))  # goes to the engine (blocked)
+        time.sleep(0.2)
+        d.submit(2, ev(600, 2))  # queued: 600 of 1000
+        time.sleep(0.1)
+        d.submit(3, ev(600, 3))  # would make 1200: busy
+        r = d.recv(2000)
+        assert r.kind == P.SIM_FAILED and r.event_id == 3 and r.reason.startswith("busy")
+        # an event too big for the queue at all is refused with its own reason
+        d.submit(4, ev(1001, 4))
+        r4 = d.recv(2000)
+        assert r4.kind == P.SIM_FAILED and "max-queued-photons" in r4.reason
+        gate.set()
+        assert sorted(d.recv(10_000).event_id for _ in range(2)) == [1, 2]
+        assert s.metric("charon_failed_total", reason="busy") == 1
+        assert_good_request_still_served(s.address, reference_engine)
+        d.close()
+    finally:
+        gate.set()
+        s.stop()
+
+
+class FaultyEngine(GatedEngine):
+    """Fails any batch containing a photon of wavelength 666 nm."""
+
+    def propagate(self, batch):
+        self.calls += 1
+        if np.any(batch.table[9] == 666.0):
+            raise RuntimeError("simulated device fault")
+        return self.inner.propagate(batch)
+
+
+def test_engine_error_fails_only_the_guilty_event(det, reference_engine):
+    holder = {}
+
+    def factory():
+        holder["e"] = FaultyEngine(CPUEngine(det, EngineConfig(seed=SEED)), None)
+        return holder["e"]
+
+    s = Server(det, engine_factory=factory, max_batch_photons=100_000, max_wait_ms=200)
+    try:
+        d = s.dealer()
+        tables = {i: ev(200, i) for i in range(10)}
+        tables[6][9, 3] = 666.0
+        for i, t in tables.items():
+            d.submit(i, t)
+        replies = {r.event_id: r for r in (d.recv(20_000) for _ in range(10))}
+        assert replies[6].kind == P.SIM_FAILED and "simulated device fault" in replies[6].reason
+        for i in set(tables) - {6}:
+            assert replies[i].kind == P.SIM_COMPLETE
+            np.testing.assert_array_equal(replies[i].hits["time"], expected_hits(reference_engine, i, tables[i]).table[7])
+        assert holder["e"].calls > 2  # bisected
+        assert s.metric("charon_failed_total", reason="engine_error") == 1
+        assert_good_request_still_served(s.address, reference_engine)
+        d.close()
+    finally:
+        s.stop()
+
+
+def test_bare_dealer_without_delimiter_is_answered(server):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.address)
+    sock.send_multipart([P.PING])
+    assert sock.poll(5000)
+    assert sock.recv_multipart() == [b"PONG"]
+    sock.close(0)
+
+
+def test_metrics_endpoint_serves_prometheus_text(det):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    s = Server(det, metrics_port=port)
+    try:
+        s.req(timeout_ms=5000, retries=0).simulate(1, ev(100, 1))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for name in ("charon_events_total 1.0", "charon_photons_total 100.0", "charon_hits_total",
+                     "charon_batches_total 1.0", "charon_failed_total", "charon_duplicate_requests_total",
+                     "charon_queued_photons", "charon_batch_photons_bucket", "charon_batch_seconds_bucket",
+                     "charon_engine_busy_fraction"):  # fmt: skip
+            assert name in text, name
+    finally:
+        s.stop()
