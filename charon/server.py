@@ -177,6 +177,7 @@ class BatchServer:
         self._notify.close(0)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
 
     def _poll_timeout_ms(self) -> int:
         oldest = self.batcher.queue.oldest_arrival()

@@ -8,6 +8,10 @@ import os
 
 if os.environ.get("CHARON_TEST_REAL_GPU") != "1":
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    import numba.core.config
+
+    # pytest may have imported numba already (warning filters name its classes): re-read the environment.
+    numba.core.config.reload_config()
 
 import numpy as np
 import pytest

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from charon.engines import create_engine
 from charon.engines.base import EngineConfig
-from charon.engines.cpu import CPUEngine
 from charon.geometry.builtin import sphere_detector
 from charon.geometry.optics import constant_material, constant_surface
 from charon.kernels.physics import SPEED_OF_LIGHT
@@ -37,19 +37,28 @@ def close(k, n, p):
     assert abs(k / n - p) <= Z * se + 1e-12, f"observed {k / n:.5f}, expected {p:.5f} +- {Z}*{se:.5f}"
 
 
-def run(det, table, seed=1, max_steps=100, event_id=0):
-    eng = CPUEngine(det, EngineConfig(seed=seed, max_steps=max_steps))
+# The same checks run on the CUDA engine on a real GPU (CHARON_TEST_REAL_GPU=1).
+ENGINES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def kind(request):
+    return request.param
+
+
+def run(det, table, seed=1, max_steps=100, event_id=0, kind="cpu"):
+    eng = create_engine(kind, det, EngineConfig(seed=seed, max_steps=max_steps, max_batch_photons=table.shape[1]))
     b = PhotonBatch.from_events([table], [event_id])
-    hits = eng.propagate(b)
+    hits = eng.propagate(b, keep_photons=True)
     return b, hits
 
 
 @pytest.fixture(scope="module")
-def black_sphere_first_leg():
+def black_sphere_first_leg(kind):
     d, la, ls, n = 1000.0, 2000.0, 1500.0, 1.33
     det = sphere_detector(d, constant_material("liquid", n, la, ls), constant_surface("black", absorb=1.0), subdivisions=5)
     N = 60_000
-    b, _ = run(det, point_source(N, np.random.default_rng(3)), max_steps=1)
+    b, _ = run(det, point_source(N, np.random.default_rng(3)), max_steps=1, kind=kind)
     return b, (d, la, ls, n, N)
 
 
@@ -162,23 +171,23 @@ def test_fresnel_average_reflectance(sample, rng, theta_deg, n1, n2, f_s):
         close(k, N, p)
 
 
-def test_diffuse_detecting_sphere():
+def test_diffuse_detecting_sphere(kind):
     d, a, r = 0.2, 0.3, 0.5
     wall = constant_surface("grey", detect=d, absorb=a, reflect_diffuse=r)
     det = sphere_detector(800.0, constant_material("clear", 1.0, 1e12, 1e12), wall, subdivisions=3)
     N = 40_000
-    b, hits = run(det, point_source(N, np.random.default_rng(5)), max_steps=500)
+    b, hits = run(det, point_source(N, np.random.default_rng(5)), max_steps=500, kind=kind)
     close(hits.n_hits, N, d / (d + a))
     assert np.count_nonzero(b.flags & SURFACE_DETECT) == hits.n_hits
     # Number of wall hits is geometric: P(still alive after k hits) = r^k, so its mean is 1/(1-r).
     for k in (1, 2, 3):
-        bk, _ = run(det, point_source(N, np.random.default_rng(10 + k)), max_steps=k)
+        bk, _ = run(det, point_source(N, np.random.default_rng(10 + k)), max_steps=k, kind=kind)
         alive = np.count_nonzero((bk.flags & (SURFACE_DETECT | SURFACE_ABSORB)) == 0)
         close(alive, N, r**k)
         assert np.all((bk.flags[(bk.flags & (SURFACE_DETECT | SURFACE_ABSORB)) == 0] & REFLECT_DIFFUSE) != 0)
 
 
-def test_reemission_probability_wavelength_and_delay():
+def test_reemission_probability_wavelength_and_delay(kind):
     from charon.geometry.builder import DetectorBuilder
     from charon.geometry.builtin import _icosphere
     from charon.geometry.detector import Detector
@@ -200,7 +209,7 @@ def test_reemission_probability_wavelength_and_delay():
     det = Detector.from_arrays(arrays)
     N = 40_000
     src = point_source(N, np.random.default_rng(8), wavelength=400.0)
-    bt, _ = run(det, src, max_steps=1)  # one step: absorbed within 50 mm mean, then re-emitted or not
+    bt, _ = run(det, src, max_steps=1, kind=kind)  # one step: absorbed within 50 mm mean, then re-emitted or not
     from charon.photons import BULK_REEMIT
 
     reemitted = (bt.flags & BULK_REEMIT) != 0
@@ -216,7 +225,7 @@ def test_reemission_probability_wavelength_and_delay():
     assert abs(delay.mean() - 5.0) < Z * 5.0 / np.sqrt(delay.size) + 0.01
 
 
-def test_nan_abort_no_hit_and_max_steps():
+def test_nan_abort_no_hit_and_max_steps(kind):
     det = sphere_detector(500.0, constant_material("clear", 1.0, 1e12, 1e12), constant_surface("m", reflect_specular=1.0),
                           subdivisions=2)  # fmt: skip
     tab = point_source(3, np.random.default_rng(0))
@@ -224,7 +233,7 @@ def test_nan_abort_no_hit_and_max_steps():
     tab[0:3, 1] = [2000.0, 0, 0]  # outside, pointing away
     tab[3:6, 1] = [1.0, 0, 0]
     before = tab[0:3, 1].copy()
-    b, hits = run(det, tab, max_steps=7)  # photon 2 bounces on a mirror forever
+    b, hits = run(det, tab, max_steps=7, kind=kind)  # photon 2 bounces on a mirror forever
     assert b.flags[0] & NAN_ABORT and b.flags[0] & NO_HIT
     assert b.flags[1] == NO_HIT
     np.testing.assert_array_equal(b.table[0:3, 1], before)  # position not advanced

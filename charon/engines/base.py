@@ -52,9 +52,13 @@ class Engine(abc.ABC):
         self.last_times = StageTimes()
 
     @abc.abstractmethod
-    def propagate(self, batch: PhotonBatch) -> HitBatch:
-        """Propagate every photon of ``batch`` (its table/flags may be overwritten) and
-        return the hits grouped by event slot: ``hits.offsets`` has ``batch.n_events + 1`` entries."""
+    def propagate(self, batch: PhotonBatch, keep_photons: bool = False) -> HitBatch:
+        """Propagate every photon of ``batch`` and return the hits grouped by event slot
+        (``hits.offsets`` has ``batch.n_events + 1`` entries).
+
+        ``batch.table``/``batch.flags`` may be overwritten. With ``keep_photons`` they
+        hold every photon's final state afterwards (Chroma's ``keep_photons_end``; for
+        tests and diagnostics: on a GPU it costs a full copy back)."""
 
     def warm_up(self) -> None:
         """Compile kernels ahead of the first request (optional)."""

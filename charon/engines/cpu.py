@@ -75,7 +75,8 @@ class CPUEngine(Engine):
         b = PhotonBatch.from_events([np.zeros((N_ROWS, 0), np.float32)], [0])
         self.propagate(b)
 
-    def propagate(self, batch: PhotonBatch) -> HitBatch:
+    def propagate(self, batch: PhotonBatch, keep_photons: bool = False) -> HitBatch:
+        # Propagation is in place on the host: the final state is always kept.
         n = batch.n_photons
         last, channel = self._scratch(n)
         t0 = time.perf_counter()

@@ -1,0 +1,224 @@
+"""CUDA engine: the shared device functions compiled with numba-cuda.
+
+Per batch, on one stream: photons copied in once from pinned host memory into
+preallocated device buffers; one propagation launch runs every photon to the
+end (hit selection fused in); an exclusive scan plus a scatter put the hits in
+event order; only the hits and the per-event hit offsets come back. The one
+host synchronisation per batch reads the total hit count, which sizes the
+copy-out. Stages are timed with CUDA events.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from .cuda_compat import ensure_numpy_compat
+
+ensure_numpy_compat()
+
+from numba import cuda, float64, int32, uint32  # noqa: E402
+
+from ..kernels import build  # noqa: E402
+from ..kernels.bvh import STACK_SIZE  # noqa: E402
+from ..kernels.rng import RNG_STATE_SIZE  # noqa: E402
+from ..kernels.scatter import make_scatter  # noqa: E402
+from ..photons import N_ROWS, HitBatch, PhotonBatch  # noqa: E402
+from .base import Engine, EngineConfig, EngineError  # noqa: E402
+from .tables import kernel_tables  # noqa: E402
+
+THREADS_PER_BLOCK = 128
+
+
+def simulator() -> bool:
+    return os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def gpu_available() -> bool:
+    if simulator():
+        return False
+    try:
+        return bool(cuda.is_available()) and len(cuda.gpus) > 0
+    except Exception:
+        return False
+
+
+def _event():
+    """A timing CUDA event (the simulator's events take no arguments)."""
+    return cuda.event() if simulator() else cuda.event(timing=True)
+
+
+def _elapsed(a, b) -> float:
+    """Seconds between two recorded events."""
+    return a.elapsed_time(b) / 1e3
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_kernels():
+    k = build(cuda.jit(device=True))
+    propagate_photon = k.propagate_photon
+    hit_channel = k.hit_channel
+
+    @cuda.jit
+    def propagate_kernel(table, flags, last_hit, channel, is_hit, slot, event_id, first_index, offsets, seed,
+                         max_steps, tri_channel, node_lo, node_hi, node_first, node_count, v0, e1, e2,
+                         tri_inner, tri_outer, tri_surface, mat_n, mat_abs, mat_sca,
+                         reem_prob, reem_wl_cdf, grid_wl, reem_t, reem_t_cdf,
+                         surf_detect, surf_absorb, surf_rdiff, surf_rspec):  # fmt: skip
+        i = cuda.grid(1)
+        n = table.shape[1]
+        if i == 0:
+            is_hit[n] = 0  # the scan's extra element: pos[n] becomes the hit total
+        if i >= n:
+            return
+        stack = cuda.local.array(STACK_SIZE, int32)
+        stack_t = cuda.local.array(STACK_SIZE, float64)
+        rng = cuda.local.array(RNG_STATE_SIZE, uint32)
+        propagate_photon(i, table, flags, last_hit, slot, event_id, first_index, offsets, seed, max_steps,
+                         node_lo, node_hi, node_first, node_count, v0, e1, e2,
+                         tri_inner, tri_outer, tri_surface, mat_n, mat_abs, mat_sca,
+                         reem_prob, reem_wl_cdf, grid_wl, reem_t, reem_t_cdf,
+                         surf_detect, surf_absorb, surf_rdiff, surf_rspec, stack, stack_t, rng)  # fmt: skip
+        c = hit_channel(flags, last_hit, tri_channel, i)
+        channel[i] = c
+        is_hit[i] = 1 if c >= 0 else 0
+
+    k.propagate_kernel = propagate_kernel
+    block = 8 if simulator() else 1024  # small in the simulator: multi-level scans on tiny inputs
+    k.Scan, k.event_offsets, k.scatter_hits = make_scatter(block)
+    return k
+
+
+class CUDAEngine(Engine):
+    name = "cuda"
+
+    def __init__(self, detector, config: EngineConfig | None = None):
+        super().__init__(detector, config or EngineConfig())
+        if not (gpu_available() or simulator()):
+            raise EngineError("--engine cuda needs numba-cuda and a usable CUDA GPU; use --engine cpu otherwise")
+        cuda.select_device(self.config.device)
+        self.k = cuda_kernels()
+        self.stream = cuda.stream()
+        t = kernel_tables(detector)
+        self.tables = t
+        self.d_geometry = tuple(cuda.to_device(np.ascontiguousarray(a), stream=self.stream) for a in t.geometry_args())
+        self.d_tri_channel = cuda.to_device(t.tri_channel, stream=self.stream)
+        self.capacity = 0
+        self._reserve(min(int(self.config.max_batch_photons), 1 << 16))
+        self.stream.synchronize()
+
+    # ------------------------------------------------------------- buffers
+    def host_alloc(self, n, dtype):
+        """Pinned host memory: the batcher assembles batches straight into it."""
+        return cuda.pinned_array(n, dtype=dtype)
+
+    def _reserve(self, n: int):
+        """Device buffers for ``n`` photons; grown only when a batch is larger than any before."""
+        if n <= self.capacity:
+            return
+        cap = max(n, self.capacity * 2) if self.capacity else n
+        cap = max(cap, 1)
+        self.d_table = cuda.device_array(N_ROWS * cap, np.float32)  # [11 * cap]
+        self.d_flags = cuda.device_array(cap, np.uint32)
+        self.d_slot = cuda.device_array(cap, np.int32)
+        self.d_last = cuda.device_array(cap, np.int32)
+        self.d_channel = cuda.device_array(cap, np.int32)
+        self.d_is_hit = cuda.device_array(cap + 1, np.int32)
+        self.d_pos = cuda.device_array(cap + 1, np.int32)
+        self.d_event_id = cuda.device_array(cap, np.uint32)
+        self.d_first_index = cuda.device_array(cap, np.uint32)
+        self.d_offsets = cuda.device_array(cap + 1, np.int64)
+        self.d_hit_offsets = cuda.device_array(cap + 1, np.int32)
+        self.d_out_f = cuda.device_array(8 * cap, np.float32)
+        self.d_out_u = cuda.device_array(2 * cap, np.uint32)
+        self.h_total = cuda.pinned_array(1, np.int32)
+        self.scan = self.k.Scan(cap + 1)
+        self.capacity = cap
+
+    def warm_up(self) -> None:
+        from ..sources import point_source
+
+        b = PhotonBatch.from_events([point_source(64, np.random.default_rng(0))], [0])
+        self.propagate(b)
+
+    # ----------------------------------------------------------- propagate
+    def propagate(self, batch: PhotonBatch, keep_photons: bool = False) -> HitBatch:
+        n, E = batch.n_photons, batch.n_events
+        self._reserve(max(n, E))
+        k, s = self.k, self.stream
+        ev = [_event() for _ in range(5)]
+        ev[0].record(s)
+        d_table = self.d_table[: N_ROWS * n].reshape(N_ROWS, n)
+        if n:
+            d_table.copy_to_device(np.ascontiguousarray(batch.table), stream=s)
+            self.d_flags[:n].copy_to_device(batch.flags, stream=s)
+            self.d_slot[:n].copy_to_device(batch.slot, stream=s)
+        self.d_event_id[:E].copy_to_device(batch.event_id, stream=s)
+        self.d_first_index[:E].copy_to_device(batch.first_index, stream=s)
+        self.d_offsets[: E + 1].copy_to_device(batch.offsets, stream=s)
+        ev[1].record(s)
+        blocks = max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
+        k.propagate_kernel[blocks, THREADS_PER_BLOCK, s](
+            d_table, self.d_flags, self.d_last, self.d_channel, self.d_is_hit, self.d_slot, self.d_event_id,
+            self.d_first_index, self.d_offsets, np.uint32(self.config.seed & 0xFFFFFFFF), self.config.max_steps,
+            self.d_tri_channel, *self.d_geometry,
+        )  # fmt: skip
+        ev[2].record(s)
+        hits = self._demux(d_table, n, E, ev[3])
+        ev[4].record(s)
+        if keep_photons and n:
+            d_table.copy_to_host(batch.table, stream=s)
+            self.d_flags[:n].copy_to_host(batch.flags, stream=s)
+        ev[4].synchronize()
+        s.synchronize()
+        t = self.last_times
+        t.copy_in = _elapsed(ev[0], ev[1])
+        t.propagate = _elapsed(ev[1], ev[2])
+        t.demux = _elapsed(ev[2], ev[3])
+        t.copy_out = _elapsed(ev[3], ev[4])
+        return hits
+
+    def _demux(self, d_table, n: int, E: int, ev_scattered) -> HitBatch:
+        """Scan ``d_is_hit``, scatter hits into event order and copy them out (records ``ev_scattered``)."""
+        k, s = self.k, self.stream
+        blocks = max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
+        self.scan(self.d_is_hit, self.d_pos, n + 1, s)
+        self.d_pos[n : n + 1].copy_to_host(self.h_total, stream=s)
+        k.event_offsets[max(1, (E + 256) // 256), 256, s](self.d_pos, self.d_offsets, self.d_hit_offsets, E)
+        s.synchronize()  # the hit total sizes the scatter and the copy-out
+        H = int(self.h_total[0])
+        if H:
+            k.scatter_hits[blocks, THREADS_PER_BLOCK, s](
+                d_table, self.d_flags, self.d_channel, self.d_pos, self.d_out_f, self.d_out_u, n, H
+            )
+        ev_scattered.record(s)
+        out_f = np.empty(8 * H, np.float32)
+        out_u = np.empty(2 * H, np.uint32)
+        offsets = np.empty(E + 1, np.int32)
+        if H:
+            self.d_out_f[: 8 * H].copy_to_host(out_f, stream=s)
+            self.d_out_u[: 2 * H].copy_to_host(out_u, stream=s)
+        self.d_hit_offsets[: E + 1].copy_to_host(offsets, stream=s)
+        s.synchronize()
+        return HitBatch(channel=out_u[:H], table=out_f.reshape(8, H), flags=out_u[H:], offsets=offsets.astype(np.int64))
+
+    def demux_arrays(self, table, flags, channel, photon_offsets) -> HitBatch:
+        """Run only the GPU demultiplexer on host arrays (for testing it against the numpy reference)."""
+        n, E = table.shape[1], len(photon_offsets) - 1
+        self._reserve(max(n, E))
+        s = self.stream
+        d_table = self.d_table[: N_ROWS * n].reshape(N_ROWS, n)
+        if n:
+            d_table.copy_to_device(np.ascontiguousarray(table, np.float32), stream=s)
+            self.d_flags[:n].copy_to_device(np.asarray(flags, np.uint32), stream=s)
+            self.d_channel[:n].copy_to_device(np.asarray(channel, np.int32), stream=s)
+        is_hit = np.zeros(n + 1, np.int32)
+        is_hit[:n] = np.asarray(channel) >= 0
+        self.d_is_hit[: n + 1].copy_to_device(is_hit, stream=s)
+        self.d_offsets[: E + 1].copy_to_device(np.asarray(photon_offsets, np.int64), stream=s)
+        return self._demux(d_table, n, E, _event())
+
+    def close(self) -> None:
+        self.stream.synchronize()
