@@ -21,6 +21,13 @@ ensure_numpy_compat()
 
 from numba import cuda, float64, int32, uint32  # noqa: E402
 
+try:  # a server launches small grids whenever load is light: by design, not a beginner's mistake
+    from numba.cuda.core import config as _cuda_config
+
+    _cuda_config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
+except ImportError:  # older numba-cuda layouts
+    pass
+
 from ..kernels import build  # noqa: E402
 from ..kernels.bvh import STACK_SIZE  # noqa: E402
 from ..kernels.rng import RNG_STATE_SIZE  # noqa: E402
