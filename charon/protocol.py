@@ -31,6 +31,7 @@ the frame and the problem.
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 
 import numba
@@ -76,17 +77,26 @@ class PhotonData:
     rows: list  # 11 float32 [n] arrays (zero-copy views of the frames), ROW_NAMES order
     flags: np.ndarray | None  # [n] uint32 (dialect B) or None (dialect A)
     layout: Layout  # the reply layout the client's dialect expects
-    digest: int  # xxh3-64 of the payload frames: identifies a resent request
 
     @property
-    def key(self) -> tuple[int, int, int]:
-        return (self.event_id, self.n, self.digest)
+    def key(self) -> tuple[int, int]:
+        """Resend candidates share (event_id, n); :func:`payload_digest` decides, only on such a collision."""
+        return (self.event_id, self.n)
 
 
-def _buf(frame) -> memoryview:
-    """A zero-copy view of a frame (bytes or zmq.Frame)."""
-    b = getattr(frame, "buffer", None)
-    return memoryview(frame) if b is None else b
+def payload_digest(rows, flags) -> int:
+    """xxh3-64 of the photon arrays (and flags): identifies a resent copy of a request.
+
+    Computed lazily, only when two requests share (event_id, n_photons), so the
+    common path pays no hashing pass over the photons.
+    """
+    h = xxhash.xxh3_64()
+    for r in rows:
+        h.update(r)
+    if flags is not None:
+        h.update(flags)
+    return h.intdigest()
+
 
 
 @numba.njit(cache=False, nogil=True)
@@ -113,36 +123,42 @@ _VALUE_PROBLEMS = {
 }
 
 
+_META = struct.Struct("<II")
+
+
 def decode_photondata(frames, max_photons: int) -> PhotonData:
-    """Validate and decode a PHOTONDATA request (frames[0] == PHOTONDATA). Raises RequestError."""
+    """Validate and decode a PHOTONDATA request (frames[0] == PHOTONDATA). Raises RequestError.
+
+    Sizes are checked with ``len()`` (bytes and zmq.Frame alike) before any ``frombuffer``.
+    """
     nf = len(frames)
-    meta = _buf(frames[1]) if nf > 1 else memoryview(b"")
-    event_id = int.from_bytes(bytes(meta[:4]), "little") if meta.nbytes >= 4 else UNKNOWN_EVENT
-    if nf not in (FRAMES_COMPACT_REQUEST, FRAMES_FULL_REQUEST):
+    meta = frames[1] if nf > 1 else b""
+    lm = len(meta)
+    event_id = int.from_bytes(bytes(memoryview(meta)[:4]), "little") if lm >= 4 else UNKNOWN_EVENT
+    if nf != FRAMES_COMPACT_REQUEST and nf != FRAMES_FULL_REQUEST:
         raise RequestError(event_id, f"PHOTONDATA needs 13 or 14 frames, got {nf}")
-    if meta.nbytes != 8:
-        raise RequestError(event_id, f"meta frame must be 8 bytes (u32 event_id, u32 n_photons), got {meta.nbytes}")
-    n = int.from_bytes(bytes(meta[4:8]), "little")
+    if lm != 8:
+        raise RequestError(event_id, f"meta frame must be 8 bytes (u32 event_id, u32 n_photons), got {lm}")
+    event_id, n = _META.unpack_from(meta)
     if n > max_photons:
         raise RequestError(event_id, f"event has {n} photons, over the limit of {max_photons} per event")
-    bufs = [_buf(f) for f in frames[2:]]
-    names = ROW_NAMES + (("flags",) if nf == FRAMES_FULL_REQUEST else ())
-    for name, b in zip(names, bufs):
-        if b.nbytes % 4:
-            raise RequestError(event_id, f"frame '{name}' has {b.nbytes} bytes, not a multiple of 4")
-        if b.nbytes != 4 * n:
-            raise RequestError(event_id, f"frame '{name}' has {b.nbytes // 4} values, meta says n_photons={n}")
-    rows = [np.frombuffer(b, dtype="<f4") for b in bufs[:11]]
-    flags = np.frombuffer(bufs[11], dtype="<u4") if nf == FRAMES_FULL_REQUEST else None
+    data = frames[2:]
+    nbytes = 4 * n
+    for k, f in enumerate(data):
+        lf = len(f)
+        if lf != nbytes:
+            name = ROW_NAMES[k] if k < 11 else "flags"
+            if lf % 4:
+                raise RequestError(event_id, f"frame '{name}' has {lf} bytes, not a multiple of 4")
+            raise RequestError(event_id, f"frame '{name}' has {lf // 4} values, meta says n_photons={n}")
+    rows = [np.frombuffer(f, dtype="<f4") for f in data[:11]]
+    flags = np.frombuffer(data[11], dtype="<u4") if nf == FRAMES_FULL_REQUEST else None
     if n:
         code, i = _check_values(*rows)
         if code:
             raise RequestError(event_id, _VALUE_PROBLEMS[code].format(i=i))
-    h = xxhash.xxh3_64()
-    for b in bufs:
-        h.update(b)
     layout = Layout.FULL if flags is not None else Layout.COMPACT
-    return PhotonData(event_id, n, rows, flags, layout, h.intdigest())
+    return PhotonData(event_id, n, rows, flags, layout)
 
 
 def u32(value: int) -> bytes:

@@ -12,6 +12,7 @@ flight (Lazy-Pirate resend) joins it instead of being simulated again.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -90,7 +91,8 @@ class BatchServer:
         self.busy = BusyClock()
         self.metrics = Metrics(self.busy)
         self.batcher = Batcher(make_queue(config.queue_policy), config.max_batch_photons)
-        self.by_key: dict[tuple, EventRequest] = {}  # queued or in flight, for resend de-duplication
+        # Queued or in-flight requests by (event_id, n), for resend de-duplication.
+        self.by_key: dict[tuple, list[EventRequest]] = {}
         self.requests_in_flight = 0
         self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
         self._detector_info = P.encode_detector_info(self.detector.channel_position, self.detector.channel_type)
@@ -142,6 +144,9 @@ class BatchServer:
 
     # ----------------------------------------------------------------- loop
     def serve_forever(self):
+        # Thousands of small request objects are alive at any time: full GC passes
+        # over them every few hundred allocations would dominate the per-event cost.
+        gc.set_threshold(50_000, 20, 100)
         self._open()
         self.started.set()
         poller = zmq.Poller()
@@ -170,7 +175,7 @@ class BatchServer:
         self.engine_thread.stop()
         if self.engine_thread.results:
             self._collect_results()
-        lost = [r.event_id for r in self.by_key.values()]
+        lost = [r.event_id for reqs in self.by_key.values() for r in reqs]
         if lost:
             log.warning("shutting down with %d event(s) unanswered: %s", len(lost), lost[:20])
         self.socket.close(0)
@@ -224,12 +229,15 @@ class BatchServer:
             self.metrics.events.inc()
             self._reply(envelope, P.encode_hits(pd.event_id, empty_hits(1).event(0), route.layout))
             return
-        same = self.by_key.get(pd.key)
-        if same is not None:
-            same.route = route  # the newest requester is the one still listening
-            self.metrics.duplicates.inc()
-            log.debug("event %d resent: joined the copy already queued or in flight", pd.event_id)
-            return
+        candidates = self.by_key.get(pd.key)
+        if candidates:
+            digest = P.payload_digest(pd.rows, pd.flags)
+            for same in candidates:
+                if same.digest == digest:
+                    same.route = route  # the newest requester is the one still listening
+                    self.metrics.duplicates.inc()
+                    log.debug("event %d resent: joined the copy already queued or in flight", pd.event_id)
+                    return
         if pd.n > self.config.max_queued_photons:
             self._fail(envelope, pd.event_id,
                        f"event has {pd.n} photons, more than --max-queued-photons={self.config.max_queued_photons}",
@@ -241,7 +249,9 @@ class BatchServer:
                        f"limit {self.config.max_queued_photons}); retry later", "busy")  # fmt: skip
             return
         req = EventRequest(pd.event_id, pd.n, pd.rows, pd.flags, pd.key, route, time.monotonic())
-        self.by_key[pd.key] = req
+        if candidates:
+            req._digest = digest
+        self.by_key.setdefault(pd.key, []).append(req)
         self.batcher.add(req)
         self.metrics.queued_photons.set(self.batcher.queued_photons)
 
@@ -306,7 +316,11 @@ class BatchServer:
         )  # fmt: skip
 
     def _finish(self, req: EventRequest):
-        self.by_key.pop(req.key, None)
+        same = self.by_key.get(req.key)
+        if same is not None:
+            same.remove(req)
+            if not same:
+                del self.by_key[req.key]
         if req.error is not None:
             self._fail(req.route.envelope, req.event_id, req.error, "engine_error")
             return

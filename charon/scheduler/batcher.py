@@ -89,14 +89,17 @@ def assemble(slots: list[Slot], buf: HostBuffer, limit: int) -> Batch:
     buf.reserve(n, limit)
     table = buf.table[: N_ROWS * n].reshape(N_ROWS, n)
     flags = buf.flags[:n]
-    for s, a, b in zip(slots, offsets[:-1], offsets[1:]):
-        rows, lo, hi = s.request.rows, s.start, s.start + s.count
+    for s, a, b in zip(slots, offsets[:-1].tolist(), offsets[1:].tolist()):
+        req = s.request
+        rows = req.rows
+        if s.count != req.n:  # a piece of a split event
+            rows = [row[s.start : s.start + s.count] for row in rows]
         for r in range(N_ROWS):
-            table[r, a:b] = rows[r][lo:hi]
-        if s.request.flags is None:
+            table[r, a:b] = rows[r]
+        if req.flags is None:
             flags[a:b] = 0
         else:
-            flags[a:b] = s.request.flags[lo:hi]
+            flags[a:b] = req.flags[s.start : s.start + s.count]
     slot = buf.slot[:n]
     slot[:] = np.repeat(np.arange(len(slots), dtype=np.int32), counts)
     photons = PhotonBatch(

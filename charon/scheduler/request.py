@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..photons import HitBatch
-from ..protocol import Layout
+from ..protocol import Layout, payload_digest
 
 
 @dataclass
@@ -24,7 +24,7 @@ class EventRequest:
     n: int
     rows: list  # 11 float32 [n] arrays, zero-copy views of the request frames
     flags: np.ndarray | None  # [n] uint32 or None (dialect A: zeros)
-    key: tuple  # (event_id, n, digest): identifies a resent copy of this request
+    key: tuple  # (event_id, n): resend candidates; the payload digest decides
     route: Route  # newest requester: a Lazy-Pirate retry replaces it
     arrival: float  # time.monotonic() at receipt
     dispatched: int = 0  # photons handed to batches so far
@@ -32,6 +32,13 @@ class EventRequest:
     pieces: dict = field(default_factory=dict)  # first photon index -> HitBatch of that piece
     error: str | None = None
     tag: object = None  # opaque owner data (e.g. the run an async event belongs to)
+    _digest: int | None = None
+
+    @property
+    def digest(self) -> int:
+        if self._digest is None:
+            self._digest = payload_digest(self.rows, self.flags)
+        return self._digest
 
     @property
     def complete(self) -> bool:
