@@ -16,7 +16,10 @@ HELP = {
     "engine": "propagation engine: auto (CUDA when a GPU is usable, else CPU), cpu, cuda or chroma",
     "seed": "run seed; every photon's random stream is a function of (seed, event id, photon index)",
     "max_batch_photons": "photons per engine call (accepts 5e6); larger events are split across batches",
-    "max_wait_ms": "longest the oldest queued event waits for a batch to fill while the engine is idle",
+    "max_batch_events": "events per engine call at most (0: no limit; 1 serves one event per call, as ChAR0N)",
+    "max_wait_ms": "longest the oldest queued event waits for a batch to fill while the engine is idle; "
+    "while the engine is busy, events accumulate for the next batch anyway (continuous batching), "
+    "so a short wait suffices",
     "max_queued_photons": "backpressure: photons allowed to wait; beyond it requests get a 'busy' SIM_FAILED",
     "max_event_photons": "largest event accepted; larger requests get SIM_FAILED",
     "max_steps": "propagation steps per photon before it is abandoned (Chroma's max_steps)",

@@ -67,6 +67,11 @@ class Metrics:
                                        registry=r)  # fmt: skip
         self.busy_fraction = Gauge("charon_engine_busy_fraction", "Engine busy time / wall time, last 10 s", registry=r)
         self.busy_fraction.set_function(busy.fraction)
+        self.engine_seconds = Counter("charon_engine_seconds", "Engine busy time (CUDA-event time on a GPU)", registry=r)
+        self.host_seconds = Counter("charon_host_seconds", "Socket-loop CPU time: decode, batching, demux, encode",
+                                    registry=r)  # fmt: skip
+        self.batch_photons_max = Gauge("charon_batch_photons_max", "Largest batch so far", registry=r)
+        self.max_batch_seen = 0
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         """Start the HTTP text endpoint; returns the server so it can be shut down."""

@@ -45,7 +45,8 @@ class ServerConfig:
     engine: str = "auto"
     seed: int = 0
     max_batch_photons: int = 5_000_000
-    max_wait_ms: float = 20.0
+    max_batch_events: int = 0
+    max_wait_ms: float = 1.0
     max_queued_photons: int = 50_000_000
     max_event_photons: int = 50_000_000
     max_steps: int = 100
@@ -90,7 +91,7 @@ class BatchServer:
         self.ctx = context or zmq.Context.instance()
         self.busy = BusyClock()
         self.metrics = Metrics(self.busy)
-        self.batcher = Batcher(make_queue(config.queue_policy), config.max_batch_photons)
+        self.batcher = Batcher(make_queue(config.queue_policy), config.max_batch_photons, config.max_batch_events)
         # Queued or in-flight requests by (event_id, n), for resend de-duplication.
         self.by_key: dict[tuple, list[EventRequest]] = {}
         self.requests_in_flight = 0
@@ -155,6 +156,7 @@ class BatchServer:
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(self._poll_timeout_ms()))
+                t_busy = time.perf_counter()
                 if self._notify in events:
                     while self._notify.poll(0):
                         self._notify.recv()
@@ -168,6 +170,7 @@ class BatchServer:
                             break
                         self._handle(frames)
                 self._maybe_dispatch()
+                self.metrics.host_seconds.inc(time.perf_counter() - t_busy)
         finally:
             self._close()
 
@@ -270,7 +273,9 @@ class BatchServer:
         """
         et = self.engine_thread
         while et.in_flight < 2 and self.batcher.queued_photons > 0:
-            full = self.batcher.queued_photons >= self.config.max_batch_photons
+            full = self.batcher.queued_photons >= self.config.max_batch_photons or (
+                0 < self.config.max_batch_events <= len(self.batcher.queue)
+            )
             oldest = self.batcher.queue.oldest_arrival()
             waited = oldest is not None and time.monotonic() - oldest >= self.config.max_wait_ms / 1e3
             if not (full or (waited and et.in_flight == 0)):
@@ -309,6 +314,10 @@ class BatchServer:
         m.hits.inc(n_hits)
         m.batch_photons.observe(photons)
         m.batch_seconds.observe(res.engine_seconds)
+        # Device time where the engine measures it (CUDA events), else the engine thread's wall time.
+        m.engine_seconds.inc(res.times.total if res.times.total > 0 else res.engine_seconds)
+        m.batch_photons_max.set(max(photons, m.max_batch_seen))
+        m.max_batch_seen = max(photons, m.max_batch_seen)
         log.info(
             "batch: %d events, %d photons, %d hits, engine %.1f ms (%.2f Mphotons/s), queue %d events / %d photons",
             len(res.batch.slots), photons, n_hits, res.engine_seconds * 1e3,

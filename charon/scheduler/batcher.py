@@ -51,9 +51,10 @@ class HostBuffer:
 
 
 class Batcher:
-    def __init__(self, queue: RequestQueue, max_batch_photons: int):
+    def __init__(self, queue: RequestQueue, max_batch_photons: int, max_batch_events: int = 0):
         self.queue = queue
         self.max_batch_photons = int(max_batch_photons)
+        self.max_batch_events = int(max_batch_events)  # 0: no limit; 1: ChAR0N-style one event per call
         self.queued_photons = 0  # photons waiting (not yet dispatched)
 
     def add(self, req: EventRequest) -> None:
@@ -64,6 +65,8 @@ class Batcher:
         """Choose the slots of the next batch (FCFS order from the queue policy)."""
         slots, total = [], 0
         while total < self.max_batch_photons:
+            if self.max_batch_events and len(slots) >= self.max_batch_events:
+                break
             req = self.queue.peek()
             if req is None:
                 break

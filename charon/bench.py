@@ -1,0 +1,325 @@
+"""charon-bench: load generator and report, batched serving against one event per engine call.
+
+    charon-bench --spawn-server --clients 256 --events 20000 --event-size 1000 --compare-per-event \\
+        --json out.json --plot out.png -- --engine cuda --detector demo --max-batch-photons 5e6
+
+Flags after ``--`` go to the spawned ``charon-batch``. The load runs in one
+thread with one socket per client and a poller (no thread per client, so the
+generator itself is not the bottleneck); payloads are zero-copy slices of a
+pre-generated photon pool, and every event id is unique (no resend joins).
+Server-side figures (batch sizes, engine busy time, host time per event) are
+read from the server's Prometheus endpoint before and after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from . import protocol as P
+from .cli import count
+from .sources import random_event
+
+
+@dataclass
+class BenchConfig:
+    address: str | None = None
+    metrics_url: str | None = None
+    spawn_server: bool = False
+    clients: int = 16
+    client_mode: str = "req"
+    in_flight: int = 4
+    events: int = 2000
+    event_size: str = "1000"
+    duration: float | None = None
+    compare_per_event: bool = False
+    sweep_batch: str | None = None
+    json: str | None = None
+    plot: str | None = None
+    seed: int = 1
+    timeout_s: float = 600.0
+    progress: bool = True
+
+
+def parse_sizes(spec: str):
+    """'1000' (fixed) or 'lognormal:MEDIAN,SIGMA' -> function(rng, k) -> k sizes (>= 1)."""
+    if spec.startswith("lognormal:"):
+        med, sigma = (float(x) for x in spec.split(":", 1)[1].split(","))
+        return lambda rng, k: np.maximum(1, rng.lognormal(np.log(med), sigma, k)).astype(np.int64)
+    n = count(spec)
+    return lambda rng, k: np.full(k, n, np.int64)
+
+
+def scrape(url: str | None) -> dict:
+    if not url:
+        return {}
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if not s.labels or s.name.startswith("charon_failed"):
+                out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
+    """Start charon-batch on free loopback ports; yields (address, metrics_url)."""
+    port, mport = free_port(), free_port()
+    cmd = [sys.executable, "-m", "charon.cli", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
+           "--log-level", "WARNING", *server_args]  # fmt: skip
+    proc = subprocess.Popen(cmd)
+    address = f"tcp://127.0.0.1:{port}"
+    try:
+        ctx = zmq.Context.instance()
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"charon-batch exited with {proc.returncode}: {' '.join(cmd)}")
+            s = ctx.socket(zmq.REQ)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(address)
+            s.send(P.PING)
+            ok = s.poll(1000)
+            s.close(0)
+            if ok:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("charon-batch did not answer PING")
+        yield address, f"http://127.0.0.1:{mport}/metrics"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_load(cfg: BenchConfig, address: str, metrics_url: str | None) -> dict:
+    """Drive the server; returns the mode's figures."""
+    rng = np.random.default_rng(cfg.seed)
+    sizes = parse_sizes(cfg.event_size)(rng, cfg.events)
+    pool = random_event(int(sizes.max()), rng)  # [11, max] float32, rows contiguous
+    rows = [memoryview(np.ascontiguousarray(pool[r])) for r in range(11)]
+    ctx = zmq.Context.instance()
+    kind = zmq.REQ if cfg.client_mode == "req" else zmq.DEALER
+    depth = 1 if cfg.client_mode == "req" else cfg.in_flight
+    socks = []
+    for _ in range(cfg.clients):
+        s = ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(address)
+        socks.append(s)
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    sent_at: dict[int, float] = {}
+    latencies, photons_done, failed = [], 0, 0
+    next_event = 0
+    before = scrape(metrics_url)
+    t0 = time.monotonic()
+    deadline = t0 + (cfg.duration if cfg.duration else cfg.timeout_s)
+
+    def send(s):
+        nonlocal next_event
+        i = next_event
+        next_event += 1
+        n = int(sizes[i])
+        frames = [P.PHOTONDATA, np.array([i, n], "<u4").tobytes(), *(r[: 4 * n] for r in (rw.cast("B") for rw in rows))]
+        if kind == zmq.DEALER:
+            frames = [b""] + frames
+        sent_at[i] = time.monotonic()
+        s.send_multipart(frames, copy=False)
+
+    budget = cfg.events
+    for s in socks:
+        for _ in range(depth):
+            if next_event < budget:
+                send(s)
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=budget, unit="ev", desc=f"{cfg.client_mode} x{cfg.clients}", leave=False)
+    done = 0
+    while done < next_event and time.monotonic() < deadline:
+        for s, _ in poller.poll(1000):
+            while True:
+                try:
+                    msg = s.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if msg and msg[0] == b"":
+                    msg = msg[1:]
+                eid = int(np.frombuffer(msg[1], "<u4")[0]) if len(msg) > 1 and len(msg[1]) == 4 else -1
+                t = sent_at.pop(eid, None)
+                done += 1
+                if msg[0] == P.SIM_COMPLETE and t is not None:
+                    latencies.append(time.monotonic() - t)
+                    photons_done += int(sizes[eid])
+                else:
+                    failed += 1
+                if bar is not None:
+                    bar.update(1)
+                if next_event < budget and (cfg.duration is None or time.monotonic() < deadline):
+                    send(s)
+                if kind == zmq.REQ:
+                    break
+    wall = time.monotonic() - t0
+    if bar is not None:
+        bar.close()
+    for s in socks:
+        s.close(0)
+    after = scrape(metrics_url)
+
+    def d(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    lat = np.array(latencies) * 1e3 if latencies else np.zeros(1)
+    n_ok = len(latencies)
+    res = dict(
+        events=n_ok,
+        failed=failed,
+        unanswered=next_event - done,
+        wall_s=wall,
+        events_per_s=n_ok / wall,
+        photons_per_s=photons_done / wall,
+        latency_ms=dict(p50=float(np.percentile(lat, 50)), p95=float(np.percentile(lat, 95)),
+                        p99=float(np.percentile(lat, 99))),  # fmt: skip
+    )
+    if metrics_url:
+        nb = d("charon_batch_photons_count")
+        res.update(
+            engine_busy_fraction=d("charon_engine_seconds_total") / wall,
+            batch_photons=dict(mean=d("charon_batch_photons_sum") / nb if nb else 0.0,
+                               max=after.get("charon_batch_photons_max", 0.0)),  # fmt: skip
+            batches=nb,
+            host_us_per_event=1e6 * d("charon_host_seconds_total") / max(d("charon_events_total"), 1),
+            batch_seconds_mean=d("charon_batch_seconds_sum") / nb if nb else 0.0,
+        )
+    return res
+
+
+def _plot(path: str, sweep: list[dict], per_event: dict | None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["max_batch_photons"] for r in sweep]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax[0].plot(x, [r["events_per_s"] for r in sweep], "o-", label="batched")
+    if per_event:
+        ax[0].axhline(per_event["events_per_s"], color="r", ls="--", label="one event per call")
+    ax[0].set(xscale="log", yscale="log", xlabel="--max-batch-photons", ylabel="events / s", title="Throughput")
+    ax[0].legend()
+    ax[1].plot(x, [r.get("engine_busy_fraction", np.nan) for r in sweep], "o-", label="batched")
+    if per_event:
+        ax[1].axhline(per_event.get("engine_busy_fraction", np.nan), color="r", ls="--", label="one event per call")
+    ax[1].set(xscale="log", ylim=(0, 1.05), xlabel="--max-batch-photons", ylabel="engine busy / wall",
+              title="Engine occupancy")  # fmt: skip
+    ax[1].legend()
+    for p, st in (("p50", "o-"), ("p95", "s-"), ("p99", "^-")):
+        ax[2].plot(x, [r["latency_ms"][p] for r in sweep], st, label=p)
+    ax[2].set(xscale="log", yscale="log", xlabel="--max-batch-photons", ylabel="latency (ms)", title="Event latency")
+    ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _table(results: dict) -> str:
+    head = f"{'mode':>22} {'events/s':>10} {'Mphot/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} " \
+           f"{'busy':>6} {'batch mean':>11} {'host us/ev':>10}"  # fmt: skip
+    lines = [head]
+    for mode, r in results.items():
+        lines.append(
+            f"{mode:>22} {r['events_per_s']:>10.1f} {r['photons_per_s'] / 1e6:>9.3f} {r['latency_ms']['p50']:>8.1f} "
+            f"{r['latency_ms']['p95']:>8.1f} {r['latency_ms']['p99']:>8.1f} {r.get('engine_busy_fraction', 0):>6.2f} "
+            f"{r.get('batch_photons', {}).get('mean', 0):>11.0f} {r.get('host_us_per_event', 0):>10.1f}"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="charon-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--address", help="address of a running charon-batch (else --spawn-server)")
+    ap.add_argument("--metrics-url", help="its Prometheus endpoint, e.g. http://host:9100/metrics")
+    ap.add_argument("--spawn-server", action="store_true", help="start charon-batch with the flags after --")
+    ap.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    ap.add_argument("--client-mode", choices=("req", "dealer"), default="req",
+                    help="req: one event in flight per client (ratpac-two); dealer: --in-flight each")  # fmt: skip
+    ap.add_argument("--in-flight", type=int, default=4, help="events in flight per dealer client (default 4)")
+    ap.add_argument("--events", type=count, default=2000, help="events to send per mode (default 2000)")
+    ap.add_argument("--event-size", default="1000", help="photons per event: N or lognormal:MEDIAN,SIGMA")
+    ap.add_argument("--duration", type=float, help="stop sending after this many seconds")
+    ap.add_argument("--compare-per-event", action="store_true",
+                    help="also run against a server limited to one event per engine call (needs --spawn-server)")
+    ap.add_argument("--sweep-batch", help="comma-separated --max-batch-photons values to sweep (needs --spawn-server)")
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--plot", help="write a PNG of throughput, occupancy and latency against batch size")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    server_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    a = parser().parse_args(argv)
+    cfg = BenchConfig(**{k: v for k, v in vars(a).items() if k in BenchConfig.__dataclass_fields__})
+    if not cfg.spawn_server and not cfg.address:
+        parser().error("give --address of a running server or --spawn-server")
+    if (cfg.compare_per_event or cfg.sweep_batch) and not cfg.spawn_server:
+        parser().error("--compare-per-event and --sweep-batch start their own servers: add --spawn-server")
+    results, sweep = {}, []
+
+    def measure(extra: list[str]) -> dict:
+        if cfg.spawn_server:
+            with spawned_server(server_args + extra) as (addr, murl):
+                return run_load(cfg, addr, murl)
+        return run_load(cfg, cfg.address, cfg.metrics_url)
+
+    results["batched"] = measure([])
+    if cfg.sweep_batch:
+        for v in cfg.sweep_batch.split(","):
+            r = measure(["--max-batch-photons", v])
+            r["max_batch_photons"] = count(v)
+            sweep.append(r)
+            results[f"batched@{v}"] = r
+    if cfg.compare_per_event:
+        results["per_event"] = measure(["--max-batch-events", "1"])
+    print(_table(results))
+    if "per_event" in results and results["per_event"]["events_per_s"] > 0:
+        print(f"speed-up batched / per-event: {results['batched']['events_per_s'] / results['per_event']['events_per_s']:.1f}x")
+    if cfg.json:
+        meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), host=os.uname().nodename, config=asdict(cfg),
+                    server_args=server_args)  # fmt: skip
+        with open(cfg.json, "w") as fh:
+            json.dump(dict(meta=meta, **results, sweep=sweep), fh, indent=1)
+    if cfg.plot and sweep:
+        _plot(cfg.plot, sweep, results.get("per_event"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from charon.bench import main, parse_sizes
+from charon.geometry.builtin import sphere_detector
+from charon.server import ServerConfig, run_in_thread
+
+KEYS = {"events_per_s", "photons_per_s", "latency_ms", "engine_busy_fraction", "batch_photons", "host_us_per_event"}
+
+
+def test_event_size_distributions():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    assert list(parse_sizes("1e3")(rng, 3)) == [1000, 1000, 1000]
+    s = parse_sizes("lognormal:1000,0.5")(rng, 20000)
+    assert s.min() >= 1 and abs(np.median(s) / 1000 - 1) < 0.05
+
+
+def test_bench_against_running_server_reports_every_figure(tmp_path):
+    import socket
+
+    with socket.socket() as p:
+        p.bind(("127.0.0.1", 0))
+        mport = p.getsockname()[1]
+    srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", metrics_port=mport),
+                            detector=sphere_detector(500.0, subdivisions=1))  # fmt: skip
+    try:
+        out = tmp_path / "r.json"
+        rc = main(["--address", srv.address, "--metrics-url", f"http://127.0.0.1:{mport}/metrics", "--clients", "6",
+                   "--client-mode", "dealer", "--in-flight", "3", "--events", "60", "--event-size", "200",
+                   "--json", str(out), "--no-progress"])  # fmt: skip
+        assert rc == 0
+        r = json.loads(out.read_text())["batched"]
+        assert KEYS <= set(r)
+        assert r["events"] == 60 and r["failed"] == 0
+        assert r["photons_per_s"] == pytest.approx(200 * r["events_per_s"])
+        assert 0 < r["engine_busy_fraction"] <= 1.0
+        assert r["batch_photons"]["mean"] >= 200 and r["batch_photons"]["max"] >= r["batch_photons"]["mean"]
+        assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"]
+    finally:
+        srv.stop()
+        th.join(10)
+
+
+@pytest.mark.slow
+def test_spawned_servers_compare_per_event_and_sweep(tmp_path):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["--spawn-server", "--clients", "8", "--events", "80", "--event-size", "300", "--compare-per-event",
+               "--sweep-batch", "600,1e5", "--json", str(out), "--plot", str(png), "--no-progress",
+               "--", "--engine", "cpu", "--detector", "sphere"])  # fmt: skip
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert KEYS <= set(r["batched"]) and KEYS <= set(r["per_event"])
+    assert r["per_event"]["batch_photons"]["max"] == 300  # one event per engine call
+    assert r["batched@600"]["batch_photons"]["max"] <= 600
+    assert len(r["sweep"]) == 2 and png.stat().st_size > 10_000
+
+
+def test_bench_refuses_compare_without_spawn():
+    with pytest.raises(SystemExit):
+        main(["--address", "tcp://127.0.0.1:1", "--compare-per-event"])
