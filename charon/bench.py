@@ -51,6 +51,7 @@ class BenchConfig:
     seed: int = 1
     timeout_s: float = 600.0
     progress: bool = True
+    load_procs: int = 1
 
 
 def parse_sizes(spec: str):
@@ -113,54 +114,44 @@ def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
             proc.kill()
 
 
-def run_load(cfg: BenchConfig, address: str, metrics_url: str | None) -> dict:
-    """Drive the server; returns the mode's figures."""
-    rng = np.random.default_rng(cfg.seed)
-    sizes = parse_sizes(cfg.event_size)(rng, cfg.events)
-    pool = random_event(int(sizes.max()), rng)  # [11, max] float32, rows contiguous
-    rows = [memoryview(np.ascontiguousarray(pool[r])) for r in range(11)]
-    ctx = zmq.Context.instance()
+def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clients: int, seed: int, progress=None):
+    """One load process: ``n_clients`` sockets on one poller. Returns raw figures for merging."""
+    rng = np.random.default_rng(seed)
+    sizes = parse_sizes(cfg.event_size)(rng, n_events)
+    pool = random_event(int(sizes.max()), rng)  # [11, max] float32; events are zero-copy prefixes of its rows
+    rows = [memoryview(np.ascontiguousarray(pool[r])).cast("B") for r in range(11)]
+    ctx = zmq.Context()
     kind = zmq.REQ if cfg.client_mode == "req" else zmq.DEALER
     depth = 1 if cfg.client_mode == "req" else cfg.in_flight
     socks = []
-    for _ in range(cfg.clients):
+    poller = zmq.Poller()
+    for _ in range(n_clients):
         s = ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(address)
         socks.append(s)
-    poller = zmq.Poller()
-    for s in socks:
         poller.register(s, zmq.POLLIN)
     sent_at: dict[int, float] = {}
-    latencies, photons_done, failed = [], 0, 0
-    next_event = 0
-    before = scrape(metrics_url)
+    latencies, photons_done, failed, next_i, done = [], 0, 0, 0, 0
     t0 = time.monotonic()
     deadline = t0 + (cfg.duration if cfg.duration else cfg.timeout_s)
 
     def send(s):
-        nonlocal next_event
-        i = next_event
-        next_event += 1
+        nonlocal next_i
+        i = next_i
+        next_i += 1
         n = int(sizes[i])
-        frames = [P.PHOTONDATA, np.array([i, n], "<u4").tobytes(), *(r[: 4 * n] for r in (rw.cast("B") for rw in rows))]
+        frames = [P.PHOTONDATA, np.array([first_id + i, n], "<u4").tobytes(), *(r[: 4 * n] for r in rows)]
         if kind == zmq.DEALER:
             frames = [b""] + frames
-        sent_at[i] = time.monotonic()
+        sent_at[first_id + i] = time.monotonic()
         s.send_multipart(frames, copy=False)
 
-    budget = cfg.events
     for s in socks:
         for _ in range(depth):
-            if next_event < budget:
+            if next_i < n_events:
                 send(s)
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=budget, unit="ev", desc=f"{cfg.client_mode} x{cfg.clients}", leave=False)
-    done = 0
-    while done < next_event and time.monotonic() < deadline:
+    while done < next_i and time.monotonic() < deadline:
         for s, _ in poller.poll(1000):
             while True:
                 try:
@@ -174,34 +165,85 @@ def run_load(cfg: BenchConfig, address: str, metrics_url: str | None) -> dict:
                 done += 1
                 if msg[0] == P.SIM_COMPLETE and t is not None:
                     latencies.append(time.monotonic() - t)
-                    photons_done += int(sizes[eid])
+                    photons_done += int(sizes[eid - first_id])
                 else:
                     failed += 1
-                if bar is not None:
-                    bar.update(1)
-                if next_event < budget and (cfg.duration is None or time.monotonic() < deadline):
+                if progress is not None and done % 64 == 0:
+                    with progress.get_lock():
+                        progress.value += 64
+                if next_i < n_events and time.monotonic() < deadline:
                     send(s)
                 if kind == zmq.REQ:
                     break
-    wall = time.monotonic() - t0
-    if bar is not None:
-        bar.close()
+    t1 = time.monotonic()
     for s in socks:
         s.close(0)
+    ctx.term()
+    return dict(latencies=latencies, photons=photons_done, failed=failed, unanswered=next_i - done, t0=t0, t1=t1)
+
+
+def _drive_star(args):
+    return _drive(*args[:-1], progress=_PROGRESS)
+
+
+_PROGRESS = None
+
+
+def _init_worker(counter):
+    global _PROGRESS
+    _PROGRESS = counter
+
+
+def run_load(cfg: BenchConfig, address: str, metrics_url: str | None) -> dict:
+    """Drive the server from ``cfg.load_procs`` processes; returns the mode's figures."""
+    import multiprocessing as mp
+
+    procs = max(1, min(cfg.load_procs, cfg.clients))
+    per_clients = [cfg.clients // procs + (k < cfg.clients % procs) for k in range(procs)]
+    per_events = [cfg.events // procs + (k < cfg.events % procs) for k in range(procs)]
+    before = scrape(metrics_url)
+    t_start = time.monotonic()
+    if procs == 1:
+        parts = [_drive(cfg, address, 0, cfg.events, cfg.clients, cfg.seed)]
+    else:
+        ctx = mp.get_context("spawn")
+        counter = ctx.Value("q", 0)
+        jobs = [(cfg, address, k * cfg.events, per_events[k], per_clients[k], cfg.seed + k, None) for k in range(procs)]
+        with ctx.Pool(procs, initializer=_init_worker, initargs=(counter,)) as pool:
+            res = pool.map_async(_drive_star, jobs)
+            bar = None
+            if cfg.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=cfg.events, unit="ev", desc=f"{cfg.client_mode} x{cfg.clients}", leave=False)
+            while not res.ready():
+                res.wait(0.2)
+                if bar is not None:
+                    bar.n = min(counter.value, cfg.events)
+                    bar.refresh()
+            if bar is not None:
+                bar.close()
+            parts = res.get()
+    wall = max(p["t1"] for p in parts) - min(p["t0"] for p in parts) if procs == 1 else time.monotonic() - t_start
     after = scrape(metrics_url)
 
     def d(name):
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    lat = np.array(latencies) * 1e3 if latencies else np.zeros(1)
-    n_ok = len(latencies)
+    latencies = np.concatenate([np.asarray(p["latencies"]) for p in parts]) * 1e3
+    lat = latencies if latencies.size else np.zeros(1)
+    n_ok = int(latencies.size)
+    photons = sum(p["photons"] for p in parts)
+    # Throughput over the time the load ran (process start-up excluded).
+    span = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
     res = dict(
         events=n_ok,
-        failed=failed,
-        unanswered=next_event - done,
-        wall_s=wall,
-        events_per_s=n_ok / wall,
-        photons_per_s=photons_done / wall,
+        failed=sum(p["failed"] for p in parts),
+        unanswered=sum(p["unanswered"] for p in parts),
+        wall_s=span,
+        load_processes=procs,
+        events_per_s=n_ok / span,
+        photons_per_s=photons / span,
         latency_ms=dict(p50=float(np.percentile(lat, 50)), p95=float(np.percentile(lat, 95)),
                         p99=float(np.percentile(lat, 99))),  # fmt: skip
     )
@@ -277,6 +319,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--plot", help="write a PNG of throughput, occupancy and latency against batch size")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--load-procs", type=int, default=max(1, (os.cpu_count() or 2) // 4),
+                    help="processes generating the load, so that the generator is not the bottleneck "
+                         "(default: a quarter of the CPUs)")  # fmt: skip
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -291,6 +336,16 @@ def main(argv=None) -> int:
         parser().error("give --address of a running server or --spawn-server")
     if (cfg.compare_per_event or cfg.sweep_batch) and not cfg.spawn_server:
         parser().error("--compare-per-event and --sweep-batch start their own servers: add --spawn-server")
+    if cfg.address:
+        ping = zmq.Context.instance().socket(zmq.REQ)
+        ping.setsockopt(zmq.LINGER, 0)
+        ping.connect(cfg.address)
+        ping.send(P.PING)
+        ok = ping.poll(5000)
+        ping.close(0)
+        if not ok:
+            print(f"charon-bench: no answer to PING from {cfg.address} within 5 s", file=sys.stderr)
+            return 2
     results, sweep = {}, []
 
     def measure(extra: list[str]) -> dict:

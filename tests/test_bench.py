@@ -29,12 +29,12 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
     try:
         out = tmp_path / "r.json"
         rc = main(["--address", srv.address, "--metrics-url", f"http://127.0.0.1:{mport}/metrics", "--clients", "6",
-                   "--client-mode", "dealer", "--in-flight", "3", "--events", "60", "--event-size", "200",
+                   "--client-mode", "dealer", "--in-flight", "3", "--events", "60", "--event-size", "200", "--load-procs", "2",
                    "--json", str(out), "--no-progress"])  # fmt: skip
         assert rc == 0
         r = json.loads(out.read_text())["batched"]
         assert KEYS <= set(r)
-        assert r["events"] == 60 and r["failed"] == 0
+        assert r["events"] == 60 and r["failed"] == 0 and r["load_processes"] == 2
         assert r["photons_per_s"] == pytest.approx(200 * r["events_per_s"])
         assert 0 < r["engine_busy_fraction"] <= 1.0
         assert r["batch_photons"]["mean"] >= 200 and r["batch_photons"]["max"] >= r["batch_photons"]["mean"]
@@ -61,3 +61,7 @@ def test_spawned_servers_compare_per_event_and_sweep(tmp_path):
 def test_bench_refuses_compare_without_spawn():
     with pytest.raises(SystemExit):
         main(["--address", "tcp://127.0.0.1:1", "--compare-per-event"])
+
+
+def test_bench_fails_fast_without_a_server():
+    assert main(["--address", "tcp://127.0.0.1:9", "--events", "1", "--no-progress"]) == 2
