@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import protocol as P
 from .cli import count
+from .server import recv_message, send_message
 from .sources import random_event
 
 
@@ -145,7 +146,7 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
         if kind == zmq.DEALER:
             frames = [b""] + frames
         sent_at[first_id + i] = time.monotonic()
-        s.send_multipart(frames, copy=False)
+        send_message(s, frames)
 
     for s in socks:
         for _ in range(depth):
@@ -155,15 +156,15 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
         for s, _ in poller.poll(1000):
             while True:
                 try:
-                    msg = s.recv_multipart(zmq.NOBLOCK)
+                    msg = recv_message(s)
                 except zmq.Again:
                     break
-                if msg and msg[0] == b"":
+                if msg and len(msg[0]) == 0:
                     msg = msg[1:]
                 eid = int(np.frombuffer(msg[1], "<u4")[0]) if len(msg) > 1 and len(msg[1]) == 4 else -1
                 t = sent_at.pop(eid, None)
                 done += 1
-                if msg[0] == P.SIM_COMPLETE and t is not None:
+                if msg[0].bytes == P.SIM_COMPLETE and t is not None:
                     latencies.append(time.monotonic() - t)
                     photons_done += int(sizes[eid - first_id])
                 else:
