@@ -27,6 +27,9 @@ HELP = {
     "reply_layout": "auto (13-frame request -> compact, 14-frame -> full), compact or full",
     "queue_policy": "queue policy for choosing the next events to batch",
     "metrics_port": "serve Prometheus metrics over HTTP on this port (off when not given)",
+    "output_dir": "directory for server-side run output: PHOTONDATA between RUN_BEGIN and RUN_END is "
+    "answered SIM_COMPLETE_ASYNC and its hits go to DIR/<name>.charon.ntuple.root (off when not given)",
+    "output_basket_events": "events per ROOT basket written with --output-dir",
     "log_level": "logging level (DEBUG, INFO, WARNING, ERROR)",
     "device": "CUDA device ordinal for --engine cuda",
 }

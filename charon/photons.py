@@ -112,6 +112,24 @@ class HitBatch:
         )
 
 
+def _concat_events(parts: list["HitBatch"]) -> "HitBatch":
+    """Stack single-event HitBatches as consecutive events of one HitBatch."""
+    counts = np.fromiter((p.n_hits for p in parts), np.int64, len(parts))
+    offsets = np.zeros(len(parts) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    if not parts:
+        return empty_hits(0)
+    return HitBatch(
+        np.concatenate([p.channel for p in parts]),
+        np.concatenate([p.table for p in parts], axis=1),
+        np.concatenate([p.flags for p in parts]),
+        offsets,
+    )
+
+
+HitBatch.concat_events = staticmethod(_concat_events)
+
+
 def empty_hits(n_events: int) -> HitBatch:
     return HitBatch(
         np.zeros(0, np.uint32), np.zeros((8, 0), np.float32), np.zeros(0, np.uint32), np.zeros(n_events + 1, np.int64)

@@ -31,6 +31,7 @@ from .photons import HitBatch, empty_hits
 from .protocol import Layout, RequestError
 from .scheduler.batcher import Batcher
 from .scheduler.queue import make_queue
+from .run_output import Run, RunWriter, output_path
 from .scheduler.request import EventRequest, Route
 
 log = logging.getLogger("charon.server")
@@ -56,6 +57,8 @@ class ServerConfig:
     reply_layout: str = "auto"
     queue_policy: str = "fcfs"
     metrics_port: int | None = None
+    output_dir: str | None = None
+    output_basket_events: int = 1000
     log_level: str = "INFO"
     device: int = 0
 
@@ -70,6 +73,10 @@ class ServerConfig:
             raise ValueError("--ping-reply must be PONG or ACK")
         if self.reply_layout not in ("auto", "compact", "full"):
             raise ValueError("--reply-layout must be auto, compact or full")
+        if self.output_dir is not None and not os.path.isdir(self.output_dir):
+            raise ValueError(f"--output-dir {self.output_dir!r} is not a directory")
+        if self.output_basket_events < 1:
+            raise ValueError("--output-basket-events must be >= 1")
 
 
 def recv_message(sock) -> list:
@@ -120,7 +127,8 @@ class BatchServer:
         self.batcher = Batcher(make_queue(config.queue_policy), config.max_batch_photons, config.max_batch_events)
         # Queued or in-flight requests by (event_id, n), for resend de-duplication.
         self.by_key: dict[tuple, list[EventRequest]] = {}
-        self.requests_in_flight = 0
+        self.runs: dict[bytes, Run] = {}  # open run of each client identity (--output-dir)
+        self.closing: list[Run] = []  # runs whose RUN_END waits for their last events
         self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
         self._detector_info = P.encode_detector_info(self.detector.channel_position, self.detector.channel_type)
         self._stop = threading.Event()
@@ -204,9 +212,10 @@ class BatchServer:
         self.engine_thread.stop()
         if self.engine_thread.results:
             self._collect_results()
-        lost = [r.event_id for reqs in self.by_key.values() for r in reqs]
+        lost = [r.event_id for reqs in self.by_key.values() for r in reqs if r.tag is None]
         if lost:
             log.warning("shutting down with %d event(s) unanswered: %s", len(lost), lost[:20])
+        self._close_all_runs()
         self.socket.close(0)
         self._notify.close(0)
         if self._metrics_server is not None:
@@ -235,8 +244,10 @@ class BatchServer:
             self._reply(envelope, [self._ping])
         elif header == P.DETECTOR_INFO and len(body) == 1:
             self._reply(envelope, self._detector_info)
-        elif header in (P.RUN_BEGIN, P.RUN_END):
-            self._reply(envelope, [P.ACK])
+        elif header == P.RUN_BEGIN and len(body) == 2:
+            self._run_begin(envelope, bytes(body[1]))
+        elif header == P.RUN_END and len(body) == 1:
+            self._run_end(envelope)
         else:
             self.metrics.failed.labels("unknown_request").inc()
             log.info("unknown request header %r (%d frames)", header[:40], len(body))
@@ -253,17 +264,30 @@ class BatchServer:
         except RequestError as exc:
             self._fail(envelope, exc.event_id, exc.reason, "bad_request")
             return
-        route = Route(envelope, self._layout(pd.layout))
+        run = self.runs.get(bytes(envelope[0])) if self.config.output_dir else None
+        if run is not None:
+            if run.error is not None:
+                self._fail(envelope, pd.event_id, f"run output unavailable: {run.error}", "run_output")
+                return
+            # Asynchronous mode: acknowledge now, write the hits when the event is done.
+            self._reply(envelope, [P.SIM_COMPLETE_ASYNC, P.u32(pd.event_id)])
+            route = None
+        else:
+            route = Route(envelope, self._layout(pd.layout))
         if pd.n == 0:  # a valid event with no photons has no hits
             self.metrics.events.inc()
-            self._reply(envelope, P.encode_hits(pd.event_id, empty_hits(1).event(0), route.layout))
+            if run is None:
+                self._reply(envelope, P.encode_hits(pd.event_id, empty_hits(1).event(0), route.layout))
+            else:
+                run.writer.add(pd.event_id, empty_hits(1).event(0))
             return
         candidates = self.by_key.get(pd.key)
         if candidates:
             digest = P.payload_digest(pd.rows, pd.flags)
             for same in candidates:
-                if same.digest == digest:
-                    same.route = route  # the newest requester is the one still listening
+                if same.digest == digest and (same.tag is run):
+                    if route is not None:
+                        same.route = route  # the newest requester is the one still listening
                     self.metrics.duplicates.inc()
                     log.debug("event %d resent: joined the copy already queued or in flight", pd.event_id)
                     return
@@ -273,11 +297,17 @@ class BatchServer:
                        "bad_request")  # fmt: skip
             return
         if self.batcher.queued_photons + pd.n > self.config.max_queued_photons:
+            if run is not None:
+                log.warning("run %s: event %d lost: queue full", run.name, pd.event_id)
+                run.lost.append(pd.event_id)
+                return
             self._fail(envelope, pd.event_id,
                        f"busy: queue full ({self.batcher.queued_photons} photons queued, "
                        f"limit {self.config.max_queued_photons}); retry later", "busy")  # fmt: skip
             return
-        req = EventRequest(pd.event_id, pd.n, pd.rows, pd.flags, pd.key, route, time.monotonic())
+        req = EventRequest(pd.event_id, pd.n, pd.rows, pd.flags, pd.key, route, time.monotonic(), tag=run)
+        if run is not None:
+            run.pending.add(req)
         if candidates:
             req._digest = digest
         self.by_key.setdefault(pd.key, []).append(req)
@@ -356,12 +386,99 @@ class BatchServer:
             same.remove(req)
             if not same:
                 del self.by_key[req.key]
+        if req.tag is not None:
+            self._finish_async(req)
+            return
         if req.error is not None:
             self._fail(req.route.envelope, req.event_id, req.error, "engine_error")
             return
         hits: HitBatch = req.hits()
         self.metrics.events.inc()
         self._reply(req.route.envelope, P.encode_hits(req.event_id, hits, req.route.layout))
+
+
+    # ------------------------------------------------------------ run output
+    def _finish_async(self, req: EventRequest):
+        run: Run = req.tag
+        run.pending.discard(req)
+        if req.error is not None:
+            run.lost.append(req.event_id)
+            log.warning("run %s: event %d lost: %s", run.name, req.event_id, req.error)
+        else:
+            run.writer.add(req.event_id, req.hits())
+            run.written += 1
+            self.metrics.events.inc()
+        if not run.pending and run.end_envelope is not None:
+            self._close_run(run)
+
+    def _run_begin(self, envelope, filename: bytes):
+        identity = bytes(envelope[0])
+        if not self.config.output_dir:
+            self._reply(envelope, [P.ACK])
+            return
+        previous = self.runs.pop(identity, None)
+        if previous is not None:  # a second RUN_BEGIN ends the first run without a reply
+            previous.end_envelope = []
+            self._end_or_wait(previous)
+        name = filename.decode("utf-8", "replace")
+        run = Run(name=name, path="")
+        try:
+            run.path = output_path(self.config.output_dir, name)
+            run.writer = RunWriter(run.path, self.detector.channel_position, self.detector.channel_type,
+                                   self.config.output_basket_events)  # fmt: skip
+            log.info("run %s: writing %s", name, run.path)
+        except Exception as exc:  # reported on this run's PHOTONDATA and RUN_END
+            run.error = f"cannot create the output file for {name!r}: {exc}"
+            log.warning("run %s: %s", name, run.error)
+        self.runs[identity] = run
+        self._reply(envelope, [P.ACK])
+
+    def _run_end(self, envelope):
+        if not self.config.output_dir:
+            self._reply(envelope, [P.ACK])
+            return
+        run = self.runs.pop(bytes(envelope[0]), None)
+        if run is None:
+            waiting = [r for r in self.closing if r.end_envelope]
+            if len(waiting) == 1:  # a Lazy-Pirate resend of the RUN_END we are still completing
+                waiting[0].end_envelope = envelope
+                return
+            self._fail(envelope, P.UNKNOWN_EVENT, "RUN_END without an open run: no RUN_BEGIN from this client",
+                       "run_output")  # fmt: skip
+            return
+        if run.error is not None:
+            self._fail(envelope, P.UNKNOWN_EVENT, run.error, "run_output")
+            return
+        run.end_envelope = envelope
+        self._end_or_wait(run)
+
+    def _end_or_wait(self, run: Run):
+        if run.pending:
+            self.closing.append(run)
+        else:
+            self._close_run(run)
+
+    def _close_run(self, run: Run):
+        if run in self.closing:
+            self.closing.remove(run)
+        if run.writer is not None:
+            run.writer.close()
+        log.info("run %s: %d events written to %s%s", run.name, run.written, run.path,
+                 f", {len(run.lost)} lost: {run.lost[:20]}" if run.lost else "")  # fmt: skip
+        if run.end_envelope:
+            self._reply(run.end_envelope, [P.ACK])
+
+    def _close_all_runs(self):
+        """Server stop: keep what was written readable and say which events were lost."""
+        for run in list(self.runs.values()) + list(self.closing):
+            if run.writer is None:
+                continue
+            unwritten = sorted(r.event_id for r in run.pending)
+            run.writer.close()
+            log.warning("run %s: server stopping with the run open: %d events written to %s; lost (not simulated "
+                        "or not written): %s", run.name, run.written, run.path, unwritten + run.lost)  # fmt: skip
+        self.runs.clear()
+        self.closing.clear()
 
 
 def run_in_thread(config: ServerConfig, **kw) -> tuple[BatchServer, threading.Thread]:
