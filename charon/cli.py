@@ -32,6 +32,10 @@ HELP = {
     "output_basket_events": "events per ROOT basket written with --output-dir",
     "log_level": "logging level (DEBUG, INFO, WARNING, ERROR)",
     "device": "CUDA device ordinal for --engine cuda",
+    "connect": "worker mode: connect to a charon-router backend (e.g. tcp://router-host:6667) instead of binding",
+    "heartbeat_interval": "worker mode: seconds between heartbeats with the router",
+    "heartbeat_liveness": "worker mode: heartbeats missed before the router is presumed dead (then reconnect)",
+    "gpus": "comma-separated GPU ordinals: start one worker process per GPU behind a local router on --bind",
 }
 CHOICES = {
     "engine": ("auto", "cpu", "cuda", "chroma"),
@@ -76,9 +80,12 @@ def batch_parser() -> argparse.ArgumentParser:
 
 
 def batch_main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = batch_parser().parse_args(argv)
     config = config_from_args(ServerConfig, args)
     default_log_config(config.log_level)
+    if config.gpus:
+        return multi_gpu_main(config, argv)
     try:
         server = BatchServer(config)
     except Exception as exc:
@@ -96,6 +103,104 @@ def batch_main(argv=None) -> int:
     except Exception as exc:
         logging.getLogger("charon").error("server failed: %s", exc)
         return 1
+    return 3 if server.refused else 0
+
+
+def _strip_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv without the given flags (and their values)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in names:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
+    """``--gpus 0,1,..``: a router on --bind and one worker process per GPU, restarted if it dies."""
+    import subprocess
+    import time
+
+    from .router import RouterConfig, run_router_in_thread
+
+    log = logging.getLogger("charon")
+    gpus = [int(g) for g in config.gpus.split(",") if g.strip()]
+    router, thread = run_router_in_thread(RouterConfig(frontend=config.bind, backend="tcp://127.0.0.1:0",
+                                                       ping_reply=config.ping_reply,
+                                                       heartbeat_interval=config.heartbeat_interval,
+                                                       heartbeat_liveness=config.heartbeat_liveness,
+                                                       log_level=config.log_level))  # fmt: skip
+    base = _strip_flags(argv, ("--gpus", "--bind", "--connect", "--device", "--metrics-port"))
+    engine = [] if config.engine != "auto" else ["--engine", "cuda"]
+
+    def start(i, gpu):
+        cmd = [sys.executable, "-m", "charon.cli", *base, *engine, "--connect", router.backend_address,
+               "--device", str(gpu)]  # fmt: skip
+        if config.metrics_port is not None:
+            cmd += ["--metrics-port", str(config.metrics_port + i)]
+        return subprocess.Popen(cmd)
+
+    procs = [start(i, g) for i, g in enumerate(gpus)]
+    stopping = []
+
+    def _stop(signum, frame):
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    log.info("charon-batch: %d workers (GPUs %s) behind %s", len(gpus), gpus, router.frontend_address)
+    try:
+        while not stopping:
+            time.sleep(0.5)
+            for i, p in enumerate(procs):
+                rc = p.poll()
+                if rc is not None and not stopping:
+                    if rc == 3:  # refused by the router: restarting would not help
+                        log.error("worker on GPU %d refused by the router", gpus[i])
+                        return 3
+                    log.warning("worker on GPU %d exited with %s: restarting it", gpus[i], rc)
+                    procs[i] = start(i, gpus[i])
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        router.stop()
+        thread.join(10)
+    return 0
+
+
+ROUTER_HELP = {
+    "frontend": "address clients connect to (ROUTER)",
+    "backend": "address workers connect to (charon-batch --connect)",
+    "heartbeat_interval": "seconds between heartbeats with workers",
+    "heartbeat_liveness": "heartbeats a worker may miss before it is presumed dead and its events re-sent",
+    "ping_reply": "reply to PING: PONG or ACK",
+    "hold_seconds": "how long a request waits for a worker when none is registered before NO_WORKERS",
+    "log_level": "logging level",
+}
+
+
+def router_main(argv=None) -> int:
+    from .router import Router, RouterConfig
+
+    p = argparse.ArgumentParser(prog="charon-router", description="Router in front of charon-batch workers "
+                                "(--connect), one per GPU, on any number of hosts.")  # fmt: skip
+    add_dataclass_flags(p, RouterConfig, ROUTER_HELP, {"ping_reply": ("PONG", "ACK")})
+    config = config_from_args(RouterConfig, p.parse_args(argv))
+    default_log_config(config.log_level)
+    router = Router(config)
+    signal.signal(signal.SIGINT, lambda *a: router.stop())
+    signal.signal(signal.SIGTERM, lambda *a: router.stop())
+    router.serve_forever()
     return 0
 
 

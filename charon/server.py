@@ -61,6 +61,10 @@ class ServerConfig:
     output_basket_events: int = 1000
     log_level: str = "INFO"
     device: int = 0
+    connect: str | None = None
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3
+    gpus: str | None = None
 
     def validate(self) -> None:
         if self.max_batch_photons < 1:
@@ -131,6 +135,7 @@ class BatchServer:
         self.closing: list[Run] = []  # runs whose RUN_END waits for their last events
         self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
         self._detector_info = P.encode_detector_info(self.detector.channel_position, self.detector.channel_type)
+        self._fingerprint = self.detector.fingerprint() if config.connect else b""
         self._stop = threading.Event()
         self._buffers: list = []
         self._engine_factory = engine_factory or (
@@ -143,16 +148,77 @@ class BatchServer:
         )
         self.socket = None
         self.address = None
+        self.refused: str | None = None
         self.started = threading.Event()
         self._metrics_server = None
 
     # ---------------------------------------------------------------- setup
+    def _open_worker_socket(self):
+        """Worker mode: a DEALER to the router's backend, announced with READY (credit + detector)."""
+        from .router import READY
+
+        if self.socket is not None:
+            self.socket.close(0)
+        self.socket = self.ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.connect(self.config.connect)
+        # Credit: a running batch plus a full one behind it, within the queue bound.
+        credit = min(2 * self.config.max_batch_photons, self.config.max_queued_photons)
+        info = self._detector_info[1:]
+        send_message(self.socket, [READY, P.u32(credit), self._fingerprint, *info])
+        self._router_expiry = time.monotonic() + self.config.heartbeat_interval * self.config.heartbeat_liveness
+        self._next_heartbeat = time.monotonic() + self.config.heartbeat_interval
+
+    def _worker_housekeeping(self):
+        from .router import HEARTBEAT
+
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            send_message(self.socket, [HEARTBEAT])
+            self._next_heartbeat = now + self.config.heartbeat_interval
+        if now > self._router_expiry:
+            log.warning("router %s silent for %d heartbeats: reconnecting", self.config.connect,
+                        self.config.heartbeat_liveness)  # fmt: skip
+            self._poller.unregister(self.socket)
+            self._open_worker_socket()
+            self._poller.register(self.socket, zmq.POLLIN)
+
+    def _from_router(self, msg):
+        from .router import HEARTBEAT, REFUSED, REPLY, REQUEST
+
+        self._router_expiry = time.monotonic() + self.config.heartbeat_interval * self.config.heartbeat_liveness
+        kind = bytes(msg[0])
+        if kind == REQUEST:
+            self._handle_body([REPLY, msg[1]], msg[2:])
+        elif kind == REFUSED:
+            reason = bytes(msg[1]).decode("utf-8", "replace") if len(msg) > 1 else ""
+            if reason.startswith("unknown worker"):  # the router restarted: register again
+                self._poller.unregister(self.socket)
+                self._open_worker_socket()
+                self._poller.register(self.socket, zmq.POLLIN)
+            else:
+                log.error("router %s refused this worker: %s", self.config.connect, reason)
+                self.refused = reason
+                self._stop.set()
+        elif kind != HEARTBEAT:
+            log.debug("unexpected message from router: %r", kind[:20])
+
     def _open(self):
         self._notify_addr = f"inproc://charon-engine-{id(self)}"
         self._notify = self.ctx.socket(zmq.PULL)
         self._notify.bind(self._notify_addr)
         self.engine_thread = EngineThread(self.ctx, self._engine_factory, self._notify_addr, self.busy)
         engine = self.engine_thread.start()
+        if self.config.connect:
+            self._open_worker_socket()
+            self.address = self.config.connect
+        else:
+            self._open_router_socket()
+        self._finish_open(engine)
+
+    def _open_router_socket(self):
         self.socket = self.ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
@@ -163,13 +229,16 @@ class BatchServer:
         else:
             self.socket.bind(self.config.bind)
             self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _finish_open(self, engine):
         self._buffers = [self.engine_thread.host_buffer(), self.engine_thread.host_buffer()]
         if self.config.metrics_port is not None:
             self._metrics_server = self.metrics.serve(self.config.metrics_port)
         log.info(
-            "charon-batch listening on %s: detector %s (%d triangles, %d channels), engine %s, "
+            "charon-batch %s %s: detector %s (%d triangles, %d channels), engine %s, "
             "max batch %d photons, max wait %.1f ms%s",
-            self.address, self.config.detector, self.detector.n_triangles, self.detector.n_channels, engine.name,
+            "worker of router" if self.config.connect else "listening on", self.address, self.config.detector,
+            self.detector.n_triangles, self.detector.n_channels, engine.name,
             self.config.max_batch_photons, self.config.max_wait_ms,
             f", metrics on :{self.config.metrics_port}" if self.config.metrics_port is not None else "",
         )  # fmt: skip
@@ -184,9 +253,11 @@ class BatchServer:
         gc.set_threshold(50_000, 20, 100)
         self._open()
         self.started.set()
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self._notify, zmq.POLLIN)
+        worker = bool(self.config.connect)
+        handle = self._from_router if worker else self._handle
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(self._poll_timeout_ms()))
@@ -202,8 +273,10 @@ class BatchServer:
                             frames = recv_message(self.socket)
                         except zmq.Again:
                             break
-                        self._handle(frames)
+                        handle(frames)
                 self._maybe_dispatch()
+                if worker:
+                    self._worker_housekeeping()
                 self.metrics.host_seconds.inc(time.perf_counter() - t_busy)
         finally:
             self._close()
@@ -223,11 +296,12 @@ class BatchServer:
             self._metrics_server.server_close()
 
     def _poll_timeout_ms(self) -> int:
+        cap = 100 if not self.config.connect else max(1, int(self.config.heartbeat_interval * 500))
         oldest = self.batcher.queue.oldest_arrival()
         if oldest is None or self.engine_thread.in_flight:
-            return 100
+            return cap
         left = oldest + self.config.max_wait_ms / 1e3 - time.monotonic()
-        return max(0, min(100, int(np.ceil(left * 1e3))))
+        return max(0, min(cap, int(np.ceil(left * 1e3))))
 
     # ------------------------------------------------------------- requests
     def _reply(self, envelope, frames):
@@ -235,8 +309,10 @@ class BatchServer:
 
     def _handle(self, msg):
         envelope, body = split_envelope(msg)
-        if not body:
-            return
+        if body:
+            self._handle_body(envelope, body)
+
+    def _handle_body(self, envelope, body):
         header = bytes(body[0])
         if header == P.PHOTONDATA:
             self._handle_photondata(envelope, body)

@@ -123,3 +123,12 @@ def test_stl_import_makes_one_channel_per_body(tmp_path):
     bad.write_text("solid x\nendsolid x\n")
     with pytest.raises(DetectorError):
         resolve_detector(str(bad))
+
+
+def test_fingerprint_identifies_the_whole_detector(det):
+    same = sphere_detector(300.0, subdivisions=1)
+    assert det.fingerprint() == same.fingerprint() and len(det.fingerprint()) == 16
+    moved = Detector.from_arrays({**det.arrays(), "vertices": det.vertices * 1.001})
+    assert moved.fingerprint() != det.fingerprint()
+    # identical channel lists (what DETECTOR_INFO shows) but a different mesh: still different
+    assert sphere_detector(900.0, subdivisions=1).fingerprint() != det.fingerprint()

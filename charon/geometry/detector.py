@@ -104,6 +104,18 @@ class Detector:
     def has_reemission(self) -> bool:
         return self.material_reemission_prob is not None
 
+    def fingerprint(self) -> bytes:
+        """16-byte digest of every array (names, shapes, dtypes, values): two detectors
+        with equal fingerprints propagate identically. Used by the router to refuse a
+        worker whose detector differs."""
+        import xxhash
+
+        h = xxhash.xxh3_128()
+        for name, a in sorted(self.arrays().items()):
+            h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+            h.update(np.ascontiguousarray(a).tobytes() if a.dtype.kind == "U" else np.ascontiguousarray(a))
+        return h.digest()
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The detector as a ``{key: array}`` dict (optional keys omitted when absent)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

@@ -1,0 +1,300 @@
+"""charon-router: many batching workers (one per GPU, any host) behind one client address.
+
+Worker protocol on the backend (worker DEALER -> router ROUTER), extending
+ChAR0N's Paranoid Pirate (1-byte READY/HEARTBEAT, liveness in intervals)::
+
+    worker -> router  [READY b"\\x01", credit u32, detector fingerprint, x f32[C], y f32[C], z f32[C], type i32[C]]
+                      [HEARTBEAT b"\\x02"]
+                      [REPLY b"\\x05", request_id u64, *reply frames]
+    router -> worker  [HEARTBEAT b"\\x02"]
+                      [REQUEST b"\\x04", request_id u64, *client request frames]
+                      [REFUSED b"\\x06", reason utf-8]          (detector differs from the first worker's)
+
+Dispatch is by capacity, not by idleness: each worker advertises a credit (the
+photons it can hold: a running batch plus a full one queued behind it) and the
+router keeps every worker's outstanding photons up to its credit, choosing the
+least loaded, so each worker still forms full batches. The router keeps a copy
+of every request in flight; when a worker stops heartbeating, its requests go
+to other workers (or wait for one), and a late reply from the dead worker is
+dropped because its request id is no longer outstanding.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from . import protocol as P
+from .server import recv_message, send_message, split_envelope
+
+log = logging.getLogger("charon.router")
+
+READY = b"\x01"
+HEARTBEAT = b"\x02"
+REQUEST = b"\x04"
+REPLY = b"\x05"
+REFUSED = b"\x06"
+
+
+@dataclass
+class RouterConfig:
+    """Settings of charon-router; each field is the CLI flag of the same name."""
+
+    frontend: str = "tcp://*:5555"
+    backend: str = "tcp://*:6667"
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3
+    ping_reply: str = "PONG"
+    hold_seconds: float = 60.0
+    log_level: str = "INFO"
+
+
+@dataclass(eq=False)
+class Worker:
+    identity: bytes
+    credit: int  # photons it can hold
+    outstanding: int = 0  # photons dispatched and not answered
+    expiry: float = 0.0
+    requests: set = field(default_factory=set)  # request ids in flight there
+
+    @property
+    def room(self) -> int:
+        return self.credit - self.outstanding
+
+
+@dataclass(eq=False)
+class Pending:
+    rid: int
+    envelope: list  # client routing frames
+    body: list  # the client's request frames (kept to re-send if the worker dies)
+    photons: int
+    key: tuple | None
+    arrival: float
+    worker: Worker | None = None
+
+
+class Router:
+    def __init__(self, config: RouterConfig, context: zmq.Context | None = None):
+        self.config = config
+        self.ctx = context or zmq.Context.instance()
+        self.workers: dict[bytes, Worker] = {}
+        self.inflight: dict[int, Pending] = {}
+        self.waiting: collections.deque[Pending] = collections.deque()  # no worker had room
+        self.by_key: dict[tuple, Pending] = {}
+        self.detector_info: list | None = None
+        self.digest: bytes | None = None
+        self.duplicates = 0
+        self.reassigned = 0
+        self._next_rid = 1
+        self._stop = threading.Event()
+        self.started = threading.Event()
+        self.frontend_address = None
+        self.backend_address = None
+        self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
+
+    def stop(self):
+        self._stop.set()
+
+    def _bind(self, sock, addr):
+        if addr.endswith(":0"):
+            base = addr[: addr.rfind(":")]
+            port = sock.bind_to_random_port(base)
+            return base.replace("*", "127.0.0.1") + f":{port}"
+        sock.bind(addr)
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def serve_forever(self):
+        fe = self.frontend = self.ctx.socket(zmq.ROUTER)
+        be = self.backend = self.ctx.socket(zmq.ROUTER)
+        for s in (fe, be):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 0)
+            s.setsockopt(zmq.RCVHWM, 0)
+        self.frontend_address = self._bind(fe, self.config.frontend)
+        self.backend_address = self._bind(be, self.config.backend)
+        log.info("charon-router: clients on %s, workers on %s", self.frontend_address, self.backend_address)
+        self.started.set()
+        poller = zmq.Poller()
+        poller.register(fe, zmq.POLLIN)
+        poller.register(be, zmq.POLLIN)
+        next_beat = time.monotonic()
+        interval = self.config.heartbeat_interval
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(max(1, int(min(interval, 0.1) * 1000))))
+                if be in events:
+                    for _ in range(1000):
+                        try:
+                            self._from_worker(recv_message(be))
+                        except zmq.Again:
+                            break
+                if fe in events:
+                    for _ in range(1000):
+                        try:
+                            self._from_client(recv_message(fe))
+                        except zmq.Again:
+                            break
+                now = time.monotonic()
+                if now >= next_beat:
+                    for w in list(self.workers.values()):
+                        send_message(be, [w.identity, HEARTBEAT])
+                    next_beat = now + interval
+                self._expire(now)
+                self._dispatch_waiting()
+        finally:
+            fe.close(0)
+            be.close(0)
+
+    # ---------------------------------------------------------------- clients
+    def _from_client(self, msg):
+        envelope, body = split_envelope(msg)
+        if not body:
+            return
+        header = bytes(body[0])
+        if header == P.PING and len(body) == 1:
+            send_message(self.frontend, envelope + [self._ping])
+        elif header == P.DETECTOR_INFO and len(body) == 1:
+            if self.detector_info is None:
+                send_message(self.frontend, envelope + [P.NO_WORKERS])
+            else:
+                send_message(self.frontend, envelope + self.detector_info)
+        elif header in (P.RUN_BEGIN, P.RUN_END):
+            send_message(self.frontend, envelope + [P.ACK])
+        elif header == P.PHOTONDATA:
+            self._photondata(envelope, body)
+        else:
+            send_message(self.frontend, envelope + [P.UNKNOWN_REQUEST])
+
+    def _photondata(self, envelope, body):
+        if not self.workers:
+            send_message(self.frontend, envelope + [P.NO_WORKERS])
+            return
+        meta = bytes(body[1]) if len(body) > 1 else b""
+        key = None
+        photons = 0
+        if len(meta) == 8:
+            eid, photons = (int(x) for x in np.frombuffer(meta, "<u4"))
+            key = (eid, photons, len(body))
+            same = self.by_key.get(key)
+            # Payload bytes are compared only on such a collision (a likely Lazy-Pirate resend).
+            if same is not None and _same_payload(same.body, body):
+                same.envelope = envelope  # the newest requester gets the reply
+                self.duplicates += 1
+                return
+        p = Pending(self._next_rid, envelope, body, photons, key, time.monotonic())
+        self._next_rid += 1
+        if key is not None:
+            self.by_key[key] = p
+        self._assign(p)
+
+    def _assign(self, p: Pending):
+        """Send to the least-loaded worker with room, else wait (FIFO) for room."""
+        best = None
+        for w in self.workers.values():
+            if best is None or w.room > best.room:
+                best = w
+        # A worker always takes at least one request, however large, when it holds nothing.
+        if best is not None and (best.room >= p.photons or best.outstanding == 0):
+            p.worker = best
+            best.outstanding += p.photons
+            best.requests.add(p.rid)
+            self.inflight[p.rid] = p
+            send_message(self.backend, [best.identity, REQUEST, p.rid.to_bytes(8, "little"), *p.body])
+        else:
+            p.worker = None
+            self.waiting.append(p)
+
+    def _dispatch_waiting(self):
+        now = time.monotonic()
+        while self.waiting:
+            p = self.waiting[0]
+            if not self.workers and now - p.arrival > self.config.hold_seconds:
+                self.waiting.popleft()
+                self._drop_key(p)
+                send_message(self.frontend, p.envelope + [P.NO_WORKERS])
+                continue
+            if not self.workers:
+                return
+            before = len(self.waiting)
+            self.waiting.popleft()
+            self._assign(p)
+            if len(self.waiting) == before:  # it went back: nobody has room yet
+                self.waiting.rotate(1)  # keep FIFO order: put it back at the front
+                return
+
+    def _drop_key(self, p: Pending):
+        if p.key is not None and self.by_key.get(p.key) is p:
+            del self.by_key[p.key]
+
+    # ---------------------------------------------------------------- workers
+    def _from_worker(self, msg):
+        identity, kind = bytes(msg[0]), bytes(msg[1]) if len(msg) > 1 else b""
+        w = self.workers.get(identity)
+        if kind == READY:
+            self._register(identity, msg[2:])
+            return
+        if w is None:
+            if kind == REPLY:
+                log.debug("reply from unregistered worker %r dropped", identity)
+            elif kind == HEARTBEAT:  # a worker the router forgot (router restart): ask it to re-register
+                send_message(self.backend, [identity, REFUSED, b"unknown worker: send READY"])
+            return
+        w.expiry = time.monotonic() + self.config.heartbeat_interval * self.config.heartbeat_liveness
+        if kind == REPLY:
+            rid = int.from_bytes(bytes(msg[2]), "little")
+            p = self.inflight.get(rid)
+            if p is None or p.worker is not w:
+                log.info("late or duplicate reply for request %d from %r dropped", rid, identity)
+                return
+            del self.inflight[rid]
+            w.requests.discard(rid)
+            w.outstanding -= p.photons
+            self._drop_key(p)
+            send_message(self.frontend, p.envelope + list(msg[3:]))
+
+    def _register(self, identity: bytes, frames):
+        credit = int(np.frombuffer(bytes(frames[0]), "<u4")[0])
+        digest = bytes(frames[1])
+        info = [P.DETECTOR_INFO] + [bytes(f) for f in frames[2:6]]
+        if self.digest is None:
+            self.digest, self.detector_info = digest, info
+        elif digest != self.digest:
+            log.warning("worker %r refused: its detector differs from the first worker's", identity)
+            send_message(self.backend, [identity, REFUSED, b"detector differs from the router's (first worker's)"])
+            return
+        w = self.workers.get(identity)
+        if w is None:
+            w = self.workers[identity] = Worker(identity, credit)
+            log.info("worker %r ready: credit %d photons (%d workers)", identity, credit, len(self.workers))
+        w.credit = credit
+        w.expiry = time.monotonic() + self.config.heartbeat_interval * self.config.heartbeat_liveness
+
+    def _expire(self, now: float):
+        for w in [w for w in self.workers.values() if w.expiry < now]:
+            del self.workers[w.identity]
+            lost = [self.inflight.pop(rid) for rid in sorted(w.requests) if rid in self.inflight]
+            log.warning("worker %r silent for %d heartbeats: removed; re-sending its %d request(s)",
+                        w.identity, self.config.heartbeat_liveness, len(lost))  # fmt: skip
+            self.reassigned += len(lost)
+            for p in lost:
+                p.worker = None
+            self.waiting.extendleft(reversed(lost))  # oldest first, ahead of newer requests
+
+
+def _same_payload(a: list, b: list) -> bool:
+    """Byte equality of two requests' photon frames (only called for equal event id and count)."""
+    return all(bytes(x) == bytes(y) for x, y in zip(a[2:], b[2:]))
+
+
+def run_router_in_thread(config: RouterConfig, **kw) -> tuple[Router, threading.Thread]:
+    r = Router(config, **kw)
+    th = threading.Thread(target=r.serve_forever, name="charon-router", daemon=True)
+    th.start()
+    r.started.wait(30)
+    return r, th

@@ -1,0 +1,290 @@
+"""charon-router with charon-batch workers (--connect) on loopback."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from charon import protocol as P
+from charon.client import DealerClient, ReqClient, photondata_frames
+from charon.engines.base import EngineConfig
+from charon.engines.cpu import CPUEngine
+from charon.geometry.builtin import sphere_detector
+from charon.geometry.optics import constant_surface
+from charon.photons import PhotonBatch
+from charon.router import HEARTBEAT, READY, REPLY, REQUEST, RouterConfig, run_router_in_thread
+from charon.server import ServerConfig, recv_message, run_in_thread, send_message
+from charon.sources import random_event
+
+SEED = 31
+BEAT = 0.1  # heartbeat interval for tests (s)
+
+
+@pytest.fixture(scope="module")
+def det():
+    wall = constant_surface("grey", detect=0.3, absorb=0.5, reflect_diffuse=0.2)
+    return sphere_detector(700.0, wall_surface=wall, subdivisions=2)
+
+
+@pytest.fixture(scope="module")
+def reference(det):
+    return CPUEngine(det, EngineConfig(seed=SEED))
+
+
+def expected(ref, eid, t):
+    return ref.propagate(PhotonBatch.from_events([t.copy()], [eid])).event(0)
+
+
+class Cluster:
+    def __init__(self, det):
+        self.det = det
+        self.router, self.router_thread = run_router_in_thread(
+            RouterConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0", heartbeat_interval=BEAT,
+                         heartbeat_liveness=3, hold_seconds=30)  # fmt: skip
+        )
+        self.workers = []
+        self.clients = []
+
+    def add_worker(self, det=None, engine_factory=None, **kw):
+        cfg = ServerConfig(connect=self.router.backend_address, engine="cpu", seed=SEED, heartbeat_interval=BEAT,
+                           heartbeat_liveness=3, **kw)  # fmt: skip
+        srv, th = run_in_thread(cfg, detector=det or self.det, engine_factory=engine_factory)
+        self.workers.append((srv, th))
+        return srv, th
+
+    def wait_workers(self, n, timeout=10):
+        deadline = time.monotonic() + timeout
+        while len(self.router.workers) != n:
+            assert time.monotonic() < deadline, f"{len(self.router.workers)} workers registered, want {n}"
+            time.sleep(0.02)
+
+    def dealer(self):
+        c = DealerClient(self.router.frontend_address)
+        self.clients.append(c)
+        return c
+
+    def req(self, **kw):
+        c = ReqClient(self.router.frontend_address, **kw)
+        self.clients.append(c)
+        return c
+
+    def close(self):
+        for c in self.clients:
+            c.close()
+        for srv, th in self.workers:
+            srv.stop()
+            th.join(10)
+        self.router.stop()
+        self.router_thread.join(10)
+
+
+@pytest.fixture
+def cluster(det):
+    c = Cluster(det)
+    yield c
+    c.close()
+
+
+def ev(n, seed):
+    return random_event(n, np.random.default_rng(seed), radius=300.0)
+
+
+def test_no_workers_then_ping_and_info_from_router(cluster, det):
+    c = cluster.req(timeout_ms=5000, retries=0)
+    assert c.ping() == b"PONG"  # the router answers PING itself
+    r = c.simulate(1, ev(10, 1))
+    assert r.kind == P.NO_WORKERS
+    cluster.add_worker()
+    cluster.wait_workers(1)
+    pos, typ = c.detector_info()
+    np.testing.assert_array_equal(pos, det.channel_position)
+
+
+def test_events_spread_over_workers_all_answered_correctly(cluster, reference):
+    for _ in range(3):
+        cluster.add_worker(max_batch_photons=3000)
+    cluster.wait_workers(3)
+    d = cluster.dealer()
+    tables = {i: ev(400, i) for i in range(40)}
+    for i, t in tables.items():
+        d.submit(i, t)
+    got = {}
+    for _ in tables:
+        r = d.recv(20_000)
+        got[r.event_id] = r
+    assert sorted(got) == sorted(tables)
+    for i, t in tables.items():
+        np.testing.assert_array_equal(got[i].hits["time"], expected(reference, i, t).table[7])
+    served = [srv.metrics.registry.get_sample_value("charon_events_total") for srv, _ in cluster.workers]
+    assert sum(served) == 40 and sum(1 for s in served if s > 0) >= 2  # dispatch used several workers
+
+
+class Gated:
+    def __init__(self, inner, gate):
+        self.inner, self.gate, self.name, self.last_times = inner, gate, "gated", inner.last_times
+
+    def warm_up(self):
+        pass
+
+    def propagate(self, batch, keep_photons=False):
+        self.gate.wait(30)
+        return self.inner.propagate(batch)
+
+    def close(self):
+        pass
+
+
+def test_worker_killed_mid_run_loses_nothing(cluster, det, reference):
+    stuck = threading.Event()  # never set: this worker's events never finish
+    dead, dead_th = cluster.add_worker(engine_factory=lambda: Gated(CPUEngine(det, EngineConfig(seed=SEED)), stuck),
+                                       max_batch_photons=100_000)  # fmt: skip
+    cluster.wait_workers(1)
+    d = cluster.dealer()
+    tables = {i: ev(300, 100 + i) for i in range(12)}
+    for i, t in tables.items():
+        d.submit(i, t)
+    time.sleep(0.3)
+    assert cluster.router.inflight  # they sit at the stuck worker
+    cluster.add_worker()  # a healthy worker joins
+    cluster.wait_workers(2)
+    # The stuck worker hangs: no heartbeats and no replies from now on (a dead process looks the same).
+    dead._reply = lambda *a, **k: None
+    dead._worker_housekeeping = lambda: None
+    got = {d.recv(20_000).event_id for _ in tables}
+    stuck.set()  # let its engine finish; whatever it produces goes nowhere
+    assert got == set(tables)
+    assert cluster.router.reassigned >= 1
+    with pytest.raises(TimeoutError):
+        d.recv(500)  # nothing is delivered twice
+
+
+def fake_worker(ctx, backend, det, credit=10_000):
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(backend)
+    info = P.encode_detector_info(det.channel_position, det.channel_type)[1:]
+    send_message(s, [READY, P.u32(credit), det.fingerprint(), *info])
+    return s
+
+
+def test_heartbeat_expiry_and_late_reply_not_delivered_twice(cluster, det):
+    ctx = zmq.Context.instance()
+    fake = fake_worker(ctx, cluster.router.backend_address, det)
+    cluster.wait_workers(1)
+    d = cluster.dealer()
+    d.submit(5, ev(100, 5))
+    assert fake.poll(5000)
+    msg = recv_message(fake)
+    while bytes(msg[0]) == HEARTBEAT:
+        assert fake.poll(5000)
+        msg = recv_message(fake)
+    assert bytes(msg[0]) == REQUEST
+    rid = bytes(msg[1])
+    # The fake worker goes silent: after 3 intervals the router drops it; with no worker the request waits.
+    time.sleep(6 * BEAT)
+    assert len(cluster.router.workers) == 0 and cluster.router.waiting
+    r2 = cluster.req(timeout_ms=3000, retries=0).simulate(6, ev(10, 6))
+    assert r2.kind == P.NO_WORKERS  # none registered
+    cluster.add_worker()
+    first = d.recv(10_000)
+    assert first.event_id == 5 and first.kind == P.SIM_COMPLETE
+    # The "dead" worker's late reply for the same request is dropped.
+    send_message(fake, [REPLY, rid, P.SIM_COMPLETE, P.u32(5), b"", b"", b""])
+    with pytest.raises(TimeoutError):
+        d.recv(500)
+    fake.close(0)
+
+
+def test_worker_with_other_detector_is_refused(cluster, det):
+    cluster.add_worker()
+    cluster.wait_workers(1)
+    other = sphere_detector(900.0, subdivisions=1)
+    srv, th = cluster.add_worker(det=other)
+    th.join(10)
+    assert not th.is_alive() and srv.refused and "detector differs" in srv.refused
+    assert len(cluster.router.workers) == 1
+    pos, _ = cluster.req(timeout_ms=5000, retries=0).detector_info()
+    np.testing.assert_array_equal(pos, det.channel_position)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_router_restart_workers_reconnect(det):
+    fport, bport = _free_port(), _free_port()
+    cfg = RouterConfig(frontend=f"tcp://127.0.0.1:{fport}", backend=f"tcp://127.0.0.1:{bport}",
+                       heartbeat_interval=BEAT, heartbeat_liveness=3)  # fmt: skip
+    router, rth = run_router_in_thread(cfg)
+    srv, th = run_in_thread(ServerConfig(connect=f"tcp://127.0.0.1:{bport}", engine="cpu", heartbeat_interval=BEAT,
+                                         heartbeat_liveness=3), detector=det)  # fmt: skip
+    c = None
+    try:
+        deadline = time.monotonic() + 10
+        while not router.workers:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        router.stop()
+        rth.join(10)
+        router, rth = run_router_in_thread(cfg)  # same addresses, no state
+        deadline = time.monotonic() + 15
+        while not router.workers:
+            assert time.monotonic() < deadline, "worker did not re-register"
+            time.sleep(0.05)
+        c = ReqClient(f"tcp://127.0.0.1:{fport}", timeout_ms=10_000, retries=0)
+        assert c.simulate(3, ev(100, 3)).kind == P.SIM_COMPLETE
+    finally:
+        if c is not None:
+            c.close()
+        srv.stop()
+        th.join(10)
+        router.stop()
+        rth.join(10)
+
+
+@pytest.mark.slow
+def test_gpus_flag_starts_local_router_and_workers():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--gpus", "0,1", "--engine", "cpu", "--detector",
+                             "sphere", "--bind", f"tcp://127.0.0.1:{port}", "--log-level", "WARNING"])  # fmt: skip
+    c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                r = c.simulate(1, ev(200, 1))
+            except TimeoutError:
+                r = None
+            if r is not None and r.kind == P.SIM_COMPLETE:
+                break
+            assert time.monotonic() < deadline, "no worker answered"
+            time.sleep(0.5)
+        d = DealerClient(f"tcp://127.0.0.1:{port}")
+        for i in range(20):
+            d.submit(i, ev(200, i))
+        assert sorted(d.recv(20_000).event_id for _ in range(20)) == list(range(20))
+        # SIGKILL one worker process with events in flight: nothing is lost, the launcher restarts it.
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        for i in range(100, 140):
+            d.submit(i, ev(20_000, i))
+        os.kill(int(workers[0]), signal.SIGKILL)
+        assert sorted(d.recv(60_000).event_id for _ in range(40)) == list(range(100, 140))
+        deadline = time.monotonic() + 30
+        while len(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()) < 2:
+            assert time.monotonic() < deadline, "killed worker was not restarted"
+            time.sleep(0.2)
+        d.close()
+    finally:
+        c.close()
+        proc.terminate()
+        proc.wait(30)
