@@ -64,15 +64,20 @@ def parse_sizes(spec: str):
     return lambda rng, k: np.full(k, n, np.int64)
 
 
-def scrape(url: str | None) -> dict:
+def scrape(url) -> dict:
+    """Sum the server's metrics over one or several endpoints (one per worker with --gpus)."""
     if not url:
         return {}
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
     out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if not s.labels or s.name.startswith("charon_failed"):
-                out[s.name] = out.get(s.name, 0.0) + s.value
+    for u in [url] if isinstance(url, str) else url:
+        text = urllib.request.urlopen(u, timeout=10).read().decode()
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if not s.labels or s.name.startswith("charon_failed"):
+                    if s.name == "charon_batch_photons_max":
+                        out[s.name] = max(out.get(s.name, 0.0), s.value)
+                    else:
+                        out[s.name] = out.get(s.name, 0.0) + s.value
     return out
 
 
@@ -84,8 +89,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
-    """Start charon-batch on free loopback ports; yields (address, metrics_url)."""
-    port, mport = free_port(), free_port()
+    """Start charon-batch on free loopback ports; yields (address, metrics URL or URLs)."""
+    port, mport = free_port(), free_port() + 0
+    while "--gpus" in server_args and mport > 60000:  # room for one port per worker
+        mport = free_port()
     cmd = [sys.executable, "-m", "charon.cli", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
            "--log-level", "WARNING", *server_args]  # fmt: skip
     proc = subprocess.Popen(cmd)
@@ -106,7 +113,21 @@ def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError("charon-batch did not answer PING")
-        yield address, f"http://127.0.0.1:{mport}/metrics"
+        # With --gpus the router answers PING at once and each worker serves metrics on mport + i:
+        # wait until every worker's endpoint answers.
+        n_workers = 1
+        if "--gpus" in server_args:
+            n_workers = len(server_args[server_args.index("--gpus") + 1].split(","))
+        urls = [f"http://127.0.0.1:{mport + i}/metrics" for i in range(n_workers)]
+        while True:
+            try:
+                scrape(urls)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("charon-batch workers did not come up") from None
+                time.sleep(0.2)
+        yield address, urls[0] if n_workers == 1 else urls
     finally:
         proc.terminate()
         try:
@@ -195,7 +216,7 @@ def _init_worker(counter):
     _PROGRESS = counter
 
 
-def run_load(cfg: BenchConfig, address: str, metrics_url: str | None) -> dict:
+def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     """Drive the server from ``cfg.load_procs`` processes; returns the mode's figures."""
     import multiprocessing as mp
 
