@@ -124,6 +124,19 @@ class BatchServer:
                  context: zmq.Context | None = None):  # fmt: skip
         config.validate()
         self.config = config
+        chroma_detector = None
+        if config.engine == "chroma" and detector is None:
+            # Fail at once, before any socket, when Chroma is missing.
+            from .engines import EngineError
+            from .geometry.chroma_import import ChromaUnavailable, from_chroma, load_chroma_detector
+
+            try:
+                chroma_detector = load_chroma_detector(config.detector)
+            except ChromaUnavailable as exc:
+                raise EngineError(f"--engine chroma: {exc}") from None
+            detector, report = from_chroma(chroma_detector)  # channel positions/types for DETECTOR_INFO
+            for line in report:
+                log.info("Chroma detector: %s (affects charon's own engines only)", line)
         self.detector = detector if detector is not None else resolve_detector(config.detector)
         self.ctx = context or zmq.Context.instance()
         self.busy = BusyClock()
@@ -144,6 +157,7 @@ class BatchServer:
                 self.detector,
                 EngineConfig(seed=config.seed, max_steps=config.max_steps, device=config.device,
                              max_batch_photons=config.max_batch_photons),  # fmt: skip
+                chroma_detector=chroma_detector,
             )
         )
         self.socket = None

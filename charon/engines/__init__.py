@@ -16,7 +16,7 @@ def cuda_usable() -> bool:
     return gpu_available()
 
 
-def create_engine(name: str, detector, config: EngineConfig | None = None) -> Engine:
+def create_engine(name: str, detector, config: EngineConfig | None = None, chroma_detector=None) -> Engine:
     config = config or EngineConfig()
     if name == "auto":
         name = "cuda" if cuda_usable() else "cpu"
@@ -29,7 +29,17 @@ def create_engine(name: str, detector, config: EngineConfig | None = None) -> En
 
         return CUDAEngine(detector, config)
     if name == "chroma":
-        raise EngineError("the chroma engine is not available in this build; use --engine cpu or cuda")
+        from ..geometry.chroma_import import ChromaUnavailable, import_chroma
+
+        try:
+            import_chroma()
+        except ChromaUnavailable as exc:
+            raise EngineError(f"--engine chroma: {exc}") from None
+        if chroma_detector is None:
+            raise EngineError("--engine chroma needs a Chroma detector: --detector FILE.pkl or module:function")
+        from .chroma import ChromaEngine
+
+        return ChromaEngine(detector, config, chroma_detector)
     raise EngineError(f"unknown engine {name!r}; choose one of {ENGINES}")
 
 

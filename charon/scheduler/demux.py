@@ -35,3 +35,17 @@ def gather_hits(table: np.ndarray, flags: np.ndarray, hit_channel: np.ndarray, p
         flags=flags[index],
         offsets=offsets,
     )
+
+
+def group_by_slot(slot: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stable counting sort of hits that arrive in any order with their slot (e.g. Chroma's flat hits).
+
+    Returns ``(order [H], offsets [n_slots+1])``: hits ``order[offsets[s]:offsets[s+1]]`` are slot s's,
+    in their original relative order.
+    """
+    slot = np.asarray(slot, np.int64)
+    if slot.size and (slot.min() < 0 or slot.max() >= n_slots):
+        raise ValueError(f"hit slot out of range [0, {n_slots})")
+    offsets = np.zeros(n_slots + 1, np.int64)
+    np.cumsum(np.bincount(slot, minlength=n_slots), out=offsets[1:])
+    return np.argsort(slot, kind="stable"), offsets

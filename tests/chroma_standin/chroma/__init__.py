@@ -1,0 +1,3 @@
+"""Test stand-in for Chroma (see ../README.md). Not Chroma."""
+
+STANDIN = True
