@@ -91,7 +91,7 @@ def free_port() -> int:
 def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
     """Start charon-batch on free loopback ports; yields (address, metrics URL or URLs)."""
     port, mport = free_port(), free_port() + 0
-    while "--gpus" in server_args and mport > 60000:  # room for one port per worker
+    while ("--gpus" in server_args or "--procs" in server_args) and mport > 60000:  # a port per worker
         mport = free_port()
     cmd = [sys.executable, "-m", "charon.cli", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
            "--log-level", "WARNING", *server_args]  # fmt: skip
@@ -118,6 +118,8 @@ def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
         n_workers = 1
         if "--gpus" in server_args:
             n_workers = len(server_args[server_args.index("--gpus") + 1].split(","))
+        elif "--procs" in server_args:
+            n_workers = int(server_args[server_args.index("--procs") + 1])
         urls = [f"http://127.0.0.1:{mport + i}/metrics" for i in range(n_workers)]
         while True:
             try:

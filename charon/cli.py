@@ -36,6 +36,9 @@ HELP = {
     "heartbeat_interval": "worker mode: seconds between heartbeats with the router",
     "heartbeat_liveness": "worker mode: heartbeats missed before the router is presumed dead (then reconnect)",
     "gpus": "comma-separated GPU ordinals: start one worker process per GPU behind a local router on --bind",
+    "procs": "worker processes sharing this GPU behind a C-level zmq proxy on --bind, so that the per-event "
+    "Python work (decode, batching, replies) runs in parallel (1: a single process)",
+    "upstream": "internal: the proxy backend a --procs worker connects to",
 }
 CHOICES = {
     "engine": ("auto", "cpu", "cuda", "chroma"),
@@ -86,6 +89,13 @@ def batch_main(argv=None) -> int:
     default_log_config(config.log_level)
     if config.gpus:
         return multi_gpu_main(config, argv)
+    if config.procs > 1:
+        try:
+            config.validate()
+        except ValueError as exc:
+            logging.getLogger("charon").error("cannot start: %s", exc)
+            return 2
+        return multi_proc_main(config, argv)
     try:
         server = BatchServer(config)
     except Exception as exc:
@@ -176,6 +186,86 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
         router.stop()
         thread.join(10)
     return 0
+
+
+def _supervise(name: str, start, n: int) -> int:
+    """Start ``n`` worker processes, restart any that dies, stop them all on SIGINT/SIGTERM."""
+    import subprocess
+    import time
+
+    log = logging.getLogger("charon")
+    procs = [start(i) for i in range(n)]
+    stopping = []
+    signal.signal(signal.SIGINT, lambda *a: stopping.append(1))
+    signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
+    try:
+        while not stopping:
+            time.sleep(0.5)
+            for i, p in enumerate(procs):
+                rc = p.poll()
+                if rc is not None and not stopping:
+                    if rc in (2, 3):  # bad configuration or refused: restarting would not help
+                        log.error("%s %d exited with %d", name, i, rc)
+                        return rc
+                    log.warning("%s %d exited with %s: restarting it", name, i, rc)
+                    procs[i] = start(i)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return 0
+
+
+def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
+    """``--procs N``: N worker processes behind zmq.proxy (ROUTER on --bind, DEALER backend).
+
+    The proxy moves messages in C without the GIL; each worker process decodes,
+    batches and replies on its own, and the engines share the GPU. Round-robin
+    dispatch, no cross-process resend de-duplication, and a dying worker's queued
+    events are recovered only by the clients' retries: for failover across
+    machines use charon-router.
+    """
+    import subprocess
+    import threading
+
+    import zmq
+
+    log = logging.getLogger("charon")
+    ctx = zmq.Context.instance()
+    front = ctx.socket(zmq.ROUTER)
+    back = ctx.socket(zmq.DEALER)
+    for s in (front, back):
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+    front.bind(config.bind)
+    port = back.bind_to_random_port("tcp://127.0.0.1")
+    upstream = f"tcp://127.0.0.1:{port}"
+
+    def proxy():
+        try:
+            zmq.proxy(front, back)
+        except zmq.ContextTerminated:
+            pass
+
+    threading.Thread(target=proxy, name="charon-proxy", daemon=True).start()
+    base = _strip_flags(argv, ("--procs", "--bind", "--upstream", "--metrics-port"))
+
+    def start(i):
+        cmd = [sys.executable, "-m", "charon.cli", *base, "--upstream", upstream]
+        if config.metrics_port is not None:
+            cmd += ["--metrics-port", str(config.metrics_port + i)]
+        return subprocess.Popen(cmd)
+
+    log.info("charon-batch: %d worker processes behind %s", config.procs, config.bind)
+    try:
+        return _supervise("worker process", start, config.procs)
+    finally:
+        front.close(0)
+        back.close(0)
 
 
 ROUTER_HELP = {

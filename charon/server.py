@@ -62,6 +62,8 @@ class ServerConfig:
     log_level: str = "INFO"
     device: int = 0
     connect: str | None = None
+    procs: int = 1
+    upstream: str | None = None
     heartbeat_interval: float = 1.0
     heartbeat_liveness: int = 3
     gpus: str | None = None
@@ -81,6 +83,10 @@ class ServerConfig:
             raise ValueError(f"--output-dir {self.output_dir!r} is not a directory")
         if self.output_basket_events < 1:
             raise ValueError("--output-basket-events must be >= 1")
+        if self.procs < 1:
+            raise ValueError("--procs must be >= 1")
+        if self.procs > 1 and self.output_dir:
+            raise ValueError("--output-dir needs one process (a run's events must reach the same writer): drop --procs")
 
 
 def recv_message(sock) -> list:
@@ -228,6 +234,15 @@ class BatchServer:
         if self.config.connect:
             self._open_worker_socket()
             self.address = self.config.connect
+        elif self.config.upstream:
+            # One of --procs workers behind the launcher's zmq.proxy: a DEALER sees the same
+            # [client identity, '', body] messages a bound ROUTER would.
+            self.socket = self.ctx.socket(zmq.DEALER)
+            self.socket.setsockopt(zmq.LINGER, 0)
+            self.socket.setsockopt(zmq.SNDHWM, 0)
+            self.socket.setsockopt(zmq.RCVHWM, 0)
+            self.socket.connect(self.config.upstream)
+            self.address = self.config.upstream
         else:
             self._open_router_socket()
         self._finish_open(engine)

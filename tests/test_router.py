@@ -288,3 +288,53 @@ def test_gpus_flag_starts_local_router_and_workers():
         c.close()
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.slow
+def test_procs_flag_runs_several_worker_processes_behind_one_address(tmp_path):
+    port, mport = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--procs", "2", "--engine", "cpu", "--detector",
+                             "sphere", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
+                             "--log-level", "WARNING"])  # fmt: skip
+    c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                r = c.simulate(1, ev(200, 1))
+            except TimeoutError:
+                r = None
+            if r is not None and r.kind == P.SIM_COMPLETE:
+                break
+            assert time.monotonic() < deadline, "no worker answered"
+            time.sleep(0.5)
+        import urllib.request
+
+        for k in range(2):  # wait until both worker processes are up
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{mport + k}/metrics", timeout=5).read()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"worker {k} did not come up"
+                    time.sleep(0.3)
+        d = DealerClient(f"tcp://127.0.0.1:{port}")
+        for i in range(40):
+            d.submit(i, ev(300, i))
+        assert sorted(d.recv(30_000).event_id for _ in range(40)) == list(range(40))
+        d.close()
+        served = []
+        for k in range(2):  # both processes served events
+            text = urllib.request.urlopen(f"http://127.0.0.1:{mport + k}/metrics", timeout=5).read().decode()
+            served.append(float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("charon_events_total"))))
+        assert sum(served) == 41 and min(served) > 0
+    finally:
+        c.close()
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_procs_refuses_output_dir(tmp_path):
+    from charon.cli import batch_main
+
+    assert batch_main(["--procs", "2", "--output-dir", str(tmp_path), "--engine", "cpu"]) == 2
