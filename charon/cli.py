@@ -134,7 +134,6 @@ def _strip_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
 def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
     """``--gpus 0,1,..``: a router on --bind and one worker process per GPU, restarted if it dies."""
     import subprocess
-    import time
 
     from .router import RouterConfig, run_router_in_thread
 
@@ -148,44 +147,19 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
     base = _strip_flags(argv, ("--gpus", "--bind", "--connect", "--device", "--metrics-port"))
     engine = [] if config.engine != "auto" else ["--engine", "cuda"]
 
-    def start(i, gpu):
+    def start(i):
         cmd = [sys.executable, "-m", "charon.cli", *base, *engine, "--connect", router.backend_address,
-               "--device", str(gpu)]  # fmt: skip
+               "--device", str(gpus[i])]  # fmt: skip
         if config.metrics_port is not None:
             cmd += ["--metrics-port", str(config.metrics_port + i)]
         return subprocess.Popen(cmd)
 
-    procs = [start(i, g) for i, g in enumerate(gpus)]
-    stopping = []
-
-    def _stop(signum, frame):
-        stopping.append(signum)
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
     log.info("charon-batch: %d workers (GPUs %s) behind %s", len(gpus), gpus, router.frontend_address)
     try:
-        while not stopping:
-            time.sleep(0.5)
-            for i, p in enumerate(procs):
-                rc = p.poll()
-                if rc is not None and not stopping:
-                    if rc == 3:  # refused by the router: restarting would not help
-                        log.error("worker on GPU %d refused by the router", gpus[i])
-                        return 3
-                    log.warning("worker on GPU %d exited with %s: restarting it", gpus[i], rc)
-                    procs[i] = start(i, gpus[i])
+        return _supervise("worker on GPU list entry", start, len(gpus))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
         router.stop()
         thread.join(10)
-    return 0
 
 
 def _supervise(name: str, start, n: int) -> int:

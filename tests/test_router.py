@@ -251,6 +251,20 @@ def test_router_restart_workers_reconnect(det):
         rth.join(10)
 
 
+def wait_first_answer(client, timeout):
+    """Retry one event until a worker answers (workers compile at start); returns the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = client.simulate(1, ev(200, 1))
+        except TimeoutError:
+            r = None
+        if r is not None and r.kind == P.SIM_COMPLETE:
+            return deadline
+        assert time.monotonic() < deadline, "no worker answered"
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_gpus_flag_starts_local_router_and_workers():
     port = _free_port()
@@ -258,16 +272,7 @@ def test_gpus_flag_starts_local_router_and_workers():
                              "sphere", "--bind", f"tcp://127.0.0.1:{port}", "--log-level", "WARNING"])  # fmt: skip
     c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                r = c.simulate(1, ev(200, 1))
-            except TimeoutError:
-                r = None
-            if r is not None and r.kind == P.SIM_COMPLETE:
-                break
-            assert time.monotonic() < deadline, "no worker answered"
-            time.sleep(0.5)
+        deadline = wait_first_answer(c, 120)
         d = DealerClient(f"tcp://127.0.0.1:{port}")
         for i in range(20):
             d.submit(i, ev(200, i))
@@ -298,16 +303,7 @@ def test_procs_flag_runs_several_worker_processes_behind_one_address(tmp_path):
                              "--log-level", "WARNING"])  # fmt: skip
     c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                r = c.simulate(1, ev(200, 1))
-            except TimeoutError:
-                r = None
-            if r is not None and r.kind == P.SIM_COMPLETE:
-                break
-            assert time.monotonic() < deadline, "no worker answered"
-            time.sleep(0.5)
+        deadline = wait_first_answer(c, 120)
         import urllib.request
 
         for k in range(2):  # wait until both worker processes are up
