@@ -99,6 +99,20 @@ class HitBatch:
         return HitBatch(self.channel[a:b], self.table[:, a:b], self.flags[a:b], np.array([0, b - a], np.int64))
 
     @classmethod
+    def concat_events(cls, parts: list["HitBatch"]) -> "HitBatch":
+        """Stack single-event HitBatches as consecutive events of one HitBatch."""
+        if not parts:
+            return empty_hits(0)
+        offsets = np.zeros(len(parts) + 1, np.int64)
+        np.cumsum(np.fromiter((p.n_hits for p in parts), np.int64, len(parts)), out=offsets[1:])
+        return cls(
+            np.concatenate([p.channel for p in parts]),
+            np.concatenate([p.table for p in parts], axis=1),
+            np.concatenate([p.flags for p in parts]),
+            offsets,
+        )
+
+    @classmethod
     def concat(cls, parts: list["HitBatch"]) -> "HitBatch":
         """Join single-event hit pieces (a split event) into one event."""
         if len(parts) == 1:
@@ -112,22 +126,6 @@ class HitBatch:
         )
 
 
-def _concat_events(parts: list["HitBatch"]) -> "HitBatch":
-    """Stack single-event HitBatches as consecutive events of one HitBatch."""
-    counts = np.fromiter((p.n_hits for p in parts), np.int64, len(parts))
-    offsets = np.zeros(len(parts) + 1, np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    if not parts:
-        return empty_hits(0)
-    return HitBatch(
-        np.concatenate([p.channel for p in parts]),
-        np.concatenate([p.table for p in parts], axis=1),
-        np.concatenate([p.flags for p in parts]),
-        offsets,
-    )
-
-
-HitBatch.concat_events = staticmethod(_concat_events)
 
 
 def empty_hits(n_events: int) -> HitBatch:
