@@ -370,21 +370,19 @@ class BatchServer:
             self._fail(envelope, exc.event_id, exc.reason, "bad_request")
             return
         run = self.runs.get(bytes(envelope[0])) if self.config.output_dir else None
-        if run is not None:
-            if run.error is not None:
-                self._fail(envelope, pd.event_id, f"run output unavailable: {run.error}", "run_output")
-                return
-            # Asynchronous mode: acknowledge now, write the hits when the event is done.
-            self._reply(envelope, [P.SIM_COMPLETE_ASYNC, P.u32(pd.event_id)])
-            route = None
-        else:
-            route = Route(envelope, self._layout(pd.layout))
+        if run is not None and run.error is not None:
+            self._fail(envelope, pd.event_id, f"run output unavailable: {run.error}", "run_output")
+            return
+        # In a run (asynchronous mode) the client is acknowledged only once the event is
+        # accepted or joined, so a refused event gets its SIM_FAILED and nothing else.
+        route = None if run is not None else Route(envelope, self._layout(pd.layout))
         if pd.n == 0:  # a valid event with no photons has no hits
             self.metrics.events.inc()
             if run is None:
                 self._reply(envelope, P.encode_hits(pd.event_id, empty_hits(1).event(0), route.layout))
             else:
                 run.writer.add(pd.event_id, empty_hits(1).event(0))
+                self._ack_async(envelope, pd.event_id)
             return
         candidates = self.by_key.get(pd.key)
         if candidates:
@@ -393,6 +391,8 @@ class BatchServer:
                 if same.digest == digest and (same.tag is run):
                     if route is not None:
                         same.route = route  # the newest requester is the one still listening
+                    else:
+                        self._ack_async(envelope, pd.event_id)
                     self.metrics.duplicates.inc()
                     log.debug("event %d resent: joined the copy already queued or in flight", pd.event_id)
                     return
@@ -402,22 +402,22 @@ class BatchServer:
                        "bad_request")  # fmt: skip
             return
         if self.batcher.queued_photons + pd.n > self.config.max_queued_photons:
-            if run is not None:
-                log.warning("run %s: event %d lost: queue full", run.name, pd.event_id)
-                run.lost.append(pd.event_id)
-                return
             self._fail(envelope, pd.event_id,
                        f"busy: queue full ({self.batcher.queued_photons} photons queued, "
                        f"limit {self.config.max_queued_photons}); retry later", "busy")  # fmt: skip
             return
         req = EventRequest(pd.event_id, pd.n, pd.rows, pd.flags, pd.key, route, time.monotonic(), tag=run)
-        if run is not None:
-            run.pending.add(req)
         if candidates:
             req._digest = digest
         self.by_key.setdefault(pd.key, []).append(req)
         self.batcher.add(req)
         self.metrics.queued_photons.set(self.batcher.queued_photons)
+        if run is not None:
+            run.pending.add(req)
+            self._ack_async(envelope, pd.event_id)
+
+    def _ack_async(self, envelope, event_id):
+        self._reply(envelope, [P.SIM_COMPLETE_ASYNC, P.u32(event_id)])
 
     def _fail(self, envelope, event_id, reason, label):
         self.metrics.failed.labels(label).inc()

@@ -197,3 +197,53 @@ def test_server_stop_with_run_open_leaves_a_readable_file(det, tmp_path, caplog)
     with uproot.open(out / "crash.charon.ntuple.root") as f:
         assert f["output"].num_entries == 5
     assert any("server stopping with the run open" in r.getMessage() for r in caplog.records)
+
+
+class _Gated:
+    """CPU engine whose batches wait for a gate: keeps the queue occupied."""
+
+    def __init__(self, inner, gate):
+        self.inner, self.gate, self.name, self.last_times = inner, gate, "gated", inner.last_times
+
+    def warm_up(self):
+        pass
+
+    def propagate(self, batch, keep_photons=False):
+        self.gate.wait(30)
+        return self.inner.propagate(batch)
+
+    def close(self):
+        pass
+
+
+def test_async_events_refused_at_admission_get_one_failure_reply_not_an_ack(det, tmp_path):
+    import threading
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    gate = threading.Event()
+    srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", output_dir=str(out),
+                                         max_queued_photons=1000, max_batch_photons=100_000, max_wait_ms=0),
+                            detector=det, engine_factory=lambda: _Gated(CPUEngine(det, EngineConfig()), gate))  # fmt: skip
+    d = DealerClient(srv.address)
+    try:
+        assert ask(d, [P.RUN_BEGIN, b"full.root"]).kind == b"ACK"
+        rng = np.random.default_rng(0)
+        assert ask(d, photondata_frames(1, random_event(600, rng, 100.0))).kind == P.SIM_COMPLETE_ASYNC  # in engine
+        time.sleep(0.2)
+        assert ask(d, photondata_frames(2, random_event(600, rng, 100.0))).kind == P.SIM_COMPLETE_ASYNC  # queued
+        r = ask(d, photondata_frames(3, random_event(600, rng, 100.0)))  # would overfill the queue
+        assert r.kind == P.SIM_FAILED and r.event_id == 3 and r.reason.startswith("busy")
+        r = ask(d, photondata_frames(4, random_event(1001, rng, 100.0)))  # can never fit
+        assert r.kind == P.SIM_FAILED and "max-queued-photons" in r.reason
+        with pytest.raises(TimeoutError):
+            d.recv(300)  # exactly one reply each
+        gate.set()
+        assert ask(d, [P.RUN_END]).kind == b"ACK"
+        with uproot.open(out / "full.charon.ntuple.root") as f:
+            assert sorted(f["output"]["event_id"].array(library="np").tolist()) == [1, 2]
+    finally:
+        gate.set()
+        d.close()
+        srv.stop()
+        th.join(10)
