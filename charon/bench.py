@@ -90,9 +90,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
     """Start charon-batch on free loopback ports; yields (address, metrics URL or URLs)."""
-    port, mport = free_port(), free_port() + 0
-    while ("--gpus" in server_args or "--procs" in server_args) and mport > 60000:  # a port per worker
-        mport = free_port()
+    port, mport = free_port(), free_port()  # workers of --gpus/--procs serve metrics on mport + i
     cmd = [sys.executable, "-m", "charon.cli", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
            "--log-level", "WARNING", *server_args]  # fmt: skip
     proc = subprocess.Popen(cmd)
@@ -207,7 +205,7 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
 
 
 def _drive_star(args):
-    return _drive(*args[:-1], progress=_PROGRESS)
+    return _drive(*args, progress=_PROGRESS)
 
 
 _PROGRESS = None
@@ -226,29 +224,26 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     per_clients = [cfg.clients // procs + (k < cfg.clients % procs) for k in range(procs)]
     per_events = [cfg.events // procs + (k < cfg.events % procs) for k in range(procs)]
     before = scrape(metrics_url)
-    t_start = time.monotonic()
-    if procs == 1:
-        parts = [_drive(cfg, address, 0, cfg.events, cfg.clients, cfg.seed)]
-    else:
-        ctx = mp.get_context("spawn")
-        counter = ctx.Value("q", 0)
-        jobs = [(cfg, address, k * cfg.events, per_events[k], per_clients[k], cfg.seed + k, None) for k in range(procs)]
-        with ctx.Pool(procs, initializer=_init_worker, initargs=(counter,)) as pool:
-            res = pool.map_async(_drive_star, jobs)
-            bar = None
-            if cfg.progress:
-                from tqdm import tqdm
+    # Load processes are spawned even when there is one, so that the progress bar, the
+    # measurement and the code path are the same whatever --load-procs is.
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("q", 0)
+    jobs = [(cfg, address, k * cfg.events, per_events[k], per_clients[k], cfg.seed + k) for k in range(procs)]
+    with ctx.Pool(procs, initializer=_init_worker, initargs=(counter,)) as pool:
+        res = pool.map_async(_drive_star, jobs)
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
 
-                bar = tqdm(total=cfg.events, unit="ev", desc=f"{cfg.client_mode} x{cfg.clients}", leave=False)
-            while not res.ready():
-                res.wait(0.2)
-                if bar is not None:
-                    bar.n = min(counter.value, cfg.events)
-                    bar.refresh()
+            bar = tqdm(total=cfg.events, unit="ev", desc=f"{cfg.client_mode} x{cfg.clients}", leave=False)
+        while not res.ready():
+            res.wait(0.2)
             if bar is not None:
-                bar.close()
-            parts = res.get()
-    wall = max(p["t1"] for p in parts) - min(p["t0"] for p in parts) if procs == 1 else time.monotonic() - t_start
+                bar.n = min(counter.value, cfg.events)
+                bar.refresh()
+        if bar is not None:
+            bar.close()
+        parts = res.get()
     after = scrape(metrics_url)
 
     def d(name):
@@ -258,7 +253,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     lat = latencies if latencies.size else np.zeros(1)
     n_ok = int(latencies.size)
     photons = sum(p["photons"] for p in parts)
-    # Throughput over the time the load ran (process start-up excluded).
+    # Rates over the time the load ran, process start-up excluded.
     span = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
     res = dict(
         events=n_ok,
@@ -274,7 +269,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     if metrics_url:
         nb = d("charon_batch_photons_count")
         res.update(
-            engine_busy_fraction=d("charon_engine_seconds_total") / wall,
+            engine_busy_fraction=d("charon_engine_seconds_total") / span,
             batch_photons=dict(mean=d("charon_batch_photons_sum") / nb if nb else 0.0,
                                max=after.get("charon_batch_photons_max", 0.0)),  # fmt: skip
             batches=nb,

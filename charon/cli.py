@@ -156,7 +156,7 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
 
     log.info("charon-batch: %d workers (GPUs %s) behind %s", len(gpus), gpus, router.frontend_address)
     try:
-        return _supervise("worker on GPU list entry", start, len(gpus))
+        return _supervise("GPU worker", start, len(gpus))
     finally:
         router.stop()
         thread.join(10)

@@ -193,40 +193,45 @@ class Router:
             self.by_key[key] = p
         self._assign(p)
 
+    def _pick(self, photons: int) -> Worker | None:
+        """The least-loaded worker with room for ``photons``; a worker holding nothing takes any size."""
+        best = max(self.workers.values(), key=lambda w: w.room, default=None)
+        if best is not None and (best.room >= photons or best.outstanding == 0):
+            return best
+        return None
+
     def _assign(self, p: Pending):
-        """Send to the least-loaded worker with room, else wait (FIFO) for room."""
-        best = None
-        for w in self.workers.values():
-            if best is None or w.room > best.room:
-                best = w
-        # A worker always takes at least one request, however large, when it holds nothing.
-        if best is not None and (best.room >= p.photons or best.outstanding == 0):
-            p.worker = best
-            best.outstanding += p.photons
-            best.requests.add(p.rid)
-            self.inflight[p.rid] = p
-            send_message(self.backend, [best.identity, REQUEST, p.rid.to_bytes(8, "little"), *p.body])
-        else:
+        """Send to the least-loaded worker with room, else queue (FIFO) until one has room."""
+        w = self._pick(p.photons)
+        if w is None:
             p.worker = None
             self.waiting.append(p)
+        else:
+            self._send(p, w)
+
+    def _send(self, p: Pending, w: Worker):
+        p.worker = w
+        w.outstanding += p.photons
+        w.requests.add(p.rid)
+        self.inflight[p.rid] = p
+        send_message(self.backend, [w.identity, REQUEST, p.rid.to_bytes(8, "little"), *p.body])
 
     def _dispatch_waiting(self):
         now = time.monotonic()
         while self.waiting:
             p = self.waiting[0]
-            if not self.workers and now - p.arrival > self.config.hold_seconds:
+            if not self.workers:
+                if now - p.arrival <= self.config.hold_seconds:
+                    return
                 self.waiting.popleft()
                 self._drop_key(p)
                 send_message(self.frontend, p.envelope + [P.NO_WORKERS])
                 continue
-            if not self.workers:
+            w = self._pick(p.photons)
+            if w is None:  # nobody has room yet: keep FIFO order
                 return
-            before = len(self.waiting)
             self.waiting.popleft()
-            self._assign(p)
-            if len(self.waiting) == before:  # it went back: nobody has room yet
-                self.waiting.rotate(1)  # keep FIFO order: put it back at the front
-                return
+            self._send(p, w)
 
     def _drop_key(self, p: Pending):
         if p.key is not None and self.by_key.get(p.key) is p:
