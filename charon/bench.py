@@ -116,8 +116,9 @@ def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
         n_workers = 1
         if "--gpus" in server_args:
             n_workers = len(server_args[server_args.index("--gpus") + 1].split(","))
-        elif "--procs" in server_args:
-            n_workers = int(server_args[server_args.index("--procs") + 1])
+        elif "--procs" in server_args:  # front ends on mport + i, the shared engine on mport + N
+            n = int(server_args[server_args.index("--procs") + 1])
+            n_workers = n + 1 if n > 1 else 1
         urls = [f"http://127.0.0.1:{mport + i}/metrics" for i in range(n_workers)]
         while True:
             try:

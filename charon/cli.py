@@ -36,9 +36,11 @@ HELP = {
     "heartbeat_interval": "worker mode: seconds between heartbeats with the router",
     "heartbeat_liveness": "worker mode: heartbeats missed before the router is presumed dead (then reconnect)",
     "gpus": "comma-separated GPU ordinals: start one worker process per GPU behind a local router on --bind",
-    "procs": "worker processes sharing this GPU behind a C-level zmq proxy on --bind, so that the per-event "
-    "Python work (decode, batching, replies) runs in parallel (1: a single process)",
-    "upstream": "internal: the proxy backend a --procs worker connects to",
+    "procs": "front-end processes behind a C-level zmq proxy on --bind, so that the per-event Python work "
+    "(decode, batching, replies) runs in parallel; their batches are merged into one engine in the launcher "
+    "(one CUDA context, large batches). 1: a single process",
+    "upstream": "internal: the proxy backend a --procs front end connects to",
+    "engine_service": "internal: the shared engine a --procs front end sends its batches to",
 }
 CHOICES = {
     "engine": ("auto", "cpu", "cuda", "chroma"),
@@ -195,21 +197,43 @@ def _supervise(name: str, start, n: int) -> int:
 
 
 def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
-    """``--procs N``: N worker processes behind zmq.proxy (ROUTER on --bind, DEALER backend).
+    """``--procs N``: N front-end processes behind zmq.proxy, sharing ONE engine in this process.
 
-    The proxy moves messages in C without the GIL; each worker process decodes,
-    batches and replies on its own, and the engines share the GPU. Round-robin
-    dispatch, no cross-process resend de-duplication, and a dying worker's queued
-    events are recovered only by the clients' retries: for failover across
-    machines use charon-router.
+    The proxy (ROUTER on --bind, DEALER backend) moves client messages in C
+    without the GIL; each front end receives, decodes, batches and replies on
+    its own, and hands its batches to the engine service here, which merges
+    them into one engine call (one CUDA context, large batches). Round-robin
+    dispatch, no cross-process resend de-duplication, and a dying front end's
+    queued events are recovered only by the clients' retries: for failover
+    across machines use charon-router. Metrics: front end i on
+    --metrics-port + i, the shared engine on --metrics-port + N.
     """
+    import os
     import subprocess
+    import tempfile
     import threading
 
     import zmq
 
+    from .engine_service import EngineService
+    from .server import engine_setup
+
     log = logging.getLogger("charon")
     ctx = zmq.Context.instance()
+    try:
+        _detector, factory = engine_setup(config)
+        sockdir = tempfile.mkdtemp(prefix="charon-")
+        address = f"ipc://{sockdir}/engine" if zmq.has("ipc") else "tcp://127.0.0.1:*"
+        service = EngineService(factory, address, config.max_batch_photons, context=ctx)
+        service.start()  # builds the engine and compiles its kernels before any front end starts
+    except Exception as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    if config.metrics_port is not None:
+        metrics_server = service.metrics.serve(config.metrics_port + config.procs)
+    service_thread = threading.Thread(target=service.serve_forever, name="charon-engine-service", daemon=True)
+    service_thread.start()
+
     front = ctx.socket(zmq.ROUTER)
     back = ctx.socket(zmq.DEALER)
     for s in (front, back):
@@ -222,24 +246,35 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
     def proxy():
         try:
             zmq.proxy(front, back)
-        except zmq.ContextTerminated:
+        except zmq.ZMQError:  # the sockets were closed at shutdown
             pass
 
     threading.Thread(target=proxy, name="charon-proxy", daemon=True).start()
-    base = _strip_flags(argv, ("--procs", "--bind", "--upstream", "--metrics-port"))
+    base = _strip_flags(argv, ("--procs", "--bind", "--upstream", "--metrics-port", "--engine-service"))
 
     def start(i):
-        cmd = [sys.executable, "-m", "charon.cli", *base, "--upstream", upstream]
+        cmd = [sys.executable, "-m", "charon.cli", *base, "--upstream", upstream, "--engine-service", service.address]
         if config.metrics_port is not None:
             cmd += ["--metrics-port", str(config.metrics_port + i)]
         return subprocess.Popen(cmd)
 
-    log.info("charon-batch: %d worker processes behind %s", config.procs, config.bind)
+    log.info("charon-batch: %d front-end processes behind %s, one shared %s engine", config.procs, config.bind,
+             service.engine.name)  # fmt: skip
     try:
-        return _supervise("worker process", start, config.procs)
+        return _supervise("front-end process", start, config.procs)
     finally:
         front.close(0)
         back.close(0)
+        service.stop()
+        service_thread.join(30)
+        if config.metrics_port is not None:
+            metrics_server.shutdown()
+        if service.address.startswith("ipc://"):
+            try:
+                os.unlink(service.address[len("ipc://"):])
+                os.rmdir(sockdir)
+            except OSError:
+                pass
 
 
 ROUTER_HELP = {

@@ -42,10 +42,20 @@ class BatchResult:
 
 
 class EngineThread:
-    def __init__(self, ctx: zmq.Context, engine_factory, notify_address: str, busy: BusyClock):
+    """Runs the engine in this process. The server polls :attr:`wake_socket` and then
+    takes :attr:`results`; :class:`charon.engine_service.ServiceLink` offers the same
+    interface for an engine shared by several processes."""
+
+    remote = False  # engine metrics are recorded by the server itself
+    pipelined = False  # a second batch is queued behind the running one only when full
+    max_in_flight = 2
+
+    def __init__(self, ctx: zmq.Context, engine_factory, busy: BusyClock):
         self._factory = engine_factory
         self._ctx = ctx
-        self._notify_address = notify_address
+        self._notify_address = f"inproc://charon-engine-{id(self)}"
+        self.wake_socket = ctx.socket(zmq.PULL)
+        self.wake_socket.bind(self._notify_address)
         self._inbox: queue.Queue = queue.Queue()
         self.results: collections.deque[BatchResult] = collections.deque()
         self.busy = busy
@@ -66,9 +76,15 @@ class EngineThread:
         self.in_flight += 1
         self._inbox.put(batch)
 
+    def poll_results(self) -> None:
+        """Consume the wake-ups; the results are already in :attr:`results`."""
+        while self.wake_socket.poll(0):
+            self.wake_socket.recv()
+
     def stop(self, timeout: float = 30.0) -> None:
         self._inbox.put(None)
         self._thread.join(timeout)
+        self.wake_socket.close(0)
 
     def host_buffer(self) -> HostBuffer:
         alloc = getattr(self.engine, "host_alloc", None)

@@ -59,6 +59,19 @@ class PhotonBatch:
     def n_events(self) -> int:
         return int(self.event_id.shape[0])
 
+    def slot_range(self, a: int, b: int) -> "PhotonBatch":
+        """Slots ``a:b`` as a batch of their own (copies: an engine may overwrite its input)."""
+        lo, hi = int(self.offsets[a]), int(self.offsets[b])
+        counts = np.diff(self.offsets[a : b + 1])
+        return PhotonBatch(
+            table=np.ascontiguousarray(self.table[:, lo:hi]),
+            flags=self.flags[lo:hi].copy(),
+            slot=np.repeat(np.arange(b - a, dtype=np.int32), counts),
+            offsets=self.offsets[a : b + 1] - lo,
+            event_id=self.event_id[a:b].copy(),
+            first_index=self.first_index[a:b].copy(),
+        )
+
     @classmethod
     def from_events(cls, tables, event_ids, flags=None, first_index=None) -> "PhotonBatch":
         """Concatenate per-event tables ([N_ROWS, n_e] each). For tests and tools, not the server hot path."""
@@ -97,6 +110,30 @@ class HitBatch:
         """Hits of one slot as a one-event HitBatch (views, no copy)."""
         a, b = int(self.offsets[s]), int(self.offsets[s + 1])
         return HitBatch(self.channel[a:b], self.table[:, a:b], self.flags[a:b], np.array([0, b - a], np.int64))
+
+    def slot_range(self, a: int, b: int) -> "HitBatch":
+        """Hits of slots ``a:b`` with their own offsets (array views, no copy)."""
+        lo, hi = int(self.offsets[a]), int(self.offsets[b])
+        return HitBatch(self.channel[lo:hi], self.table[:, lo:hi], self.flags[lo:hi], self.offsets[a : b + 1] - lo)
+
+    @classmethod
+    def concat_slots(cls, parts: list["HitBatch"]) -> "HitBatch":
+        """Join HitBatches of consecutive slot ranges into one (offsets shifted, not per-event)."""
+        if len(parts) == 1:
+            return parts[0]
+        n_events = sum(len(p.offsets) - 1 for p in parts)
+        offsets = np.zeros(n_events + 1, np.int64)
+        e = h = 0
+        for p in parts:
+            k = len(p.offsets) - 1
+            offsets[e + 1 : e + k + 1] = p.offsets[1:] + h
+            e, h = e + k, h + p.n_hits
+        return cls(
+            np.concatenate([p.channel for p in parts]),
+            np.concatenate([p.table for p in parts], axis=1),
+            np.concatenate([p.flags for p in parts]),
+            offsets,
+        )
 
     @classmethod
     def concat_events(cls, parts: list["HitBatch"]) -> "HitBatch":

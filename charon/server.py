@@ -64,6 +64,7 @@ class ServerConfig:
     connect: str | None = None
     procs: int = 1
     upstream: str | None = None
+    engine_service: str | None = None
     heartbeat_interval: float = 1.0
     heartbeat_liveness: int = 3
     gpus: str | None = None
@@ -125,25 +126,39 @@ def split_envelope(frames: list) -> tuple[list, list]:
     return frames[:1], frames[1:]
 
 
+def engine_setup(config: ServerConfig, detector: Detector | None = None):
+    """The detector and a factory for the configured engine (called in the thread that will own it).
+
+    With ``--engine chroma`` the Chroma detector is loaded here, so a missing
+    Chroma fails at once, before any socket is opened."""
+    chroma_detector = None
+    if config.engine == "chroma" and detector is None:
+        from .engines import EngineError
+        from .geometry.chroma_import import ChromaUnavailable, from_chroma, load_chroma_detector
+
+        try:
+            chroma_detector = load_chroma_detector(config.detector)
+        except ChromaUnavailable as exc:
+            raise EngineError(f"--engine chroma: {exc}") from None
+        detector, report = from_chroma(chroma_detector)  # channel positions/types for DETECTOR_INFO
+        for line in report:
+            log.info("Chroma detector: %s (affects charon's own engines only)", line)
+    detector = detector if detector is not None else resolve_detector(config.detector)
+    engine_config = EngineConfig(seed=config.seed, max_steps=config.max_steps, device=config.device,
+                                 max_batch_photons=config.max_batch_photons)  # fmt: skip
+
+    def factory():
+        return create_engine(config.engine, detector, engine_config, chroma_detector=chroma_detector)
+
+    return detector, factory
+
+
 class BatchServer:
     def __init__(self, config: ServerConfig, detector: Detector | None = None, engine_factory=None,
                  context: zmq.Context | None = None):  # fmt: skip
         config.validate()
         self.config = config
-        chroma_detector = None
-        if config.engine == "chroma" and detector is None:
-            # Fail at once, before any socket, when Chroma is missing.
-            from .engines import EngineError
-            from .geometry.chroma_import import ChromaUnavailable, from_chroma, load_chroma_detector
-
-            try:
-                chroma_detector = load_chroma_detector(config.detector)
-            except ChromaUnavailable as exc:
-                raise EngineError(f"--engine chroma: {exc}") from None
-            detector, report = from_chroma(chroma_detector)  # channel positions/types for DETECTOR_INFO
-            for line in report:
-                log.info("Chroma detector: %s (affects charon's own engines only)", line)
-        self.detector = detector if detector is not None else resolve_detector(config.detector)
+        self.detector, factory = engine_setup(config, detector)
         self.ctx = context or zmq.Context.instance()
         self.busy = BusyClock()
         self.metrics = Metrics(self.busy)
@@ -157,15 +172,7 @@ class BatchServer:
         self._fingerprint = self.detector.fingerprint() if config.connect else b""
         self._stop = threading.Event()
         self._buffers: list = []
-        self._engine_factory = engine_factory or (
-            lambda: create_engine(
-                config.engine,
-                self.detector,
-                EngineConfig(seed=config.seed, max_steps=config.max_steps, device=config.device,
-                             max_batch_photons=config.max_batch_photons),  # fmt: skip
-                chroma_detector=chroma_detector,
-            )
-        )
+        self._engine_factory = engine_factory or factory
         self.socket = None
         self.address = None
         self.refused: str | None = None
@@ -226,10 +233,13 @@ class BatchServer:
             log.debug("unexpected message from router: %r", kind[:20])
 
     def _open(self):
-        self._notify_addr = f"inproc://charon-engine-{id(self)}"
-        self._notify = self.ctx.socket(zmq.PULL)
-        self._notify.bind(self._notify_addr)
-        self.engine_thread = EngineThread(self.ctx, self._engine_factory, self._notify_addr, self.busy)
+        if self.config.engine_service:
+            # One of --procs front ends: batches go to the launcher's shared engine.
+            from .engine_service import ServiceLink
+
+            self.engine_thread = ServiceLink(self.ctx, self.config.engine_service)
+        else:
+            self.engine_thread = EngineThread(self.ctx, self._engine_factory, self.busy)
         engine = self.engine_thread.start()
         if self.config.connect:
             self._open_worker_socket()
@@ -260,7 +270,7 @@ class BatchServer:
             self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _finish_open(self, engine):
-        self._buffers = [self.engine_thread.host_buffer(), self.engine_thread.host_buffer()]
+        self._buffers = [self.engine_thread.host_buffer() for _ in range(self.engine_thread.max_in_flight)]
         if self.config.metrics_port is not None:
             self._metrics_server = self.metrics.serve(self.config.metrics_port)
         log.info(
@@ -284,16 +294,16 @@ class BatchServer:
         self.started.set()
         poller = self._poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        poller.register(self._notify, zmq.POLLIN)
+        wake = self.engine_thread.wake_socket
+        poller.register(wake, zmq.POLLIN)
         worker = bool(self.config.connect)
         handle = self._from_router if worker else self._handle
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(self._poll_timeout_ms()))
                 t_busy = time.perf_counter()
-                if self._notify in events:
-                    while self._notify.poll(0):
-                        self._notify.recv()
+                if wake in events:
+                    self.engine_thread.poll_results()
                     self._collect_results()
                 if self.socket in events:
                     # Drain what is there, but bounded, so results and dispatch interleave.
@@ -319,7 +329,6 @@ class BatchServer:
             log.warning("shutting down with %d event(s) unanswered: %s", len(lost), lost[:20])
         self._close_all_runs()
         self.socket.close(0)
-        self._notify.close(0)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -327,8 +336,9 @@ class BatchServer:
     def _poll_timeout_ms(self) -> int:
         cap = 100 if not self.config.connect else max(1, int(self.config.heartbeat_interval * 500))
         oldest = self.batcher.queue.oldest_arrival()
-        if oldest is None or self.engine_thread.in_flight:
-            return cap
+        et = self.engine_thread
+        if oldest is None or (et.in_flight and not et.pipelined) or et.in_flight >= et.max_in_flight:
+            return cap  # a result wakes the loop
         left = oldest + self.config.max_wait_ms / 1e3 - time.monotonic()
         return max(0, min(cap, int(np.ceil(left * 1e3))))
 
@@ -433,13 +443,15 @@ class BatchServer:
         batch keeps accepting events until the engine frees up.
         """
         et = self.engine_thread
-        while et.in_flight < 2 and self.batcher.queued_photons > 0:
+        while et.in_flight < et.max_in_flight and self.batcher.queued_photons > 0:
             full = self.batcher.queued_photons >= self.config.max_batch_photons or (
                 0 < self.config.max_batch_events <= len(self.batcher.queue)
             )
             oldest = self.batcher.queue.oldest_arrival()
             waited = oldest is not None and time.monotonic() - oldest >= self.config.max_wait_ms / 1e3
-            if not (full or (waited and et.in_flight == 0)):
+            # A shared engine (pipelined) coalesces what every front end sends while it
+            # runs, so a front end hands over what waited long enough at once.
+            if not (full or (waited and (et.in_flight == 0 or et.pipelined))):
                 return
             slots = self.batcher.take()
             buf = self._buffers.pop(0)
@@ -469,6 +481,8 @@ class BatchServer:
                 if req.complete:
                     self._finish(req)
         photons = res.batch.photons.n_photons
+        if self.engine_thread.remote:  # the shared engine records its own (merged) batches
+            return
         m = self.metrics
         m.batches.inc()
         m.photons.inc(photons)

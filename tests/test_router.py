@@ -297,7 +297,7 @@ def test_gpus_flag_starts_local_router_and_workers():
 
 
 @pytest.mark.slow
-def test_procs_flag_runs_several_worker_processes_behind_one_address(tmp_path):
+def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_path):
     port, mport = _free_port(), _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--procs", "2", "--engine", "cpu", "--detector",
                              "sphere", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
@@ -325,6 +325,13 @@ def test_procs_flag_runs_several_worker_processes_behind_one_address(tmp_path):
             text = urllib.request.urlopen(f"http://127.0.0.1:{mport + k}/metrics", timeout=5).read().decode()
             served.append(float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith("charon_events_total"))))
         assert sum(served) == 41 and min(served) > 0
+        # One shared engine (metrics on mport + 2) ran every batch; the front ends ran none.
+        def sample(k, name):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{mport + k}/metrics", timeout=5).read().decode()
+            return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(name + " ")))
+
+        assert sample(2, "charon_batches_total") >= 1 and sample(0, "charon_batches_total") == 0
+        assert sample(2, "charon_photons_total") >= 40 * 300 + 200  # + the first answer (maybe resent)
     finally:
         c.close()
         proc.terminate()

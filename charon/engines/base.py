@@ -45,6 +45,9 @@ class Engine(abc.ABC):
     the server calls :meth:`propagate` from a single engine thread."""
 
     name: str = "abstract"
+    # True when propagate() takes a table whose rows are strided (a [N_ROWS, n] view of a
+    # larger preallocated buffer); otherwise the caller passes a contiguous table.
+    strided_rows: bool = False
 
     def __init__(self, detector: Detector, config: EngineConfig):
         self.detector = detector

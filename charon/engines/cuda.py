@@ -100,6 +100,7 @@ def cuda_kernels():
 
 class CUDAEngine(Engine):
     name = "cuda"
+    strided_rows = True
 
     def __init__(self, detector, config: EngineConfig | None = None):
         super().__init__(detector, config or EngineConfig())
@@ -159,7 +160,11 @@ class CUDAEngine(Engine):
         ev[0].record(s)
         d_table = self.d_table[: N_ROWS * n].reshape(N_ROWS, n)
         if n:
-            d_table.copy_to_device(np.ascontiguousarray(batch.table), stream=s)
+            if batch.table.flags.c_contiguous:
+                d_table.copy_to_device(batch.table, stream=s)
+            else:  # rows of a preallocated [11, capacity] buffer (the shared engine's merge): one copy per row
+                for r in range(N_ROWS):
+                    d_table[r].copy_to_device(batch.table[r], stream=s)
             self.d_flags[:n].copy_to_device(batch.flags, stream=s)
             self.d_slot[:n].copy_to_device(batch.slot, stream=s)
         self.d_event_id[:E].copy_to_device(batch.event_id, stream=s)

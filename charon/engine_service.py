@@ -1,0 +1,450 @@
+"""The shared engine: one engine (one CUDA context) propagating the batches of several front-end processes.
+
+Why it exists: one Python socket loop tops out near 15k events/s (receiving,
+decoding, batching and replying cost tens of microseconds per event), far below
+what one GPU propagates. ``charon-batch --procs N`` therefore runs N front-end
+processes, each the ordinary server loop (socket -> decode -> queue -> batch ->
+demux -> reply), and this service in the launcher process, holding the only
+engine. A front end hands every batch it forms to the service at once; the
+service copies the batches that arrive while the engine runs into its next
+merged batch (pinned memory on a GPU), so the engine sees one stream of large
+batches however many front ends feed it: continuous batching across processes.
+Processes sharing a GPU through separate CUDA contexts would instead time-slice
+it and each form smaller batches.
+
+Wire layout (internal; a DEALER in each front end, the ROUTER here; ipc on one host)::
+
+    front end -> service
+      HELLO                                  answered ENGINE, name (utf-8)
+      BATCH, head, table, flags, offsets, event_id, first_index
+          head         <QIQ: batch id (u64, the front end's own), n_events E (u32), n_photons n (u64)
+          table        [11 * n] float32, rows as PhotonBatch.table (x, y, z mm ... t ns)
+          flags        [n] uint32
+          offsets      [E + 1] int64, photons of slot s are offsets[s]:offsets[s + 1]
+          event_id     [E] uint32
+          first_index  [E] uint32
+    service -> front end
+      HITS, head, channel, table, flags, offsets, failed, error
+          head         <QIQd: batch id, E, n_hits H, engine seconds of the merged call
+          channel      [H] uint32
+          table        [8 * H] float32, rows as HitBatch.table
+          flags        [H] uint32
+          offsets      [E + 1] int64, hits of slot s are offsets[s]:offsets[s + 1]
+          failed       [E] uint8, 1 where the engine failed on that slot (its hits are empty)
+          error        utf-8, the engine's error for the failed slots ('' when none)
+      REFUSED, head (<Q batch id), reason (utf-8): a malformed BATCH, answered instead of crashing
+
+Every frame's length is checked against its head before ``np.frombuffer``.
+An engine error on a merged batch is isolated here, first per front-end batch
+and then by bisecting its slots, so only the failing events are reported failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import zmq
+
+from .engine_thread import BatchResult, EngineThread, SlotsResult
+from .engines.base import EngineError, StageTimes
+from .metrics import BusyClock, Metrics
+from .photons import N_ROWS, HitBatch, PhotonBatch, empty_hits
+from .scheduler.batcher import HostBuffer
+
+log = logging.getLogger("charon.engine_service")
+
+HELLO, ENGINE, BATCH, HITS, REFUSED = b"HELLO", b"ENGINE", b"BATCH", b"HITS", b"REFUSED"
+_BATCH_HEAD = struct.Struct("<QIQ")
+_HITS_HEAD = struct.Struct("<QIQd")
+_ID = struct.Struct("<Q")
+
+
+# ------------------------------------------------------------------ codec
+def _buffer(frame) -> memoryview:
+    return frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+
+
+def _array(frame, dtype, count: int, name: str) -> np.ndarray:
+    buf = _buffer(frame)
+    want = count * np.dtype(dtype).itemsize
+    if buf.nbytes != want:
+        raise ValueError(f"{name} frame has {buf.nbytes} bytes, expected {want}")
+    return np.frombuffer(buf, dtype)
+
+
+def encode_batch(batch_id: int, photons: PhotonBatch) -> list:
+    n, E = photons.n_photons, photons.n_events
+    table = photons.table if photons.table.flags.c_contiguous else np.ascontiguousarray(photons.table)
+    return [BATCH, _BATCH_HEAD.pack(batch_id, E, n), table.reshape(-1), photons.flags[:n],
+            np.ascontiguousarray(photons.offsets, np.int64), photons.event_id, photons.first_index]  # fmt: skip
+
+
+def decode_batch(frames) -> tuple[int, "SubBatch"]:
+    """frames after the BATCH kind -> (batch id, SubBatch of read-only views). ValueError names the problem."""
+    if len(frames) != 6:
+        raise ValueError(f"BATCH has {len(frames) + 1} frames, expected 7")
+    head = _buffer(frames[0])
+    if head.nbytes != _BATCH_HEAD.size:
+        raise ValueError(f"BATCH head has {head.nbytes} bytes, expected {_BATCH_HEAD.size}")
+    batch_id, E, n = _BATCH_HEAD.unpack(head)
+    table = _array(frames[1], np.float32, N_ROWS * n, "table").reshape(N_ROWS, n)
+    flags = _array(frames[2], np.uint32, n, "flags")
+    offsets = _array(frames[3], np.int64, E + 1, "offsets")
+    if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
+        raise ValueError("offsets are not a non-decreasing 0..n_photons sequence")
+    event_id = _array(frames[4], np.uint32, E, "event_id")
+    first_index = _array(frames[5], np.uint32, E, "first_index")
+    return batch_id, SubBatch(b"", batch_id, table, flags, offsets, event_id, first_index)
+
+
+def encode_hits(batch_id: int, hits: HitBatch, failed: np.ndarray, error: str, seconds: float) -> list:
+    E = len(hits.offsets) - 1
+    return [HITS, _HITS_HEAD.pack(batch_id, E, hits.n_hits, seconds), np.ascontiguousarray(hits.channel, np.uint32),
+            np.ascontiguousarray(hits.table, np.float32).reshape(-1), np.ascontiguousarray(hits.flags, np.uint32),
+            np.ascontiguousarray(hits.offsets, np.int64), failed.astype(np.uint8), error.encode()]  # fmt: skip
+
+
+def decode_hits(frames) -> tuple[int, HitBatch, np.ndarray, str, float]:
+    """frames after the HITS kind -> (batch id, hits, failed [E] bool, error, engine seconds)."""
+    if len(frames) != 7:
+        raise ValueError(f"HITS has {len(frames) + 1} frames, expected 8")
+    head = _buffer(frames[0])
+    if head.nbytes != _HITS_HEAD.size:
+        raise ValueError(f"HITS head has {head.nbytes} bytes, expected {_HITS_HEAD.size}")
+    batch_id, E, H, seconds = _HITS_HEAD.unpack(head)
+    hits = HitBatch(
+        _array(frames[1], np.uint32, H, "channel"),
+        _array(frames[2], np.float32, 8 * H, "table").reshape(8, H),
+        _array(frames[3], np.uint32, H, "flags"),
+        _array(frames[4], np.int64, E + 1, "offsets"),
+    )
+    failed = _array(frames[5], np.uint8, E, "failed").astype(bool)
+    return batch_id, hits, failed, bytes(_buffer(frames[6])).decode("utf-8", "replace"), seconds
+
+
+# ---------------------------------------------------------------- service
+@dataclass
+class SubBatch:
+    """One front end's batch, as received (views on the zmq frames, which stay untouched)."""
+
+    peer: bytes  # the front end's routing identity
+    batch_id: int
+    table: np.ndarray  # [N_ROWS, n] float32
+    flags: np.ndarray  # [n] uint32
+    offsets: np.ndarray  # [E+1] int64
+    event_id: np.ndarray  # [E] uint32
+    first_index: np.ndarray  # [E] uint32
+    frames: list = field(default_factory=list)  # keeps the zero-copy frames alive
+    failed: np.ndarray | None = None  # [E] bool, set only when the engine failed on part of it
+    error: str = ""
+
+    @property
+    def n_photons(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def n_events(self) -> int:
+        return len(self.offsets) - 1
+
+    def photons(self, a: int, b: int) -> PhotonBatch:
+        """Slots ``a:b`` as a PhotonBatch of copies (to retry a failed merged call on part of it)."""
+        whole = PhotonBatch(self.table, self.flags, np.zeros(0, np.int32), self.offsets, self.event_id,
+                            self.first_index)  # fmt: skip
+        return whole.slot_range(a, b)
+
+
+@dataclass
+class MergedBatch:
+    slots: list[SubBatch]  # in slot order; sub-batch k owns merged slots base_k : base_k + E_k
+    photons: PhotonBatch
+    buffer: "MergeBuffer"
+
+
+class MergeBuffer:
+    """Preallocated ``[N_ROWS, capacity]`` storage that sub-batches are copied into as they arrive.
+
+    Rows keep the capacity as their stride so a sub-batch can be appended before the
+    batch's final size is known; engines that need a contiguous table get a copy
+    (``Engine.strided_rows``)."""
+
+    def __init__(self, capacity: int, alloc=np.empty):
+        self.capacity = capacity
+        host = HostBuffer(alloc)
+        host.reserve(capacity, capacity)
+        self.table = host.table[: N_ROWS * capacity].reshape(N_ROWS, capacity)  # [N_ROWS, capacity] float32
+        self.flags = host.flags[:capacity]  # [capacity] uint32
+        self.slot = host.slot[:capacity]  # [capacity] int32
+        self.subs: list[SubBatch] = []
+        self.n = 0  # photons copied in so far
+        self.n_events = 0
+
+    def fits(self, sub: SubBatch) -> bool:
+        return self.n + sub.n_photons <= self.capacity
+
+    def append(self, sub: SubBatch) -> None:
+        a, n = self.n, sub.n_photons
+        self.table[:, a : a + n] = sub.table
+        self.flags[a : a + n] = sub.flags
+        self.slot[a : a + n] = np.repeat(np.arange(self.n_events, self.n_events + sub.n_events, dtype=np.int32),
+                                         np.diff(sub.offsets))  # fmt: skip
+        self.subs.append(sub)
+        self.n += n
+        self.n_events += sub.n_events
+
+    def seal(self, contiguous: bool) -> MergedBatch:
+        n, subs = self.n, self.subs
+        offsets = np.zeros(self.n_events + 1, np.int64)
+        e = 0
+        for s in subs:
+            offsets[e + 1 : e + s.n_events + 1] = s.offsets[1:] + offsets[e]
+            e += s.n_events
+        table = self.table[:, :n]
+        photons = PhotonBatch(
+            table=np.ascontiguousarray(table) if contiguous else table,
+            flags=self.flags[:n],
+            slot=self.slot[:n],
+            offsets=offsets,
+            event_id=np.concatenate([s.event_id for s in subs]),
+            first_index=np.concatenate([s.first_index for s in subs]),
+        )
+        return MergedBatch(subs, photons, self)
+
+    def reset(self) -> None:
+        self.subs, self.n, self.n_events = [], 0, 0
+
+
+class _ServiceEngineThread(EngineThread):
+    """The engine thread, with errors isolated per front-end batch and then per slot."""
+
+    def _run_bisect(self, subs, batch):
+        try:
+            return [SlotsResult(subs, self.engine.propagate(batch.photons), None)]
+        except Exception as exc:
+            log.warning("engine error on a merged batch of %d front-end batches: %r", len(subs), exc)
+            return [SlotsResult([s], self._isolate(s, 0, s.n_events), None) for s in subs]
+
+    def _isolate(self, sub: SubBatch, a: int, b: int) -> HitBatch:
+        try:
+            return self.engine.propagate(sub.photons(a, b))
+        except Exception as exc:
+            if b - a == 1:
+                if sub.failed is None:
+                    sub.failed = np.zeros(sub.n_events, bool)
+                sub.failed[a] = True
+                sub.error = f"engine error: {exc!r}"
+                return empty_hits(1)
+            m = (a + b) // 2
+            return HitBatch.concat_slots([self._isolate(sub, a, m), self._isolate(sub, m, b)])
+
+
+class EngineService:
+    """Owns the engine; merges front ends' batches into one engine call at a time."""
+
+    def __init__(self, engine_factory, address: str, max_batch_photons: int, context: zmq.Context | None = None):
+        self.ctx = context or zmq.Context.instance()
+        self.busy = BusyClock()
+        self.metrics = Metrics(self.busy)  # engine-side figures; the front ends count events
+        self.max_batch_photons = int(max_batch_photons)
+        self._factory = engine_factory
+        self._address = address
+        self.address: str | None = None
+        self._stop = threading.Event()
+        self.engine = None
+
+    def start(self, timeout: float | None = None):
+        """Create and warm the engine (compiles kernels), then bind. Returns the engine."""
+        self.engine_thread = _ServiceEngineThread(self.ctx, self._factory, self.busy)
+        self.engine = self.engine_thread.start(timeout)
+        alloc = getattr(self.engine, "host_alloc", None) or np.empty
+        self._free = [MergeBuffer(self.max_batch_photons, alloc) for _ in range(2)]
+        self._building = self._free.pop()
+        self._waiting: collections.deque[SubBatch] = collections.deque()  # did not fit the building batch
+        self.socket = self.ctx.socket(zmq.ROUTER)
+        for opt, v in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
+            self.socket.setsockopt(opt, v)
+        self.socket.bind(self._address)
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("shared %s engine on %s, merged batches of up to %d photons", self.engine.name, self.address,
+                 self.max_batch_photons)  # fmt: skip
+        return self.engine
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        wake = self.engine_thread.wake_socket
+        poller.register(wake, zmq.POLLIN)
+        et = self.engine_thread
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(100))
+                t0 = time.perf_counter()
+                if wake in events:
+                    et.poll_results()
+                    while et.results:
+                        et.in_flight -= 1
+                        self._reply(et.results.popleft())
+                if self.socket in events:
+                    for _ in range(1000):
+                        try:
+                            frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                if et.in_flight == 0 and self._building.subs:
+                    self._submit()
+                self.metrics.host_seconds.inc(time.perf_counter() - t0)
+        finally:
+            et.stop()
+            self.socket.close(0)
+
+    def _handle(self, frames) -> None:
+        peer, kind = frames[0].bytes, frames[1].bytes if len(frames) > 1 else b""
+        if kind == HELLO:
+            self.socket.send_multipart([peer, ENGINE, self.engine.name.encode()])
+            return
+        if kind != BATCH:
+            log.warning("shared engine: unexpected message %r from a front end", kind[:16])
+            return
+        try:
+            batch_id, sub = decode_batch(frames[2:])
+            if sub.n_photons > self.max_batch_photons:
+                raise ValueError(f"{sub.n_photons} photons exceed the shared engine's batch of "
+                                 f"{self.max_batch_photons}")  # fmt: skip
+        except ValueError as exc:
+            head = _buffer(frames[2]) if len(frames) > 2 else b""
+            bid = _ID.unpack(bytes(head[:8]))[0] if len(head) >= 8 else 0
+            log.error("shared engine refused a batch: %s", exc)
+            self.socket.send_multipart([peer, REFUSED, _ID.pack(bid), str(exc).encode()])
+            return
+        sub.peer, sub.frames = peer, frames
+        if not self._waiting and self._building.fits(sub):
+            self._building.append(sub)  # copied now, while the engine runs the previous batch
+        else:
+            self._waiting.append(sub)
+
+    def _submit(self) -> None:
+        buf = self._building
+        self.engine_thread.submit(buf.seal(contiguous=not getattr(self.engine, "strided_rows", False)))
+        self._building = self._free.pop()
+        while self._waiting and self._building.fits(self._waiting[0]):
+            self._building.append(self._waiting.popleft())
+
+    def _reply(self, res: BatchResult) -> None:
+        merged: MergedBatch = res.batch
+        n_hits = 0
+        for part in res.parts:
+            base = 0
+            for sub in part.slots:
+                E = sub.n_events
+                hits = part.hits.slot_range(base, base + E)
+                base += E
+                n_hits += hits.n_hits
+                failed = sub.failed if sub.failed is not None else np.zeros(E, bool)
+                self.socket.send_multipart([sub.peer, *encode_hits(sub.batch_id, hits, failed, sub.error,
+                                                                   res.engine_seconds)], copy=False)  # fmt: skip
+        photons = merged.photons.n_photons
+        m = self.metrics
+        m.batches.inc()
+        m.photons.inc(photons)
+        m.hits.inc(n_hits)
+        m.batch_photons.observe(photons)
+        m.batch_seconds.observe(res.engine_seconds)
+        m.engine_seconds.inc(res.times.total if res.times.total > 0 else res.engine_seconds)
+        m.max_batch_seen = max(photons, m.max_batch_seen)
+        m.batch_photons_max.set(m.max_batch_seen)
+        log.info("merged batch: %d front-end batches, %d events, %d photons, %d hits, engine %.1f ms",
+                 len(merged.slots), merged.photons.n_events, photons, n_hits, res.engine_seconds * 1e3)  # fmt: skip
+        merged.buffer.reset()
+        self._free.append(merged.buffer)
+        if self.engine_thread.in_flight == 0 and self._building.subs:
+            self._submit()
+
+
+# -------------------------------------------------------------- front end
+class ServiceLink:
+    """A front end's handle on the shared engine, with :class:`EngineThread`'s interface."""
+
+    remote = True  # the service records engine metrics for the merged batches
+    pipelined = True  # batches are handed over as soon as they waited max_wait_ms; the service merges them
+    max_in_flight = 8
+
+    def __init__(self, ctx: zmq.Context, address: str, start_timeout: float = 600.0):
+        self.sock = ctx.socket(zmq.DEALER)
+        for opt, v in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
+            self.sock.setsockopt(opt, v)
+        self.sock.connect(address)
+        self.address = address
+        self.wake_socket = self.sock
+        self.results: collections.deque[BatchResult] = collections.deque()
+        self.in_flight = 0
+        self._pending: dict[int, object] = {}
+        self._next_id = 0
+        self._start_timeout = start_timeout
+
+    def start(self, timeout: float | None = None):
+        self.sock.send(HELLO)
+        if not self.sock.poll(int(1000 * (timeout or self._start_timeout))):
+            raise EngineError(f"the shared engine at {self.address} did not answer")
+        frames = self.sock.recv_multipart()
+        if frames[0] != ENGINE or len(frames) != 2:
+            raise EngineError(f"unexpected answer from the shared engine at {self.address}: {frames[0][:16]!r}")
+        return SimpleNamespace(name=f"{frames[1].decode()} (shared, {self.address})")
+
+    def host_buffer(self) -> HostBuffer:
+        return HostBuffer()
+
+    def submit(self, batch) -> None:
+        self.in_flight += 1
+        self._next_id += 1
+        self._pending[self._next_id] = batch
+        # Large frames go zero-copy; the buffer is not reused before its HITS come back.
+        self.sock.send_multipart(encode_batch(self._next_id, batch.photons), copy=False)
+
+    def poll_results(self) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            kind = frames[0].bytes
+            if kind == HITS:
+                batch_id, hits, failed, error, seconds = decode_hits(frames[1:])
+                batch = self._pending.pop(batch_id)
+                self.results.append(BatchResult(batch, _parts(batch.slots, hits, failed, error), seconds,
+                                                StageTimes()))  # fmt: skip
+            elif kind == REFUSED:
+                batch_id = _ID.unpack(frames[1].bytes)[0]
+                batch = self._pending.pop(batch_id)
+                reason = frames[2].bytes.decode("utf-8", "replace")
+                self.results.append(BatchResult(batch, [SlotsResult(batch.slots, None, f"shared engine: {reason}")],
+                                                0.0, StageTimes()))  # fmt: skip
+            else:
+                log.warning("unexpected message from the shared engine: %r", kind[:16])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._pending:
+            log.warning("stopping with %d batch(es) still at the shared engine", len(self._pending))
+        self.sock.close(0)
+
+
+def _parts(slots: list, hits: HitBatch, failed: np.ndarray, error: str) -> list[SlotsResult]:
+    """Runs of consecutive slots that succeeded (with their hits) or failed (with the error)."""
+    if not failed.any():
+        return [SlotsResult(slots, hits, None)]
+    parts, a = [], 0
+    edges = np.flatnonzero(np.diff(failed.astype(np.int8))) + 1
+    for b in [*edges.tolist(), len(slots)]:
+        parts.append(SlotsResult(slots[a:b], None, error) if failed[a] else SlotsResult(slots[a:b],
+                                                                                         hits.slot_range(a, b), None))
+        a = b
+    return parts

@@ -1,0 +1,294 @@
+"""The shared engine of ``--procs``: codec, merge bookkeeping, and front ends on real sockets.
+
+Front ends are ordinary servers (threads here) whose batches go to one
+EngineService over ipc/tcp loopback; every reply must equal the event
+propagated alone (batch invariance), however the service merged it.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+import zmq
+
+from charon import protocol as P
+from charon.client import DealerClient, ReqClient
+from charon.engine_service import (BATCH, HITS, REFUSED, EngineService, MergeBuffer, SubBatch, decode_batch,
+                                   decode_hits, encode_batch, encode_hits)  # fmt: skip
+from charon.engines.base import EngineConfig
+from charon.engines.cpu import CPUEngine
+from charon.geometry.builtin import sphere_detector
+from charon.geometry.optics import constant_surface
+from charon.photons import HitBatch, PhotonBatch
+from charon.server import ServerConfig, run_in_thread
+from charon.sources import random_event
+
+SEED = 77
+
+
+@pytest.fixture(scope="module")
+def det():
+    wall = constant_surface("grey", detect=0.3, absorb=0.5, reflect_diffuse=0.2)
+    return sphere_detector(1000.0, wall_surface=wall, subdivisions=2)
+
+
+@pytest.fixture(scope="module")
+def ref(det):
+    return CPUEngine(det, EngineConfig(seed=SEED))
+
+
+def ev(n, seed):
+    return random_event(n, np.random.default_rng(seed), radius=500.0)
+
+
+def alone(ref, eid, table) -> HitBatch:
+    return ref.propagate(PhotonBatch.from_events([table.copy()], [eid])).event(0)
+
+
+def sub_of(tables, ids, first=None):
+    b = PhotonBatch.from_events(tables, ids, first_index=first)
+    frames = encode_batch(5, b)
+    _, sub = decode_batch([bytes(memoryview(f)) for f in frames[1:]])
+    return sub
+
+
+# ------------------------------------------------------------------ codec
+def test_batch_and_hits_codec_round_trip():
+    b = PhotonBatch.from_events([ev(30, 1), ev(7, 2)], [11, 12], first_index=[0, 40])
+    bid, sub = decode_batch([bytes(memoryview(f)) for f in encode_batch(9, b)[1:]])
+    assert bid == 9 and sub.n_events == 2 and sub.n_photons == 37
+    np.testing.assert_array_equal(sub.table, b.table)
+    np.testing.assert_array_equal(sub.event_id, [11, 12])
+    np.testing.assert_array_equal(sub.first_index, [0, 40])
+    hits = HitBatch(np.arange(3, dtype=np.uint32), np.arange(24, dtype=np.float32).reshape(8, 3),
+                    np.ones(3, np.uint32), np.array([0, 1, 3]))  # fmt: skip
+    frames = encode_hits(4, hits, np.array([False, True]), "boom", 0.5)
+    bid, h, failed, err, sec = decode_hits([bytes(memoryview(f)) for f in frames[1:]])
+    assert (bid, err, sec) == (4, "boom", 0.5) and failed.tolist() == [False, True]
+    np.testing.assert_array_equal(h.table, hits.table)
+    np.testing.assert_array_equal(h.offsets, hits.offsets)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda f: f[:-1], "expected 7"),
+        (lambda f: [f[0][:5], *f[1:]], "head has 5 bytes"),
+        (lambda f: [f[0], f[1][:-4], *f[2:]], "table frame"),
+        (lambda f: [*f[:2], f[2] + b"\0\0\0\0", *f[3:]], "flags frame"),
+        (lambda f: [*f[:3], np.array([0, 9, 3], np.int64).tobytes(), *f[4:]], "offsets are not"),
+        (lambda f: [*f[:3], np.array([0, 1, 2], np.int64).tobytes(), *f[4:]], "offsets are not"),
+        (lambda f: [*f[:4], f[4][:4], f[5]], "event_id frame"),
+        (lambda f: [*f[:5], b""], "first_index frame"),
+    ],
+)
+def test_decode_batch_rejects_malformed_frames(mutate, message):
+    b = PhotonBatch.from_events([ev(2, 1), ev(1, 2)], [1, 2])
+    frames = [bytes(memoryview(f)) for f in encode_batch(1, b)[1:]]
+    with pytest.raises(ValueError, match=message):
+        decode_batch(mutate(frames))
+
+
+def test_decode_hits_rejects_malformed_frames():
+    hits = HitBatch(np.zeros(1, np.uint32), np.zeros((8, 1), np.float32), np.zeros(1, np.uint32), np.array([0, 1]))
+    frames = [bytes(memoryview(f)) for f in encode_hits(1, hits, np.zeros(1, bool), "", 0.0)[1:]]
+    with pytest.raises(ValueError, match="expected 8"):
+        decode_hits(frames[:-1])
+    with pytest.raises(ValueError, match="channel frame"):
+        decode_hits([frames[0], b"", *frames[2:]])
+
+
+# ------------------------------------------------------------------ merging
+def test_merge_buffer_equals_concatenation_and_engine_results_split_back(ref):
+    tables = [ev(40, i) for i in range(5)]
+    subs = [sub_of(tables[:2], [0, 1]), sub_of(tables[2:3], [2], first=[100]), sub_of(tables[3:], [3, 4])]
+    buf = MergeBuffer(1000)
+    for s in subs:
+        assert buf.fits(s)
+        buf.append(s)
+    merged = buf.seal(contiguous=True).photons
+    want = PhotonBatch.from_events(tables, [0, 1, 2, 3, 4], first_index=[0, 0, 100, 0, 0])
+    for name in ("table", "flags", "slot", "offsets", "event_id", "first_index"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(want, name), err_msg=name)
+    strided = MergeBuffer(1000)
+    for s in subs:
+        strided.append(s)
+    np.testing.assert_array_equal(strided.seal(contiguous=False).photons.table, want.table)
+    # Hits of the merged call, sliced per sub-batch and per slot, equal each event alone.
+    hits = ref.propagate(merged)
+    e = 0
+    for s in subs:
+        part = hits.slot_range(e, e + s.n_events)
+        for k in range(s.n_events):
+            a = alone(ref, e + k, tables[e + k]) if e + k != 2 else None
+            if a is not None:
+                np.testing.assert_array_equal(part.event(k).channel, a.channel)
+        e += s.n_events
+    assert not buf.fits(sub_of([ev(900, 9)], [9]))
+
+
+def test_concat_slots_inverts_slot_range():
+    hits = HitBatch(np.arange(6, dtype=np.uint32), np.zeros((8, 6), np.float32), np.zeros(6, np.uint32),
+                    np.array([0, 2, 2, 5, 6]))  # fmt: skip
+    back = HitBatch.concat_slots([hits.slot_range(0, 1), hits.slot_range(1, 3), hits.slot_range(3, 4)])
+    np.testing.assert_array_equal(back.offsets, hits.offsets)
+    np.testing.assert_array_equal(back.channel, hits.channel)
+
+
+# ------------------------------------------------------- service + front ends
+class Recording:
+    """Wraps an engine: records each call's events; fails on wavelength 666 nm; may hold calls at a gate."""
+
+    def __init__(self, inner, gate=None):
+        self.inner, self.gate = inner, gate
+        self.name, self.last_times = "recording", inner.last_times
+        self.calls: list[np.ndarray] = []
+
+    def warm_up(self):
+        pass
+
+    def propagate(self, batch):
+        self.calls.append(batch.event_id.copy())
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        if np.any(batch.table[9] == 666.0):
+            raise RuntimeError("simulated device fault")
+        return self.inner.propagate(batch)
+
+    def close(self):
+        pass
+
+
+class Shared:
+    """An EngineService and ``n`` front-end servers in threads, as ``--procs n`` runs them in processes."""
+
+    def __init__(self, det, n=2, gate=None, max_batch_photons=50_000, max_wait_ms=1.0):
+        self.engine = Recording(CPUEngine(det, EngineConfig(seed=SEED)), gate)
+        self.service = EngineService(lambda: self.engine, "tcp://127.0.0.1:*", max_batch_photons)
+        self.service.start(30)
+        self.thread = threading.Thread(target=self.service.serve_forever, daemon=True)
+        self.thread.start()
+        self.fronts = [run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", seed=SEED,
+                                                  max_batch_photons=max_batch_photons, max_wait_ms=max_wait_ms,
+                                                  engine_service=self.service.address), detector=det)
+                       for _ in range(n)]  # fmt: skip
+        self.clients = []
+
+    def dealer(self, i):
+        c = DealerClient(self.fronts[i][0].address)
+        self.clients.append(c)
+        return c
+
+    def stop(self):
+        for c in self.clients:
+            c.close()
+        for srv, th in self.fronts:
+            srv.stop()
+            th.join(10)
+            assert not th.is_alive()
+        self.service.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+def test_front_ends_batches_are_merged_into_one_engine_call(det, ref):
+    gate = threading.Event()
+    sh = Shared(det, n=2, gate=gate)
+    try:
+        a, b = sh.dealer(0), sh.dealer(1)
+        tables = {i: ev(300, i) for i in range(8)}
+        a.submit(0, tables[0])  # occupies the engine until the gate opens
+        deadline = 100
+        while not sh.engine.calls and deadline:
+            threading.Event().wait(0.05)
+            deadline -= 1
+        for i in range(1, 8):
+            (a if i % 2 else b).submit(i, tables[i])
+        threading.Event().wait(0.5)  # both front ends hand their batches over while the engine is held
+        gate.set()
+        replies = {r.event_id: r for r in (c.recv(20_000) for c in [a] * 5 + [b] * 3)}
+        assert sorted(replies) == list(range(8))
+        for i, r in replies.items():
+            assert r.kind == P.SIM_COMPLETE
+            np.testing.assert_array_equal(r.hits["channel"], alone(ref, i, tables[i]).channel)
+            np.testing.assert_array_equal(r.hits["time"], alone(ref, i, tables[i]).table[7])
+        # Call 0 had event 0 alone; call 1 merged the other seven from both front ends.
+        assert [sorted(c.tolist()) for c in sh.engine.calls] == [[0], list(range(1, 8))]
+        m = sh.service.metrics.registry.get_sample_value
+        assert m("charon_batches_total") == 2 and m("charon_photons_total") == 2400
+        fm = sh.fronts[0][0].metrics.registry.get_sample_value
+        assert fm("charon_batches_total") == 0 and fm("charon_events_total") == 5  # engine figures live in the service
+    finally:
+        gate.set()
+        sh.stop()
+
+
+def test_engine_error_in_merged_batch_fails_only_the_guilty_event(det, ref):
+    gate = threading.Event()
+    sh = Shared(det, n=2, gate=gate)
+    try:
+        a, b = sh.dealer(0), sh.dealer(1)
+        a.submit(100, ev(50, 100))
+        threading.Event().wait(0.3)
+        tables = {i: ev(200, i) for i in range(6)}
+        tables[4][9, 7] = 666.0
+        for i, t in tables.items():
+            (a if i < 3 else b).submit(i, t)
+        threading.Event().wait(0.5)
+        gate.set()
+        replies = {r.event_id: r for r in (c.recv(20_000) for c in [a] * 4 + [b] * 3)}
+        assert replies[4].kind == P.SIM_FAILED and "simulated device fault" in replies[4].reason
+        for i in (0, 1, 2, 3, 5):
+            assert replies[i].kind == P.SIM_COMPLETE
+            np.testing.assert_array_equal(replies[i].hits["channel"], alone(ref, i, tables[i]).channel)
+        # The front end that sent event 4 still serves.
+        b.submit(50, ev(100, 50))
+        assert b.recv(20_000).kind == P.SIM_COMPLETE
+    finally:
+        gate.set()
+        sh.stop()
+
+
+def test_service_refuses_malformed_batch_and_keeps_serving(det, ref):
+    sh = Shared(det, n=1)
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(sh.service.address)
+    try:
+        good = [bytes(memoryview(f)) for f in encode_batch(3, PhotonBatch.from_events([ev(5, 1)], [1]))]
+        raw.send_multipart([BATCH, good[1], good[2][:-4], *good[3:]])
+        assert raw.poll(10_000)
+        kind, head, reason = raw.recv_multipart()
+        assert kind == REFUSED and int.from_bytes(head, "little") == 3 and b"table frame" in reason
+        too_big = [bytes(memoryview(f)) for f in encode_batch(4, PhotonBatch.from_events([ev(60_000, 1)], [1]))]
+        raw.send_multipart(too_big)
+        assert raw.poll(10_000)
+        kind, head, reason = raw.recv_multipart()
+        assert kind == REFUSED and b"exceed" in reason
+        raw.send_multipart(good)  # the same socket is still served
+        assert raw.poll(20_000)
+        frames = raw.recv_multipart()
+        assert frames[0] == HITS
+        c = ReqClient(sh.fronts[0][0].address, timeout_ms=20_000, retries=0)
+        t = ev(300, 9)
+        r = c.simulate(9, t)
+        c.close()
+        np.testing.assert_array_equal(r.hits["channel"], alone(ref, 9, t).channel)
+    finally:
+        raw.close(0)
+        sh.stop()
+
+
+def test_split_event_across_merged_batches(det, ref):
+    sh = Shared(det, n=2, max_batch_photons=700)
+    try:
+        a = sh.dealer(0)
+        t = ev(2000, 3)  # larger than a batch: split by the front end, pieces merged by the service
+        a.submit(3, t)
+        r = a.recv(30_000)
+        assert r.kind == P.SIM_COMPLETE
+        np.testing.assert_array_equal(r.hits["channel"], alone(ref, 3, t).channel)
+        np.testing.assert_array_equal(r.hits["time"], alone(ref, 3, t).table[7])
+    finally:
+        sh.stop()
