@@ -142,3 +142,22 @@ def test_gpu_agrees_with_cpu_engine(gpu_pair):
 
     assert chi2 < stats.chi2.ppf(0.9999, m.sum()), chi2
     assert abs(g.n_hits - c.n_hits) < 5 * np.sqrt(g.n_hits + c.n_hits)
+
+
+def test_strided_rows_from_the_shared_engine_merge_buffer_match_contiguous(cuda_engine_tiny):
+    """The shared engine hands the CUDA engine a [11, n] view of a [11, capacity] buffer (copied row by row)."""
+    from charon.engine_service import MergeBuffer, decode_batch, encode_batch
+
+    rng = np.random.default_rng(3)
+    tables = [random_event(n, rng, radius=200.0) for n in (9, 14, 5)]
+    buf = MergeBuffer(64)
+    for ids in ([0, 1], [2]):
+        frames = encode_batch(1, _batch([tables[i] for i in ids], ids))
+        buf.append(decode_batch([bytes(memoryview(f)) for f in frames[1:]])[1])
+    strided = buf.seal(contiguous=False).photons
+    assert not strided.table.flags.c_contiguous
+    got = cuda_engine_tiny.propagate(strided)
+    want = cuda_engine_tiny.propagate(_batch(tables, [0, 1, 2]))
+    np.testing.assert_array_equal(got.offsets, want.offsets)
+    np.testing.assert_array_equal(got.channel, want.channel)
+    np.testing.assert_array_equal(got.table, want.table)
