@@ -225,14 +225,12 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
         sockdir = tempfile.mkdtemp(prefix="charon-")
         address = f"ipc://{sockdir}/engine" if zmq.has("ipc") else "tcp://127.0.0.1:*"
         service = EngineService(factory, address, config.max_batch_photons, context=ctx)
-        service.start()  # builds the engine and compiles its kernels before any front end starts
+        service.start()  # its thread builds the engine and compiles kernels before any front end starts
     except Exception as exc:
         log.error("cannot start: %s", exc)
         return 2
     if config.metrics_port is not None:
         metrics_server = service.metrics.serve(config.metrics_port + config.procs)
-    service_thread = threading.Thread(target=service.serve_forever, name="charon-engine-service", daemon=True)
-    service_thread.start()
 
     front = ctx.socket(zmq.ROUTER)
     back = ctx.socket(zmq.DEALER)
@@ -266,7 +264,7 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
         front.close(0)
         back.close(0)
         service.stop()
-        service_thread.join(30)
+        service.join(30)
         if config.metrics_port is not None:
             metrics_server.shutdown()
         if service.address.startswith("ipc://"):

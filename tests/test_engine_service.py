@@ -166,8 +166,6 @@ class Shared:
         self.engine = Recording(CPUEngine(det, EngineConfig(seed=SEED)), gate)
         self.service = EngineService(lambda: self.engine, "tcp://127.0.0.1:*", max_batch_photons)
         self.service.start(30)
-        self.thread = threading.Thread(target=self.service.serve_forever, daemon=True)
-        self.thread.start()
         self.fronts = [run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", seed=SEED,
                                                   max_batch_photons=max_batch_photons, max_wait_ms=max_wait_ms,
                                                   engine_service=self.service.address), detector=det)
@@ -187,8 +185,8 @@ class Shared:
             th.join(10)
             assert not th.is_alive()
         self.service.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
+        self.service.join(10)
+        assert not self.service.is_alive()
 
 
 def test_front_ends_batches_are_merged_into_one_engine_call(det, ref):

@@ -3,9 +3,10 @@
 Per batch, on one stream: photons copied in once from pinned host memory into
 preallocated device buffers; one propagation launch runs every photon to the
 end (hit selection fused in); an exclusive scan plus a scatter put the hits in
-event order; only the hits and the per-event hit offsets come back. The one
-host synchronisation per batch reads the total hit count, which sizes the
-copy-out. Stages are timed with CUDA events.
+event order; only the hits and the per-event hit offsets come back. All of it
+is queued at once (:meth:`CUDAEngine.launch`); the one host synchronisation
+per batch (:meth:`CUDAEngine.finish`) reads the total hit count, which sizes
+the copy-out. Stages are timed with CUDA events.
 """
 
 from __future__ import annotations
@@ -98,6 +99,16 @@ def cuda_kernels():
     return k
 
 
+class _Launch:
+    """A batch queued on the stream: its sizes and timing events (0: start, 1: copied in,
+    2: propagated, 3: demultiplexed, 4: queued work done, 5-6: around the hits' copy-out)."""
+
+    __slots__ = ("n", "E", "events")
+
+    def __init__(self, n, E, events):
+        self.n, self.E, self.events = n, E, events
+
+
 class CUDAEngine(Engine):
     name = "cuda"
     strided_rows = True
@@ -153,10 +164,17 @@ class CUDAEngine(Engine):
 
     # ----------------------------------------------------------- propagate
     def propagate(self, batch: PhotonBatch, keep_photons: bool = False) -> HitBatch:
+        return self.finish(self.launch(batch, keep_photons))
+
+    def launch(self, batch: PhotonBatch, keep_photons: bool = False) -> "_Launch":
+        """Queue the whole batch on the stream and return at once (asynchronous engine interface).
+
+        ``batch``'s host memory must stay untouched until :meth:`finish`: the copy-in
+        reads it asynchronously."""
         n, E = batch.n_photons, batch.n_events
         self._reserve(max(n, E))
-        k, s = self.k, self.stream
-        ev = [_event() for _ in range(5)]
+        s = self.stream
+        ev = [_event() for _ in range(7)]
         ev[0].record(s)
         d_table = self.d_table[: N_ROWS * n].reshape(N_ROWS, n)
         if n:
@@ -172,40 +190,56 @@ class CUDAEngine(Engine):
         self.d_offsets[: E + 1].copy_to_device(batch.offsets, stream=s)
         ev[1].record(s)
         blocks = max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
-        k.propagate_kernel[blocks, THREADS_PER_BLOCK, s](
+        self.k.propagate_kernel[blocks, THREADS_PER_BLOCK, s](
             d_table, self.d_flags, self.d_last, self.d_channel, self.d_is_hit, self.d_slot, self.d_event_id,
             self.d_first_index, self.d_offsets, np.uint32(self.config.seed & 0xFFFFFFFF), self.config.max_steps,
             self.d_tri_channel, *self.d_geometry,
         )  # fmt: skip
         ev[2].record(s)
-        hits = self._demux(d_table, n, E, ev[3])
-        ev[4].record(s)
+        self._scan_scatter(d_table, n, E)
+        ev[3].record(s)
         if keep_photons and n:
             d_table.copy_to_host(batch.table, stream=s)
             self.d_flags[:n].copy_to_host(batch.flags, stream=s)
+        ev[4].record(s)
+        return _Launch(n, E, ev)
+
+    def ready(self, launch: "_Launch") -> bool:
+        """True once the batch's GPU work is done (never blocks)."""
+        query = getattr(launch.events[4], "query", None)  # the simulator runs synchronously
+        return True if query is None else bool(query())
+
+    def finish(self, launch: "_Launch") -> HitBatch:
+        """Wait for the batch, copy its hits out (sized by the hit total) and return them."""
+        ev = launch.events
         ev[4].synchronize()
-        s.synchronize()
+        ev[5].record(self.stream)
+        hits = self._copy_out(launch.n, launch.E)
+        ev[6].record(self.stream)
+        ev[6].synchronize()
         t = self.last_times
         t.copy_in = _elapsed(ev[0], ev[1])
         t.propagate = _elapsed(ev[1], ev[2])
         t.demux = _elapsed(ev[2], ev[3])
-        t.copy_out = _elapsed(ev[3], ev[4])
+        # Device time only: the gap between launch and finish (4 -> 5) is not engine work.
+        t.copy_out = _elapsed(ev[3], ev[4]) + _elapsed(ev[5], ev[6])
         return hits
 
-    def _demux(self, d_table, n: int, E: int, ev_scattered) -> HitBatch:
-        """Scan ``d_is_hit``, scatter hits into event order and copy them out (records ``ev_scattered``)."""
+    def _scan_scatter(self, d_table, n: int, E: int) -> None:
+        """Scan ``d_is_hit``, per-event hit offsets, scatter hits into event order; queue the total's read-back."""
         k, s = self.k, self.stream
         blocks = max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
         self.scan(self.d_is_hit, self.d_pos, n + 1, s)
-        self.d_pos[n : n + 1].copy_to_host(self.h_total, stream=s)
         k.event_offsets[max(1, (E + 256) // 256), 256, s](self.d_pos, self.d_offsets, self.d_hit_offsets, E)
-        s.synchronize()  # the hit total sizes the scatter and the copy-out
-        H = int(self.h_total[0])
-        if H:
+        if n:
             k.scatter_hits[blocks, THREADS_PER_BLOCK, s](
-                d_table, self.d_flags, self.d_channel, self.d_pos, self.d_out_f, self.d_out_u, n, H
+                d_table, self.d_flags, self.d_channel, self.d_pos, self.d_out_f, self.d_out_u, n
             )
-        ev_scattered.record(s)
+        self.d_pos[n : n + 1].copy_to_host(self.h_total, stream=s)
+
+    def _copy_out(self, n: int, E: int) -> HitBatch:
+        s = self.stream
+        H = int(self.h_total[0])
         out_f = np.empty(8 * H, np.float32)
         out_u = np.empty(2 * H, np.uint32)
         offsets = np.empty(E + 1, np.int32)
@@ -230,7 +264,9 @@ class CUDAEngine(Engine):
         is_hit[:n] = np.asarray(channel) >= 0
         self.d_is_hit[: n + 1].copy_to_device(is_hit, stream=s)
         self.d_offsets[: E + 1].copy_to_device(np.asarray(photon_offsets, np.int64), stream=s)
-        return self._demux(d_table, n, E, _event())
+        self._scan_scatter(d_table, n, E)
+        s.synchronize()
+        return self._copy_out(n, E)
 
     def close(self) -> None:
         self.stream.synchronize()

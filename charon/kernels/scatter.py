@@ -56,9 +56,13 @@ def make_scatter(block: int):
             hit_offsets[s] = pos[photon_offsets[s]]
 
     @cuda.jit
-    def scatter_hits(table, flags, channel, pos, out_f, out_u, n, n_hits):
-        """out_f [8, n_hits] (dx..time rows), out_u [2, n_hits] (channel, flags), flattened."""
+    def scatter_hits(table, flags, channel, pos, out_f, out_u, n):
+        """out_f [8, n_hits] (dx..time rows), out_u [2, n_hits] (channel, flags), flattened.
+
+        The hit total is read here from ``pos[n]`` rather than passed in, so the host
+        queues the whole batch without waiting for it (one synchronisation per batch)."""
         i = cuda.grid(1)
+        n_hits = pos[n]
         if i < n and channel[i] >= 0:
             j = pos[i]
             for r in range(8):
