@@ -219,7 +219,8 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
     from .server import engine_setup
 
     log = logging.getLogger("charon")
-    ctx = zmq.Context.instance()
+    # Every client message crosses two sockets here (the proxy): more than one I/O thread.
+    ctx = zmq.Context(io_threads=2)
     try:
         _detector, factory = engine_setup(config)
         sockdir = tempfile.mkdtemp(prefix="charon-")

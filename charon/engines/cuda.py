@@ -12,6 +12,7 @@ the copy-out. Stages are timed with CUDA events.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import numpy as np
@@ -97,6 +98,17 @@ def cuda_kernels():
     block = 8 if simulator() else 1024  # small in the simulator: multi-level scans on tiny inputs
     k.Scan, k.event_offsets, k.scatter_hits = make_scatter(block)
     return k
+
+
+class _QuietNotReady(logging.Filter):
+    """numba logs every ``cuEventQuery`` that answers "not ready yet" as an error; for
+    :meth:`CUDAEngine.ready` that is the expected answer, not an error."""
+
+    def filter(self, record):
+        return "CUDA_ERROR_NOT_READY" not in record.getMessage()
+
+
+logging.getLogger("numba.cuda.cudadrv.driver").addFilter(_QuietNotReady())
 
 
 class _Launch:
