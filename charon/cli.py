@@ -227,11 +227,11 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
         address = f"ipc://{sockdir}/engine" if zmq.has("ipc") else "tcp://127.0.0.1:*"
         service = EngineService(factory, address, config.max_batch_photons, context=ctx)
         service.start()  # its thread builds the engine and compiles kernels before any front end starts
+        if config.metrics_port is not None:
+            metrics_server = service.metrics.serve(config.metrics_port + config.procs)
     except Exception as exc:
         log.error("cannot start: %s", exc)
         return 2
-    if config.metrics_port is not None:
-        metrics_server = service.metrics.serve(config.metrics_port + config.procs)
 
     front = ctx.socket(zmq.ROUTER)
     back = ctx.socket(zmq.DEALER)
