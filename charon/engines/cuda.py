@@ -111,6 +111,33 @@ class _QuietNotReady(logging.Filter):
 logging.getLogger("numba.cuda.cudadrv.driver").addFilter(_QuietNotReady())
 
 
+class _DirectCopy:
+    """Host-to-device copies as one driver call each (cuda.bindings, numba-cuda's own binding).
+
+    Measured on the H200 host (benchmarks/launch_overhead.py): numba's
+    ``DeviceNDArray`` slicing plus ``copy_to_device`` cost ~80 us of Python per
+    copy, so the 16 copies of a batch took ~1.4 ms whatever its size."""
+
+    def __init__(self, stream):
+        from cuda.bindings import driver
+
+        self._memcpy = driver.cuMemcpyHtoDAsync
+        self._ok = driver.CUresult.CUDA_SUCCESS
+        handle = stream.handle
+        self._stream = handle.value if hasattr(handle, "value") else handle  # ctypes or binding handle
+
+    def __call__(self, d_array, host: np.ndarray, dst_index: int = 0) -> None:
+        """Copy the C-contiguous ``host`` into ``d_array`` from element ``dst_index`` on."""
+        if host.nbytes == 0:
+            return
+        if not host.flags.c_contiguous:
+            raise EngineError("internal: host-to-device copy needs a contiguous host array")
+        dst = d_array.__cuda_array_interface__["data"][0] + dst_index * d_array.dtype.itemsize
+        (err,) = self._memcpy(dst, host.ctypes.data, host.nbytes, self._stream)
+        if err != self._ok:
+            raise EngineError(f"cuMemcpyHtoDAsync failed: {err}")
+
+
 class _Launch:
     """A batch queued on the stream: its sizes and timing events (0: start, 1: copied in,
     2: propagated, 3: demultiplexed, 4: queued work done, 5-6: around the hits' copy-out)."""
@@ -136,6 +163,7 @@ class CUDAEngine(Engine):
         self.tables = t
         self.d_geometry = tuple(cuda.to_device(np.ascontiguousarray(a), stream=self.stream) for a in t.geometry_args())
         self.d_tri_channel = cuda.to_device(t.tri_channel, stream=self.stream)
+        self._h2d = None if simulator() else _DirectCopy(self.stream)
         self.capacity = 0
         self._reserve(min(int(self.config.max_batch_photons), 1 << 16))
         self.stream.synchronize()
@@ -189,17 +217,28 @@ class CUDAEngine(Engine):
         ev = [_event() for _ in range(7)]
         ev[0].record(s)
         d_table = self.d_table[: N_ROWS * n].reshape(N_ROWS, n)
-        if n:
-            if batch.table.flags.c_contiguous:
-                d_table.copy_to_device(batch.table, stream=s)
-            else:  # rows of a preallocated [11, capacity] buffer (the shared engine's merge): one copy per row
-                for r in range(N_ROWS):
-                    d_table[r].copy_to_device(batch.table[r], stream=s)
-            self.d_flags[:n].copy_to_device(batch.flags, stream=s)
-            self.d_slot[:n].copy_to_device(batch.slot, stream=s)
-        self.d_event_id[:E].copy_to_device(batch.event_id, stream=s)
-        self.d_first_index[:E].copy_to_device(batch.first_index, stream=s)
-        self.d_offsets[: E + 1].copy_to_device(batch.offsets, stream=s)
+        h2d = self._h2d
+        if h2d is not None:  # direct driver calls: the fixed cost per batch is mostly these copies' overhead
+            if n:
+                for r in range(N_ROWS):  # device rows have stride n; host rows may be strided (merge buffer)
+                    h2d(self.d_table, batch.table[r], r * n)
+                h2d(self.d_flags, batch.flags[:n])
+                h2d(self.d_slot, batch.slot[:n])
+            h2d(self.d_event_id, np.ascontiguousarray(batch.event_id, np.uint32))
+            h2d(self.d_first_index, np.ascontiguousarray(batch.first_index, np.uint32))
+            h2d(self.d_offsets, np.ascontiguousarray(batch.offsets, np.int64))
+        else:  # the simulator (CI)
+            if n:
+                if batch.table.flags.c_contiguous:
+                    d_table.copy_to_device(batch.table, stream=s)
+                else:  # rows of a preallocated [11, capacity] buffer (the shared engine's merge)
+                    for r in range(N_ROWS):
+                        d_table[r].copy_to_device(batch.table[r], stream=s)
+                self.d_flags[:n].copy_to_device(batch.flags, stream=s)
+                self.d_slot[:n].copy_to_device(batch.slot, stream=s)
+            self.d_event_id[:E].copy_to_device(batch.event_id, stream=s)
+            self.d_first_index[:E].copy_to_device(batch.first_index, stream=s)
+            self.d_offsets[: E + 1].copy_to_device(batch.offsets, stream=s)
         ev[1].record(s)
         blocks = max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
         self.k.propagate_kernel[blocks, THREADS_PER_BLOCK, s](
