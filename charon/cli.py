@@ -225,7 +225,8 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
         _detector, factory = engine_setup(config)
         sockdir = tempfile.mkdtemp(prefix="charon-")
         address = f"ipc://{sockdir}/engine" if zmq.has("ipc") else "tcp://127.0.0.1:*"
-        service = EngineService(factory, address, config.max_batch_photons, context=ctx)
+        service = EngineService(factory, address, config.max_batch_photons, context=ctx,
+                                max_batch_events=config.max_batch_events)  # fmt: skip
         service.start()  # its thread builds the engine and compiles kernels before any front end starts
         if config.metrics_port is not None:
             metrics_server = service.metrics.serve(config.metrics_port + config.procs)

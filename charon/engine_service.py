@@ -174,8 +174,9 @@ class MergeBuffer:
     batch's final size is known; engines that need a contiguous table get a copy
     (``Engine.strided_rows``)."""
 
-    def __init__(self, capacity: int, alloc=np.empty):
+    def __init__(self, capacity: int, alloc=np.empty, max_events: int = 0):
         self.capacity = capacity
+        self.max_events = max_events  # 0: no limit; 1: one event per engine call (ChAR0N-style comparison)
         host = HostBuffer(alloc)
         host.reserve(capacity, capacity)
         self.table = host.table[: N_ROWS * capacity].reshape(N_ROWS, capacity)  # [N_ROWS, capacity] float32
@@ -186,6 +187,8 @@ class MergeBuffer:
         self.n_events = 0
 
     def fits(self, sub: SubBatch) -> bool:
+        if self.max_events and self.subs and self.n_events + sub.n_events > self.max_events:
+            return False
         return self.n + sub.n_photons <= self.capacity
 
     def append(self, sub: SubBatch) -> None:
@@ -252,11 +255,13 @@ class EngineService:
 
     spin_sleep = 50e-6  # seconds between GPU polls while a batch runs and no message arrives
 
-    def __init__(self, engine_factory, address: str, max_batch_photons: int, context: zmq.Context | None = None):
+    def __init__(self, engine_factory, address: str, max_batch_photons: int, context: zmq.Context | None = None,
+                 max_batch_events: int = 0):  # fmt: skip
         self.ctx = context or zmq.Context.instance()
         self.busy = BusyClock()
         self.metrics = Metrics(self.busy)  # engine-side figures; the front ends count events
         self.max_batch_photons = int(max_batch_photons)
+        self.max_batch_events = int(max_batch_events)
         self._factory = engine_factory
         self._address = address
         self.address: str | None = None
@@ -291,7 +296,7 @@ class EngineService:
             self.engine = self._factory()
             self.engine.warm_up()
             alloc = getattr(self.engine, "host_alloc", None) or np.empty
-            self._free = [MergeBuffer(self.max_batch_photons, alloc) for _ in range(2)]
+            self._free = [MergeBuffer(self.max_batch_photons, alloc, self.max_batch_events) for _ in range(2)]
             self._building = self._free.pop()
             self._waiting: collections.deque[SubBatch] = collections.deque()  # did not fit the building batch
             self._running: _Running | None = None

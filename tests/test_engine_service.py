@@ -127,6 +127,15 @@ def test_merge_buffer_equals_concatenation_and_engine_results_split_back(ref):
     assert not buf.fits(sub_of([ev(900, 9)], [9]))
 
 
+def test_merge_buffer_event_limit_keeps_one_event_per_call():
+    buf = MergeBuffer(1000, max_events=1)
+    one, two = sub_of([ev(5, 1)], [1]), sub_of([ev(5, 2)], [2])
+    assert buf.fits(one)
+    buf.append(one)
+    assert not buf.fits(two)
+    assert MergeBuffer(1000, max_events=2).fits(two)
+
+
 def test_concat_slots_inverts_slot_range():
     hits = HitBatch(np.arange(6, dtype=np.uint32), np.zeros((8, 6), np.float32), np.zeros(6, np.uint32),
                     np.array([0, 2, 2, 5, 6]))  # fmt: skip
