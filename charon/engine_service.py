@@ -501,13 +501,25 @@ class ServiceLink:
                 return
             kind = frames[0].bytes
             if kind == HITS:
-                batch_id, hits, failed, error, seconds = decode_hits(frames[1:])
-                batch = self._pending.pop(batch_id)
+                try:
+                    batch_id, hits, failed, error, seconds = decode_hits(frames[1:])
+                except ValueError as exc:  # a bug in the service; its batch stays unanswered, clients retry
+                    log.error("malformed HITS from the shared engine: %s", exc)
+                    continue
+                batch = self._pending.pop(batch_id, None)
+                if batch is None or len(batch.slots) != len(hits.offsets) - 1:
+                    log.error("HITS from the shared engine for unknown batch %d or with the wrong events", batch_id)
+                    if batch is not None:
+                        self._pending[batch_id] = batch
+                    continue
                 self.results.append(BatchResult(batch, _parts(batch.slots, hits, failed, error), seconds,
                                                 StageTimes()))  # fmt: skip
-            elif kind == REFUSED:
+            elif kind == REFUSED and len(frames) == 3 and len(frames[1].bytes) == _ID.size:
                 batch_id = _ID.unpack(frames[1].bytes)[0]
-                batch = self._pending.pop(batch_id)
+                batch = self._pending.pop(batch_id, None)
+                if batch is None:
+                    log.error("REFUSED from the shared engine for unknown batch %d", batch_id)
+                    continue
                 reason = frames[2].bytes.decode("utf-8", "replace")
                 self.results.append(BatchResult(batch, [SlotsResult(batch.slots, None, f"shared engine: {reason}")],
                                                 0.0, StageTimes()))  # fmt: skip

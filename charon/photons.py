@@ -64,7 +64,7 @@ class PhotonBatch:
         lo, hi = int(self.offsets[a]), int(self.offsets[b])
         counts = np.diff(self.offsets[a : b + 1])
         return PhotonBatch(
-            table=np.ascontiguousarray(self.table[:, lo:hi]),
+            table=np.array(self.table[:, lo:hi], order="C"),  # always a copy, even of a whole contiguous table
             flags=self.flags[lo:hi].copy(),
             slot=np.repeat(np.arange(b - a, dtype=np.int32), counts),
             offsets=self.offsets[a : b + 1] - lo,

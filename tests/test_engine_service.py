@@ -299,3 +299,46 @@ def test_split_event_across_merged_batches(det, ref):
         np.testing.assert_array_equal(r.hits["time"], alone(ref, 3, t).table[7])
     finally:
         sh.stop()
+
+
+def test_front_end_survives_bad_answers_from_the_engine_side(det, ref):
+    """A stand-in service answers garbage first; the front end logs it and still serves the event."""
+    ctx = zmq.Context.instance()
+    fake = ctx.socket(zmq.ROUTER)
+    fake.setsockopt(zmq.LINGER, 0)
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+    hello = {}
+
+    def answer_hello():  # the front end waits for it before it binds; the socket is used here only until joined
+        if fake.poll(10_000):
+            hello["peer"], hello["msg"] = fake.recv_multipart()
+            fake.send_multipart([hello["peer"], b"ENGINE", b"fake"])
+
+    greeter = threading.Thread(target=answer_hello)
+    greeter.start()
+    srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", seed=SEED, max_wait_ms=0,
+                                         engine_service=f"tcp://127.0.0.1:{port}"), detector=det)  # fmt: skip
+    greeter.join(15)
+    assert hello.get("msg") == b"HELLO"
+    peer = hello["peer"]
+    client = DealerClient(srv.address)
+    try:
+        t = ev(200, 5)
+        client.submit(5, t)
+        assert fake.poll(10_000)
+        frames = fake.recv_multipart()
+        bid, sub = decode_batch(frames[2:])
+        hits = ref.propagate(sub.photons(0, sub.n_events))
+        good = encode_hits(bid, hits, np.zeros(1, bool), "", 0.0)
+        fake.send_multipart([peer, *good[:3]])  # truncated HITS
+        fake.send_multipart([peer, HITS, (bid + 7).to_bytes(8, "little") + good[1][8:], *good[2:]])  # unknown id
+        fake.send_multipart([peer, REFUSED, b"\0"])  # malformed REFUSED
+        fake.send_multipart([peer, *good])
+        r = client.recv(10_000)
+        assert r.kind == P.SIM_COMPLETE and r.event_id == 5
+        np.testing.assert_array_equal(r.hits["channel"], alone(ref, 5, t).channel)
+    finally:
+        client.close()
+        srv.stop()
+        th.join(10)
+        fake.close(0)
