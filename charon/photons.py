@@ -118,35 +118,18 @@ class HitBatch:
 
     @classmethod
     def concat_slots(cls, parts: list["HitBatch"]) -> "HitBatch":
-        """Join HitBatches of consecutive slot ranges into one (offsets shifted, not per-event)."""
-        if len(parts) == 1:
-            return parts[0]
-        n_events = sum(len(p.offsets) - 1 for p in parts)
-        offsets = np.zeros(n_events + 1, np.int64)
-        e = h = 0
-        for p in parts:
-            k = len(p.offsets) - 1
-            offsets[e + 1 : e + k + 1] = p.offsets[1:] + h
-            e, h = e + k, h + p.n_hits
-        return cls(
-            np.concatenate([p.channel for p in parts]),
-            np.concatenate([p.table for p in parts], axis=1),
-            np.concatenate([p.flags for p in parts]),
-            offsets,
-        )
-
-    @classmethod
-    def concat_events(cls, parts: list["HitBatch"]) -> "HitBatch":
-        """Stack single-event HitBatches as consecutive events of one HitBatch."""
+        """Join HitBatches of consecutive slot ranges (or single events) into one, offsets shifted."""
         if not parts:
             return empty_hits(0)
-        offsets = np.zeros(len(parts) + 1, np.int64)
-        np.cumsum(np.fromiter((p.n_hits for p in parts), np.int64, len(parts)), out=offsets[1:])
+        if len(parts) == 1:
+            return parts[0]
+        shifts = np.cumsum([0] + [p.n_hits for p in parts[:-1]])
+        offsets = np.concatenate([np.zeros(1, np.int64)] + [p.offsets[1:] + h for p, h in zip(parts, shifts)])
         return cls(
             np.concatenate([p.channel for p in parts]),
             np.concatenate([p.table for p in parts], axis=1),
             np.concatenate([p.flags for p in parts]),
-            offsets,
+            offsets.astype(np.int64),
         )
 
     @classmethod

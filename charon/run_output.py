@@ -104,7 +104,7 @@ class RunWriter:
             return
         import awkward as ak
 
-        hits = HitBatch.concat_events(self._hits)
+        hits = HitBatch.concat_slots(self._hits)
         counts = np.diff(hits.offsets)
         data = {"event_id": np.asarray(self._ids, np.uint32), "channel_id": ak.unflatten(hits.channel, counts)}
         for name, row in _ROW.items():
