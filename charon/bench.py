@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import protocol as P
 from .cli import count
-from .server import recv_message, send_message
+from .sockets import recv_message, send_message
 from .sources import random_event
 
 
@@ -324,7 +324,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="charon-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--address", help="address of a running charon-batch (else --spawn-server)")
-    ap.add_argument("--metrics-url", help="its Prometheus endpoint, e.g. http://host:9100/metrics")
+    ap.add_argument("--metrics-url", help="its Prometheus endpoint, e.g. http://host:9100/metrics; "
+                    "several comma-separated (--procs front ends and the shared engine) are summed")
     ap.add_argument("--spawn-server", action="store_true", help="start charon-batch with the flags after --")
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     ap.add_argument("--client-mode", choices=("req", "dealer"), default="req",
@@ -372,7 +373,8 @@ def main(argv=None) -> int:
         if cfg.spawn_server:
             with spawned_server(server_args + extra) as (addr, murl):
                 return run_load(cfg, addr, murl)
-        return run_load(cfg, cfg.address, cfg.metrics_url)
+        urls = cfg.metrics_url.split(",") if cfg.metrics_url and "," in cfg.metrics_url else cfg.metrics_url
+        return run_load(cfg, cfg.address, urls)
 
     results["batched"] = measure([])
     if cfg.sweep_batch:

@@ -39,6 +39,8 @@ HELP = {
     "procs": "front-end processes behind a C-level zmq proxy on --bind, so that the per-event Python work "
     "(decode, batching, replies) runs in parallel; their batches are merged into one engine in the launcher "
     "(one CUDA context, large batches). 1: a single process",
+    "io_threads": "with --procs: ZeroMQ I/O threads of the proxy, which carries every client message twice "
+    "(0: one per front end plus one, at most 8)",
     "upstream": "internal: the proxy backend a --procs front end connects to",
     "engine_service": "internal: the shared engine a --procs front end sends its batches to",
 }
@@ -208,6 +210,7 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
     across machines use charon-router. Metrics: front end i on
     --metrics-port + i, the shared engine on --metrics-port + N.
     """
+    import contextlib
     import os
     import subprocess
     import tempfile
@@ -216,16 +219,23 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
     import zmq
 
     from .engine_service import EngineService
+    from .threads import set_native_thread_name
     from .server import engine_setup
 
     log = logging.getLogger("charon")
-    # Every client message crosses two sockets here (the proxy): more than one I/O thread.
-    ctx = zmq.Context(io_threads=2)
+    # Every client message crosses two sockets here (the proxy), and its I/O threads do the
+    # socket reads and writes: one I/O thread saturated at ~24k events/s of 1000 photons
+    # (H200 host, benchmarks/RESULTS.md). The engine service gets a context of its own so
+    # that its traffic does not queue behind the clients'.
+    io_threads = config.io_threads or min(8, config.procs + 1)
+    ctx = zmq.Context(io_threads=io_threads)
+    service_ctx = zmq.Context(io_threads=1)
     try:
         _detector, factory = engine_setup(config)
         sockdir = tempfile.mkdtemp(prefix="charon-")
-        address = f"ipc://{sockdir}/engine" if zmq.has("ipc") else "tcp://127.0.0.1:*"
-        service = EngineService(factory, address, config.max_batch_photons, context=ctx,
+        use_ipc = zmq.has("ipc")
+        address = f"ipc://{sockdir}/engine" if use_ipc else "tcp://127.0.0.1:*"
+        service = EngineService(factory, address, config.max_batch_photons, context=service_ctx,
                                 max_batch_events=config.max_batch_events)  # fmt: skip
         service.start()  # its thread builds the engine and compiles kernels before any front end starts
         if config.metrics_port is not None:
@@ -240,17 +250,21 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
         s.setsockopt(zmq.SNDHWM, 0)
         s.setsockopt(zmq.RCVHWM, 0)
     front.bind(config.bind)
-    port = back.bind_to_random_port("tcp://127.0.0.1")
-    upstream = f"tcp://127.0.0.1:{port}"
+    if use_ipc:  # a Unix socket costs the I/O threads less than loopback TCP
+        upstream = f"ipc://{sockdir}/upstream"
+        back.bind(upstream)
+    else:
+        upstream = f"tcp://127.0.0.1:{back.bind_to_random_port('tcp://127.0.0.1')}"
 
     def proxy():
+        set_native_thread_name("charon-proxy")
         try:
             zmq.proxy(front, back)
         except zmq.ZMQError:  # the sockets were closed at shutdown
             pass
 
     threading.Thread(target=proxy, name="charon-proxy", daemon=True).start()
-    base = _strip_flags(argv, ("--procs", "--bind", "--upstream", "--metrics-port", "--engine-service"))
+    base = _strip_flags(argv, ("--procs", "--io-threads", "--bind", "--upstream", "--metrics-port", "--engine-service"))
 
     def start(i):
         cmd = [sys.executable, "-m", "charon.cli", *base, "--upstream", upstream, "--engine-service", service.address]
@@ -258,8 +272,8 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
             cmd += ["--metrics-port", str(config.metrics_port + i)]
         return subprocess.Popen(cmd)
 
-    log.info("charon-batch: %d front-end processes behind %s, one shared %s engine", config.procs, config.bind,
-             service.engine.name)  # fmt: skip
+    log.info("charon-batch: %d front-end processes behind %s (%d I/O threads), one shared %s engine",
+             config.procs, config.bind, io_threads, service.engine.name)  # fmt: skip
     try:
         return _supervise("front-end process", start, config.procs)
     finally:
@@ -269,12 +283,11 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
         service.join(30)
         if config.metrics_port is not None:
             metrics_server.shutdown()
-        if service.address.startswith("ipc://"):
-            try:
-                os.unlink(service.address[len("ipc://"):])
-                os.rmdir(sockdir)
-            except OSError:
-                pass
+        for name in ("engine", "upstream"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(sockdir, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(sockdir)
 
 
 ROUTER_HELP = {

@@ -57,6 +57,8 @@ from .engines.base import EngineError, StageTimes
 from .metrics import BusyClock, Metrics
 from .photons import N_ROWS, HitBatch, PhotonBatch, empty_hits
 from .scheduler.batcher import HostBuffer
+from .sockets import recv_message, send_message
+from .threads import set_native_thread_name
 
 log = logging.getLogger("charon.engine_service")
 
@@ -292,6 +294,7 @@ class EngineService:
 
     # ------------------------------------------------------------ thread
     def _serve(self) -> None:
+        set_native_thread_name("charon-engine")
         try:
             self.engine = self._factory()
             self.engine.warm_up()
@@ -334,12 +337,21 @@ class EngineService:
                     self._launch()
                 self._reply(running, results)
             if events:
-                for _ in range(64):  # bounded: the GPU is polled again soon
+                for _ in range(256):  # bounded, so that stopping is noticed
                     try:
-                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = recv_message(self.socket)
                     except zmq.Again:
                         break
                     self._handle(frames)
+                    # Between messages, not after a burst of them: a finished batch is collected and
+                    # the next one launched within one message's handling (measured: the GPU idled
+                    # for whole bursts when it was checked once per 64 messages).
+                    running = self._running
+                    if running is not None and self._engine_ready(running.handle):
+                        self._running = None
+                        results = self._collect(running)
+                        self._launch()
+                        self._reply(running, results)
             if self._running is None and self._building.subs:
                 self._launch()
             self.metrics.host_seconds.inc(time.perf_counter() - t0)
@@ -436,8 +448,7 @@ class EngineService:
         for sub, hits in results:
             n_hits += hits.n_hits
             failed = sub.failed if sub.failed is not None else np.zeros(sub.n_events, bool)
-            self.socket.send_multipart([sub.peer, *encode_hits(sub.batch_id, hits, failed, sub.error, seconds)],
-                                       copy=False)  # fmt: skip
+            send_message(self.socket, [sub.peer, *encode_hits(sub.batch_id, hits, failed, sub.error, seconds)])
         photons = running.n_photons
         m = self.metrics
         m.batches.inc()
@@ -491,12 +502,12 @@ class ServiceLink:
         self._next_id += 1
         self._pending[self._next_id] = batch
         # Large frames go zero-copy; the buffer is not reused before its HITS come back.
-        self.sock.send_multipart(encode_batch(self._next_id, batch.photons), copy=False)
+        send_message(self.sock, encode_batch(self._next_id, batch.photons), copy=False)
 
     def poll_results(self) -> None:
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_message(self.sock)
             except zmq.Again:
                 return
             kind = frames[0].bytes

@@ -22,6 +22,7 @@ import zmq
 from .metrics import BusyClock
 from .photons import HitBatch
 from .scheduler.batcher import Batch, HostBuffer, Slot, assemble
+from .threads import set_native_thread_name
 
 log = logging.getLogger("charon.engine")
 
@@ -92,6 +93,7 @@ class EngineThread:
 
     # ------------------------------------------------------------- thread
     def _run(self):
+        set_native_thread_name("charon-engine")
         notify = self._ctx.socket(zmq.PUSH)
         notify.connect(self._notify_address)
         try:

@@ -33,10 +33,9 @@ from .scheduler.batcher import Batcher
 from .scheduler.queue import make_queue
 from .run_output import Run, RunWriter, output_path
 from .scheduler.request import EventRequest, Route
+from .sockets import recv_message, send_message
 
 log = logging.getLogger("charon.server")
-_NOBLOCK = int(zmq.NOBLOCK)
-_SNDMORE = int(zmq.SNDMORE)
 
 
 @dataclass
@@ -63,6 +62,7 @@ class ServerConfig:
     device: int = 0
     connect: str | None = None
     procs: int = 1
+    io_threads: int = 0
     upstream: str | None = None
     engine_service: str | None = None
     heartbeat_interval: float = 1.0
@@ -86,32 +86,10 @@ class ServerConfig:
             raise ValueError("--output-basket-events must be >= 1")
         if self.procs < 1:
             raise ValueError("--procs must be >= 1")
+        if self.io_threads < 0:
+            raise ValueError("--io-threads must be >= 0")
         if self.procs > 1 and self.output_dir:
             raise ValueError("--output-dir needs one process (a run's events must reach the same writer): drop --procs")
-
-
-def recv_message(sock) -> list:
-    """One multipart message as zmq.Frames, without blocking (raises zmq.Again when none).
-
-    Following ``Frame.more`` instead of ``recv_multipart`` (a getsockopt per part,
-    enum flag arithmetic) takes a 14-part PHOTONDATA from ~22 to ~8 us; the
-    frames are used zero-copy by numpy.
-    """
-    recv = sock.recv
-    f = recv(_NOBLOCK, copy=False)
-    parts = [f]
-    while f.more:
-        f = recv(0, copy=False)
-        parts.append(f)
-    return parts
-
-
-def send_message(sock, parts: list) -> None:
-    """Send a multipart message with plain-int flags (send_multipart re-derives enum flags per part)."""
-    send = sock.send
-    for f in parts[:-1]:
-        send(f, _SNDMORE)
-    send(parts[-1], 0)
 
 
 def split_envelope(frames: list) -> tuple[list, list]:

@@ -161,3 +161,64 @@ def test_strided_rows_from_the_shared_engine_merge_buffer_match_contiguous(cuda_
     np.testing.assert_array_equal(got.offsets, want.offsets)
     np.testing.assert_array_equal(got.channel, want.channel)
     np.testing.assert_array_equal(got.table, want.table)
+
+
+def test_device_view_abi_is_numbas_c_contiguous_array_layout():
+    from charon.engines.cuda_launch import DeviceView
+
+    v = DeviceView(ptr=0x7F0000001000, shape=(11, 5), itemsize=4, dtype=np.dtype(np.float32))
+    # meminfo, parent, size, itemsize, data, shape..., strides in bytes (row-major)
+    assert v.abi() == [0, 0, 55, 4, 0x7F0000001000, 11, 5, 20, 4]
+    assert DeviceView(16, (7,), 8, np.dtype(np.int64)).abi() == [0, 0, 7, 8, 16, 7, 8]
+
+
+def test_scan_launch_hook_issues_every_level_and_matches_numpy():
+    """The engine's prebound launches enter the scan through ``launch``: every level must go through it."""
+    from numba import cuda
+
+    from charon.engines.cuda import cuda_kernels, simulator
+
+    k = cuda_kernels()
+    block = 8 if simulator() else 1024  # the scan's block size (make_scatter)
+    n = 3 * block * block + 5  # three levels
+    x = np.random.default_rng(4).integers(0, 2, n).astype(np.int32)
+    d_x, d_out = cuda.to_device(x), cuda.device_array(n, np.int32)
+    seen = []
+    stream = cuda.stream()
+
+    def launch(kernel, grid, blk, *args):
+        seen.append(kernel)
+        kernel[grid, blk, stream](*args)
+
+    k.Scan(n)(d_x, d_out, n, stream, launch=launch)
+    stream.synchronize()
+    np.testing.assert_array_equal(d_out.copy_to_host(), np.concatenate([[0], np.cumsum(x)[:-1]]))
+    block_scan, add_offsets = k.Scan.kernels
+    assert seen.count(block_scan) == 3 and seen.count(add_offsets) == 2
+
+
+@REAL_GPU
+def test_prebound_launches_equal_numbas_dispatch(monkeypatch, gpu_pair):
+    """Driver-level launches (cuda_launch.py) must give bit-identical hits to numba's dispatcher,
+    also after the device buffers grow (the parameter blocks are rebuilt)."""
+    from charon.engines.cuda import CUDAEngine
+
+    det = gpu_pair[0]
+    fast = CUDAEngine(det, EngineConfig(seed=3, max_batch_photons=4096))
+    fast.warm_up()
+    assert fast._pre is not None, "prebound launches were not enabled on a real GPU"
+    monkeypatch.setenv("CHARON_CUDA_DISPATCH", "numba")
+    slow = CUDAEngine(det, EngineConfig(seed=3, max_batch_photons=4096))
+    slow.warm_up()
+    assert slow._pre is None
+    rng = np.random.default_rng(5)
+    for sizes in ((1000, 0, 3000), (50_000, 20_000, 7)):  # the second grows the buffers past 65536
+        tables = [random_event(n, rng) for n in sizes]
+        a = fast.propagate(_batch(tables, [4, 5, 6]), keep_photons=False)
+        b = slow.propagate(_batch(tables, [4, 5, 6]))
+        assert a.n_hits > 0
+        np.testing.assert_array_equal(a.offsets, b.offsets)
+        np.testing.assert_array_equal(a.channel, b.channel)
+        np.testing.assert_array_equal(a.table, b.table)
+        np.testing.assert_array_equal(a.flags, b.flags)
+    assert fast._pre is not None and fast.capacity >= 70_007

@@ -36,6 +36,7 @@ from ..kernels.rng import RNG_STATE_SIZE  # noqa: E402
 from ..kernels.scatter import make_scatter  # noqa: E402
 from ..photons import N_ROWS, HitBatch, PhotonBatch  # noqa: E402
 from .base import Engine, EngineConfig, EngineError  # noqa: E402
+from .cuda_launch import PreboundKernel, device_ptr, view  # noqa: E402
 from .tables import kernel_tables  # noqa: E402
 
 THREADS_PER_BLOCK = 128
@@ -109,6 +110,7 @@ class _QuietNotReady(logging.Filter):
 
 
 logging.getLogger("numba.cuda.cudadrv.driver").addFilter(_QuietNotReady())
+log = logging.getLogger("charon.engines.cuda")
 
 
 class _DirectCopy:
@@ -122,6 +124,7 @@ class _DirectCopy:
         from cuda.bindings import driver
 
         self._memcpy = driver.cuMemcpyHtoDAsync
+        self._memcpy_d2h = driver.cuMemcpyDtoHAsync
         self._ok = driver.CUresult.CUDA_SUCCESS
         handle = stream.handle
         self._stream = handle.value if hasattr(handle, "value") else handle  # ctypes or binding handle
@@ -132,10 +135,19 @@ class _DirectCopy:
             return
         if not host.flags.c_contiguous:
             raise EngineError("internal: host-to-device copy needs a contiguous host array")
-        dst = d_array.__cuda_array_interface__["data"][0] + dst_index * d_array.dtype.itemsize
+        dst = device_ptr(d_array) + dst_index * d_array.dtype.itemsize
         (err,) = self._memcpy(dst, host.ctypes.data, host.nbytes, self._stream)
         if err != self._ok:
             raise EngineError(f"cuMemcpyHtoDAsync failed: {err}")
+
+    def to_host(self, host: np.ndarray, d_array, src_index: int = 0) -> None:
+        """Copy ``host.size`` items of ``d_array`` from element ``src_index`` on into the contiguous ``host``."""
+        if host.nbytes == 0:
+            return
+        src = device_ptr(d_array) + src_index * d_array.dtype.itemsize
+        (err,) = self._memcpy_d2h(host.ctypes.data, src, host.nbytes, self._stream)
+        if err != self._ok:
+            raise EngineError(f"cuMemcpyDtoHAsync failed: {err}")
 
 
 class _Launch:
@@ -164,6 +176,12 @@ class CUDAEngine(Engine):
         self.d_geometry = tuple(cuda.to_device(np.ascontiguousarray(a), stream=self.stream) for a in t.geometry_args())
         self.d_tri_channel = cuda.to_device(t.tri_channel, stream=self.stream)
         self._h2d = None if simulator() else _DirectCopy(self.stream)
+        # Kernels launched through the driver once warm_up() has compiled and checked them
+        # (cuda_launch.py); numba's dispatcher before that, in the simulator, or when
+        # CHARON_CUDA_DISPATCH=numba asks for it.
+        self._use_prebound = not simulator() and os.environ.get("CHARON_CUDA_DISPATCH", "prebound") != "numba"
+        self._pre: dict | None = None
+        self._events: list[list] = []  # timing-event sets of finished batches, reused
         self.capacity = 0
         self._reserve(min(int(self.config.max_batch_photons), 1 << 16))
         self.stream.synchronize()
@@ -195,12 +213,63 @@ class CUDAEngine(Engine):
         self.h_total = cuda.pinned_array(1, np.int32)
         self.scan = self.k.Scan(cap + 1)
         self.capacity = cap
+        if self._pre is not None:  # the parameter blocks point at the old buffers
+            self._pre = None
+            self._bind()
 
     def warm_up(self) -> None:
+        """Compile every kernel (2048 photons: the scan's second level too), then prebind them."""
         from ..sources import point_source
 
-        b = PhotonBatch.from_events([point_source(64, np.random.default_rng(0))], [0])
+        b = PhotonBatch.from_events([point_source(2048, np.random.default_rng(0))], [0])
         self.propagate(b)
+        if self._use_prebound and self._pre is None:
+            self._bind()
+
+    def _bind(self) -> None:
+        """Prebound launches of every kernel, each checked against numba's marshalling of the same call."""
+        n, E = min(self.capacity, 4096), 2
+        try:
+            pre = {}
+            mine, numba_args = self._kernel_args(n, E, views=True), self._kernel_args(n, E, views=False)
+            for name, args in mine.items():
+                kernel = getattr(self.k, name)
+                pre[kernel] = PreboundKernel(kernel, args, self.stream)
+                pre[kernel].check(args, numba_args[name])
+            sc = self.scan
+            block_args = (self.d_is_hit, self.d_pos, sc.levels[0], n + 1)
+            add_args = (self.d_pos, sc.tmp[0], n + 1)
+            for kernel, args in zip(self.k.Scan.kernels, (block_args, add_args)):
+                pre[kernel] = PreboundKernel(kernel, args, self.stream)
+                pre[kernel].check(args)
+        except Exception as exc:  # numba-cuda internals differ from what cuda_launch.py expects
+            log.warning("CUDA engine: prebound kernel launches unavailable (%s); using numba's dispatcher", exc)
+            self._use_prebound = False
+            return
+        self._pre = pre
+
+    def _kernel_args(self, n: int, E: int, views: bool) -> dict:
+        """Arguments of the propagation and scatter kernels for a batch of n photons and E events;
+        with ``views`` the batch-sized table is a DeviceView (prebound), else a numba slice."""
+        if views:
+            table = view(self.d_table, (N_ROWS, n))
+        else:
+            table = self.d_table[: N_ROWS * n].reshape(N_ROWS, n)
+        seed = np.uint32(self.config.seed & 0xFFFFFFFF)
+        return {
+            "propagate_kernel": (table, self.d_flags, self.d_last, self.d_channel, self.d_is_hit, self.d_slot,
+                                 self.d_event_id, self.d_first_index, self.d_offsets, seed, self.config.max_steps,
+                                 self.d_tri_channel, *self.d_geometry),
+            "event_offsets": (self.d_pos, self.d_offsets, self.d_hit_offsets, E),
+            "scatter_hits": (table, self.d_flags, self.d_channel, self.d_pos, self.d_out_f, self.d_out_u, n),
+        }  # fmt: skip
+
+    def _run(self, kernel, grid: int, block: int, *args) -> None:
+        pre = self._pre.get(kernel) if self._pre is not None else None
+        if pre is not None:
+            pre(grid, block, *args)
+        else:
+            kernel[grid, block, self.stream](*args)
 
     # ----------------------------------------------------------- propagate
     def propagate(self, batch: PhotonBatch, keep_photons: bool = False) -> HitBatch:
@@ -214,9 +283,9 @@ class CUDAEngine(Engine):
         n, E = batch.n_photons, batch.n_events
         self._reserve(max(n, E))
         s = self.stream
-        ev = [_event() for _ in range(7)]
+        ev = self._events.pop() if self._events else [_event() for _ in range(7)]
         ev[0].record(s)
-        d_table = self.d_table[: N_ROWS * n].reshape(N_ROWS, n)
+        args = self._kernel_args(n, E, views=self._pre is not None)
         h2d = self._h2d
         if h2d is not None:  # direct driver calls: the fixed cost per batch is mostly these copies' overhead
             if n:
@@ -229,6 +298,7 @@ class CUDAEngine(Engine):
             h2d(self.d_offsets, np.ascontiguousarray(batch.offsets, np.int64))
         else:  # the simulator (CI)
             if n:
+                d_table = args["propagate_kernel"][0]
                 if batch.table.flags.c_contiguous:
                     d_table.copy_to_device(batch.table, stream=s)
                 else:  # rows of a preallocated [11, capacity] buffer (the shared engine's merge)
@@ -241,17 +311,18 @@ class CUDAEngine(Engine):
             self.d_offsets[: E + 1].copy_to_device(batch.offsets, stream=s)
         ev[1].record(s)
         blocks = max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
-        self.k.propagate_kernel[blocks, THREADS_PER_BLOCK, s](
-            d_table, self.d_flags, self.d_last, self.d_channel, self.d_is_hit, self.d_slot, self.d_event_id,
-            self.d_first_index, self.d_offsets, np.uint32(self.config.seed & 0xFFFFFFFF), self.config.max_steps,
-            self.d_tri_channel, *self.d_geometry,
-        )  # fmt: skip
+        self._run(self.k.propagate_kernel, blocks, THREADS_PER_BLOCK, *args["propagate_kernel"])
         ev[2].record(s)
-        self._scan_scatter(d_table, n, E)
+        self._scan_scatter(args, n, E)
         ev[3].record(s)
         if keep_photons and n:
-            d_table.copy_to_host(batch.table, stream=s)
-            self.d_flags[:n].copy_to_host(batch.flags, stream=s)
+            if h2d is not None:
+                for r in range(N_ROWS):
+                    h2d.to_host(batch.table[r], self.d_table, r * n)
+                h2d.to_host(batch.flags[:n], self.d_flags)
+            else:
+                args["propagate_kernel"][0].copy_to_host(batch.table, stream=s)
+                self.d_flags[:n].copy_to_host(batch.flags, stream=s)
         ev[4].record(s)
         return _Launch(n, E, ev)
 
@@ -274,19 +345,21 @@ class CUDAEngine(Engine):
         t.demux = _elapsed(ev[2], ev[3])
         # Device time only: the gap between launch and finish (4 -> 5) is not engine work.
         t.copy_out = _elapsed(ev[3], ev[4]) + _elapsed(ev[5], ev[6])
+        self._events.append(ev)
         return hits
 
-    def _scan_scatter(self, d_table, n: int, E: int) -> None:
+    def _scan_scatter(self, args: dict, n: int, E: int) -> None:
         """Scan ``d_is_hit``, per-event hit offsets, scatter hits into event order; queue the total's read-back."""
         k, s = self.k, self.stream
         blocks = max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
-        self.scan(self.d_is_hit, self.d_pos, n + 1, s)
-        k.event_offsets[max(1, (E + 256) // 256), 256, s](self.d_pos, self.d_offsets, self.d_hit_offsets, E)
+        self.scan(self.d_is_hit, self.d_pos, n + 1, s, launch=self._run if self._pre is not None else None)
+        self._run(k.event_offsets, max(1, (E + 256) // 256), 256, *args["event_offsets"])
         if n:
-            k.scatter_hits[blocks, THREADS_PER_BLOCK, s](
-                d_table, self.d_flags, self.d_channel, self.d_pos, self.d_out_f, self.d_out_u, n
-            )
-        self.d_pos[n : n + 1].copy_to_host(self.h_total, stream=s)
+            self._run(k.scatter_hits, blocks, THREADS_PER_BLOCK, *args["scatter_hits"])
+        if self._h2d is not None:
+            self._h2d.to_host(self.h_total, self.d_pos, n)
+        else:
+            self.d_pos[n : n + 1].copy_to_host(self.h_total, stream=s)
 
     def _copy_out(self, n: int, E: int) -> HitBatch:
         s = self.stream
@@ -294,10 +367,16 @@ class CUDAEngine(Engine):
         out_f = np.empty(8 * H, np.float32)
         out_u = np.empty(2 * H, np.uint32)
         offsets = np.empty(E + 1, np.int32)
-        if H:
-            self.d_out_f[: 8 * H].copy_to_host(out_f, stream=s)
-            self.d_out_u[: 2 * H].copy_to_host(out_u, stream=s)
-        self.d_hit_offsets[: E + 1].copy_to_host(offsets, stream=s)
+        d2h = self._h2d.to_host if self._h2d is not None else None
+        if d2h is not None:
+            d2h(out_f, self.d_out_f)
+            d2h(out_u, self.d_out_u)
+            d2h(offsets, self.d_hit_offsets)
+        else:
+            if H:
+                self.d_out_f[: 8 * H].copy_to_host(out_f, stream=s)
+                self.d_out_u[: 2 * H].copy_to_host(out_u, stream=s)
+            self.d_hit_offsets[: E + 1].copy_to_host(offsets, stream=s)
         s.synchronize()
         return HitBatch(channel=out_u[:H], table=out_f.reshape(8, H), flags=out_u[H:], offsets=offsets.astype(np.int64))
 
@@ -315,7 +394,7 @@ class CUDAEngine(Engine):
         is_hit[:n] = np.asarray(channel) >= 0
         self.d_is_hit[: n + 1].copy_to_device(is_hit, stream=s)
         self.d_offsets[: E + 1].copy_to_device(np.asarray(photon_offsets, np.int64), stream=s)
-        self._scan_scatter(d_table, n, E)
+        self._scan_scatter(self._kernel_args(n, E, views=self._pre is not None), n, E)
         s.synchronize()
         return self._copy_out(n, E)
 

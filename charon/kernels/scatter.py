@@ -84,13 +84,22 @@ def make_scatter(block: int):
                 n = nb
             self.tmp = [cuda.device_array(len(lv), np.int32) for lv in self.levels]
 
-        def __call__(self, x, out, n, stream, level=0):
+        kernels = (block_scan, add_block_offsets)
+
+        def __call__(self, x, out, n, stream, level=0, launch=None):
+            """``launch(kernel, grid, block, *args)`` replaces numba's dispatch (the engine's prebound launches)."""
             nb = (n + block - 1) // block
             sums = self.levels[level]
-            block_scan[nb, block, stream](x, out, sums, n)
+            if launch is None:
+                block_scan[nb, block, stream](x, out, sums, n)
+            else:
+                launch(block_scan, nb, block, x, out, sums, n)
             if nb > 1:
                 scanned = self.tmp[level]
-                self(sums, scanned, nb, stream, level + 1)
-                add_block_offsets[(n + 255) // 256, 256, stream](out, scanned, n)
+                self(sums, scanned, nb, stream, level + 1, launch)
+                if launch is None:
+                    add_block_offsets[(n + 255) // 256, 256, stream](out, scanned, n)
+                else:
+                    launch(add_block_offsets, (n + 255) // 256, 256, out, scanned, n)
 
     return Scan, event_offsets, scatter_hits
