@@ -4,9 +4,9 @@
         -- --engine cuda --detector demo --procs 3
 
 Runs the ``--procs`` launcher in this process with the engine service's loop
-under cProfile, drives it with charon-bench from a subprocess, then stops the
-launcher and prints the loop's top functions (cProfile inflates absolute times;
-read the shares). The front-end processes are not profiled.
+under cProfile (or, with --front-end, the first front-end process), drives it
+with charon-bench from a subprocess, then stops the launcher and prints the top
+functions (cProfile inflates absolute times; read the shares).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def main() -> int:
                     "--event-size 1000")  # fmt: skip
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--sort", default="tottime")
+    ap.add_argument("--front-end", action="store_true",
+                    help="profile the first front-end process instead of the engine service")
     ap.add_argument("server", nargs=argparse.REMAINDER, help="-- charon-batch flags (must include --procs N)")
     a = ap.parse_args()
     server = a.server[1:] if a.server[:1] == ["--"] else a.server
@@ -52,7 +54,23 @@ def main() -> int:
         finally:
             prof.disable()
 
-    EngineService._loop = profiled
+    fe_stats = None
+    if a.front_end:
+        import tempfile
+
+        fe_stats = tempfile.mktemp(suffix=".prof")
+        popen = subprocess.Popen
+        started = []
+
+        def popen_first_profiled(cmd, *args, **kw):
+            if not started and cmd[1:3] == ["-m", "charon.cli"] and "--upstream" in cmd:
+                cmd = [cmd[0], "-m", "cProfile", "-o", fe_stats, *cmd[1:]]
+                started.append(cmd)
+            return popen(cmd, *args, **kw)
+
+        subprocess.Popen = popen_first_profiled
+    else:
+        EngineService._loop = profiled
     port, mport = _free_port(), _free_port()
     n = int(server[server.index("--procs") + 1])
     argv = ["--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport), "--log-level", "WARNING", *server]
@@ -76,7 +94,14 @@ def main() -> int:
 
     threading.Thread(target=drive, daemon=True).start()
     rc = cli.batch_main(argv)
-    pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
+    if fe_stats is None:
+        pstats.Stats(prof).sort_stats(a.sort).print_stats(a.top)
+    else:
+        for _ in range(100):  # the front end writes its profile as it exits
+            if os.path.exists(fe_stats) and os.path.getsize(fe_stats) > 0:
+                break
+            time.sleep(0.2)
+        pstats.Stats(fe_stats).sort_stats(a.sort).print_stats(a.top)
     return rc
 
 
