@@ -277,6 +277,10 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
             host_us_per_event=1e6 * d("charon_host_seconds_total") / max(d("charon_events_total"), 1),
             batch_seconds_mean=d("charon_batch_seconds_sum") / nb if nb else 0.0,
         )
+        ne, nr = d("charon_event_seconds_count"), d("charon_engine_residence_seconds_count")
+        # Means only: the server's share of the latency, and (--procs) the shared engine's share of that.
+        res["server_latency_ms_mean"] = 1e3 * d("charon_event_seconds_sum") / ne if ne else None
+        res["engine_residence_ms_mean"] = 1e3 * d("charon_engine_residence_seconds_sum") / nr if nr else None
     return res
 
 

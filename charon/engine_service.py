@@ -145,6 +145,7 @@ class SubBatch:
     first_index: np.ndarray  # [E] uint32
     frames: list = field(default_factory=list)  # keeps the zero-copy frames alive
     failed: np.ndarray | None = None  # [E] bool, set only when the engine failed on part of it
+    arrival: float = 0.0  # perf_counter() when the service received it
     error: str = ""
 
     @property
@@ -377,7 +378,7 @@ class EngineService:
             log.error("shared engine refused a batch: %s", exc)
             self.socket.send_multipart([peer, REFUSED, _ID.pack(bid), str(exc).encode()])
             return
-        sub.peer, sub.frames = peer, frames
+        sub.peer, sub.frames, sub.arrival = peer, frames, time.perf_counter()
         if not self._waiting and self._building.fits(sub):
             self._building.append(sub)  # copied now, while the engine runs the previous batch
         else:
@@ -449,6 +450,7 @@ class EngineService:
             n_hits += hits.n_hits
             failed = sub.failed if sub.failed is not None else np.zeros(sub.n_events, bool)
             send_message(self.socket, [sub.peer, *encode_hits(sub.batch_id, hits, failed, sub.error, seconds)])
+            self.metrics.engine_residence_seconds.observe(time.perf_counter() - sub.arrival)
         photons = running.n_photons
         m = self.metrics
         m.batches.inc()

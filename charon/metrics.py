@@ -72,6 +72,13 @@ class Metrics:
                                     registry=r)  # fmt: skip
         self.batch_photons_max = Gauge("charon_batch_photons_max", "Largest batch so far", registry=r)
         self.max_batch_seen = 0
+        # Where an event's latency goes: the server's share (the rest is transport and the client)
+        # and, behind --procs, the shared engine's share of that.
+        self.event_seconds = Histogram("charon_event_seconds", "Server-side time per event: PHOTONDATA accepted "
+                                       "to SIM_COMPLETE sent", buckets=_SECOND_BUCKETS, registry=r)  # fmt: skip
+        self.engine_residence_seconds = Histogram(
+            "charon_engine_residence_seconds", "Shared engine (--procs): a front end's batch received to its hits "
+            "sent", buckets=_SECOND_BUCKETS, registry=r)  # fmt: skip
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         """Start the HTTP text endpoint; returns the server so it can be shut down."""

@@ -490,8 +490,9 @@ class BatchServer:
             self._fail(req.route.envelope, req.event_id, req.error, "engine_error")
             return
         hits: HitBatch = req.hits()
-        self.metrics.events.inc()
         self._reply(req.route.envelope, P.encode_hits(req.event_id, hits, req.route.layout))
+        self.metrics.events.inc()
+        self.metrics.event_seconds.observe(time.monotonic() - req.arrival)
 
 
     # ------------------------------------------------------------ run output

@@ -39,6 +39,9 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         assert 0 < r["engine_busy_fraction"] <= 1.0
         assert r["batch_photons"]["mean"] >= 200 and r["batch_photons"]["max"] >= r["batch_photons"]["mean"]
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"]
+        # The server's share of the latency: positive, and within what the clients saw (it is part of it).
+        assert 0 < r["server_latency_ms_mean"] <= r["latency_ms"]["p99"]
+        assert r["engine_residence_ms_mean"] is None  # one process: no shared engine
     finally:
         srv.stop()
         th.join(10)

@@ -331,6 +331,10 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
         # One shared engine (metrics on mport + 2) ran every batch; the front ends ran none.
         assert sample(2, "charon_batches_total") >= 1 and sample(0, "charon_batches_total") == 0
         assert sample(2, "charon_photons_total") >= 40 * 300 + 200  # + the first answer (maybe resent)
+        # Latency shares: each front end times its events; the shared engine times the batches it held.
+        assert sum(sample(k, "charon_event_seconds_count") for k in range(2)) >= 40
+        assert sample(2, "charon_engine_residence_seconds_count") >= 1
+        assert sample(2, "charon_engine_residence_seconds_sum") > 0
     finally:
         c.close()
         proc.terminate()
