@@ -351,7 +351,8 @@ class EngineService:
                     if running is not None and self._engine_ready(running.handle):
                         self._running = None
                         results = self._collect(running)
-                        self._launch()
+                        if self._building.subs:  # the message may have been a HELLO or refused
+                            self._launch()
                         self._reply(running, results)
             if self._running is None and self._building.subs:
                 self._launch()
