@@ -342,3 +342,77 @@ def test_front_end_survives_bad_answers_from_the_engine_side(det, ref):
         srv.stop()
         th.join(10)
         fake.close(0)
+
+
+class _AsyncStandIn:
+    """An asynchronous engine (launch/ready/finish) whose batch completes when the test says so."""
+
+    name = "async-stand-in"
+
+    def __init__(self):
+        from charon.engines.base import StageTimes
+
+        self.last_times = StageTimes()
+        self.launched: list[int] = []  # events per launch
+        self.done = threading.Event()
+
+    def warm_up(self):
+        pass
+
+    def launch(self, batch):
+        self.launched.append(batch.n_events)
+        return batch.n_events
+
+    def ready(self, handle):
+        return self.done.is_set()
+
+    def finish(self, handle):
+        from charon.photons import empty_hits
+
+        return empty_hits(handle)
+
+    def close(self):
+        pass
+
+
+def test_batch_finishing_during_a_burst_launches_nothing_empty():
+    """A batch that completes while the service handles a message that adds no events (HELLO) is
+    collected and answered; no empty batch is launched after it."""
+    from charon.engine_service import ENGINE, HELLO
+
+    eng = _AsyncStandIn()
+    svc = EngineService(lambda: eng, "tcp://127.0.0.1:*", 10_000)
+    svc.start(30)
+    handle = svc._handle
+
+    def handle_then_finish(frames):  # the batch completes exactly while a HELLO is being handled
+        handle(frames)
+        if frames[1].bytes == HELLO:
+            eng.done.set()
+
+    svc._handle = handle_then_finish
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(svc.address)
+    try:
+        raw.send_multipart(encode_batch(8, PhotonBatch.from_events([ev(5, 1), ev(7, 2)], [1, 2])))
+        deadline = 200
+        while not eng.launched and deadline:
+            threading.Event().wait(0.02)
+            deadline -= 1
+        assert eng.launched == [2]
+        raw.send(HELLO)
+        got = {}
+        for _ in range(2):
+            assert raw.poll(10_000)
+            frames = raw.recv_multipart()
+            got[frames[0]] = frames
+        assert got[ENGINE][1] == b"async-stand-in"
+        batch_id, hits, failed, error, _ = decode_hits(got[HITS][1:])
+        assert batch_id == 8 and len(hits.offsets) == 3 and not failed.any() and error == ""
+        threading.Event().wait(0.2)
+        assert eng.launched == [2]  # nothing launched after it: no events were waiting
+    finally:
+        raw.close(0)
+        svc.stop()
+        svc.join(10)
