@@ -339,7 +339,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--event-size", default="1000", help="photons per event: N or lognormal:MEDIAN,SIGMA")
     ap.add_argument("--duration", type=float, help="stop sending after this many seconds")
     ap.add_argument("--compare-per-event", action="store_true",
-                    help="also run against a server limited to one event per engine call (needs --spawn-server)")
+                    help="also run against a server limited to one event per engine call, one call at a time "
+                    "(--max-batch-events 1 --engine-lanes 1, ChAR0N's way; needs --spawn-server)")
     ap.add_argument("--sweep-batch", help="comma-separated --max-batch-photons values to sweep (needs --spawn-server)")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--plot", help="write a PNG of throughput, occupancy and latency against batch size")
@@ -388,7 +389,9 @@ def main(argv=None) -> int:
             sweep.append(r)
             results[f"batched@{v}"] = r
     if cfg.compare_per_event:
-        results["per_event"] = measure(["--max-batch-events", "1"])
+        # ChAR0N's way: one event per engine call and one call at a time (no second lane queued
+        # behind the running call), whatever the batched server was given.
+        results["per_event"] = measure(["--max-batch-events", "1", "--engine-lanes", "1"])
     print(_table(results))
     if "per_event" in results and results["per_event"]["events_per_s"] > 0:
         print(f"speed-up batched / per-event: {results['batched']['events_per_s'] / results['per_event']['events_per_s']:.1f}x")

@@ -300,10 +300,13 @@ class EngineService:
             self.engine = self._factory()
             self.engine.warm_up()
             alloc = getattr(self.engine, "host_alloc", None) or np.empty
-            self._free = [MergeBuffer(self.max_batch_photons, alloc, self.max_batch_events) for _ in range(2)]
+            # Batches launched and not yet collected: the CUDA engine's lanes, else one at a time.
+            self._lanes = len(getattr(self.engine, "lanes", ())) or 1
+            self._free = [MergeBuffer(self.max_batch_photons, alloc, self.max_batch_events)
+                          for _ in range(self._lanes + 1)]  # fmt: skip
             self._building = self._free.pop()
             self._waiting: collections.deque[SubBatch] = collections.deque()  # did not fit the building batch
-            self._running: _Running | None = None
+            self._running: collections.deque[_Running] = collections.deque()  # in launch order
             self.socket = self.ctx.socket(zmq.ROUTER)
             for opt, v in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
                 self.socket.setsockopt(opt, v)
@@ -326,17 +329,11 @@ class EngineService:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         while not self._stop.is_set():
-            running = self._running
-            events = poller.poll(0 if running is not None else 100)
+            events = poller.poll(0 if self._running else 100)
             t0 = time.perf_counter()
-            # The GPU first: a finished batch is collected and the next launched before
+            # The GPU first: finished batches are collected and the next launched before
             # anything else, so the GPU idles for no more than one pass of this loop.
-            if running is not None and self._engine_ready(running.handle):
-                self._running = None
-                results = self._collect(running)
-                if self._building.subs:
-                    self._launch()
-                self._reply(running, results)
+            self._advance()
             if events:
                 for _ in range(256):  # bounded, so that stopping is noticed
                     try:
@@ -344,21 +341,31 @@ class EngineService:
                     except zmq.Again:
                         break
                     self._handle(frames)
-                    # Between messages, not after a burst of them: a finished batch is collected and
-                    # the next one launched within one message's handling (measured: the GPU idled
-                    # for whole bursts when it was checked once per 64 messages).
-                    running = self._running
-                    if running is not None and self._engine_ready(running.handle):
-                        self._running = None
-                        results = self._collect(running)
-                        if self._building.subs:  # the message may have been a HELLO or refused
-                            self._launch()
-                        self._reply(running, results)
-            if self._running is None and self._building.subs:
-                self._launch()
+                    # Between messages, not after a burst of them (measured: the GPU idled for
+                    # whole bursts when it was checked once per 64 messages).
+                    self._advance(within_burst=True)
+            self._advance()
             self.metrics.host_seconds.inc(time.perf_counter() - t0)
-            if self._running is not None and not events:
+            if self._running and not events:
                 time.sleep(self.spin_sleep)
+
+    def _advance(self, within_burst: bool = False) -> None:
+        """Collect finished batches (in launch order), launching the building batch as each frees a lane.
+
+        Within a burst of messages a free lane is not filled at once: the rest of the
+        burst is merged first, so that a lone first message does not become a batch."""
+        running = self._running
+        while running and self._engine_ready(running[0].handle):
+            done = running.popleft()
+            results = self._collect(done)
+            self._launch_if_free()
+            self._reply(done, results)
+        if not within_burst:
+            self._launch_if_free()
+
+    def _launch_if_free(self) -> None:
+        if self._building.subs and len(self._running) < self._lanes:
+            self._launch()
 
     def _handle(self, frames) -> None:
         peer, kind = frames[0].bytes, frames[1].bytes if len(frames) > 1 else b""
@@ -389,14 +396,15 @@ class EngineService:
     def _launch(self) -> None:
         buf = self._building
         batch = buf.seal(contiguous=not getattr(self.engine, "strided_rows", False))
-        self.busy.start()
+        if not self._running:
+            self.busy.start()
         t0 = time.perf_counter()
         launch = getattr(self.engine, "launch", None)
         try:
             handle = launch(batch.photons) if launch else _Done(self.engine.propagate(batch.photons))
         except Exception as exc:
             handle = _Done(exc=exc)
-        self._running = _Running(batch, handle, t0)
+        self._running.append(_Running(batch, handle, t0))
         self._building = self._free.pop()
         while self._waiting and self._building.fits(self._waiting[0]):
             self._building.append(self._waiting.popleft())
@@ -423,7 +431,8 @@ class EngineService:
             for s in subs:
                 out.append((s, hits.slot_range(base, base + s.n_events)))
                 base += s.n_events
-        self.busy.stop()
+        if not self._running:  # the last batch in flight (the collected one has left the deque)
+            self.busy.stop()
         # The hits are copies and the sub-batches keep their own frames: the buffer is free again.
         running.n_photons, running.n_events = running.batch.photons.n_photons, running.batch.photons.n_events
         running.batch.buffer.reset()

@@ -52,6 +52,7 @@ class ServerConfig:
     max_queued_photons: int = 50_000_000
     max_event_photons: int = 50_000_000
     max_steps: int = 100
+    engine_lanes: int = 2
     ping_reply: str = "PONG"
     reply_layout: str = "auto"
     queue_policy: str = "fcfs"
@@ -86,6 +87,8 @@ class ServerConfig:
             raise ValueError("--output-basket-events must be >= 1")
         if self.procs < 1:
             raise ValueError("--procs must be >= 1")
+        if self.engine_lanes < 1:
+            raise ValueError("--engine-lanes must be >= 1")
         if self.io_threads < 0:
             raise ValueError("--io-threads must be >= 0")
         if self.procs > 1 and self.output_dir:
@@ -123,7 +126,7 @@ def engine_setup(config: ServerConfig, detector: Detector | None = None):
             log.info("Chroma detector: %s (affects charon's own engines only)", line)
     detector = detector if detector is not None else resolve_detector(config.detector)
     engine_config = EngineConfig(seed=config.seed, max_steps=config.max_steps, device=config.device,
-                                 max_batch_photons=config.max_batch_photons)  # fmt: skip
+                                 max_batch_photons=config.max_batch_photons, lanes=config.engine_lanes)  # fmt: skip
 
     def factory():
         return create_engine(config.engine, detector, engine_config, chroma_detector=chroma_detector)

@@ -206,11 +206,11 @@ def test_prebound_launches_equal_numbas_dispatch(monkeypatch, gpu_pair):
     det = gpu_pair[0]
     fast = CUDAEngine(det, EngineConfig(seed=3, max_batch_photons=4096))
     fast.warm_up()
-    assert fast._pre is not None, "prebound launches were not enabled on a real GPU"
+    assert fast.lanes[0]._pre is not None, "prebound launches were not enabled on a real GPU"
     monkeypatch.setenv("CHARON_CUDA_DISPATCH", "numba")
     slow = CUDAEngine(det, EngineConfig(seed=3, max_batch_photons=4096))
     slow.warm_up()
-    assert slow._pre is None
+    assert slow.lanes[0]._pre is None
     rng = np.random.default_rng(5)
     for sizes in ((1000, 0, 3000), (50_000, 20_000, 7)):  # the second grows the buffers past 65536
         tables = [random_event(n, rng) for n in sizes]
@@ -221,4 +221,53 @@ def test_prebound_launches_equal_numbas_dispatch(monkeypatch, gpu_pair):
         np.testing.assert_array_equal(a.channel, b.channel)
         np.testing.assert_array_equal(a.table, b.table)
         np.testing.assert_array_equal(a.flags, b.flags)
-    assert fast._pre is not None and fast.capacity >= 70_007
+    assert fast.lanes[0]._pre is not None and fast.lanes[0].capacity >= 70_007
+
+
+def test_two_lanes_run_two_batches_in_flight_with_the_same_hits(tiny_det, cuda_engine_tiny):
+    """Two lanes: a second batch is launched before the first is finished; each gives the hits it
+    gives alone, a third launch is refused until a lane is free, and lanes are reused."""
+    from charon.engines.base import EngineError
+    from charon.engines.cuda import CUDAEngine
+
+    eng = CUDAEngine(tiny_det, EngineConfig(seed=5, max_batch_photons=4096, lanes=2))
+    rng = np.random.default_rng(6)
+    ta, tb = [random_event(n, rng, radius=200.0) for n in (15, 9)], [random_event(11, rng, radius=200.0)]
+    ha = eng.launch(_batch(ta, [1, 2]))
+    hb = eng.launch(_batch(tb, [3]))
+    with pytest.raises(EngineError, match="lanes are busy"):
+        eng.launch(_batch(tb, [3]))
+    got_a, got_b = eng.finish(ha), eng.finish(hb)
+    for got, tables, ids in ((got_a, ta, [1, 2]), (got_b, tb, [3])):
+        want = cuda_engine_tiny.propagate(_batch(tables, ids))
+        np.testing.assert_array_equal(got.offsets, want.offsets)
+        np.testing.assert_array_equal(got.channel, want.channel)
+        np.testing.assert_array_equal(got.table, want.table)
+    again = eng.finish(eng.launch(_batch(tb, [3])))  # a lane is free again
+    np.testing.assert_array_equal(again.channel, got_b.channel)
+
+
+@REAL_GPU
+def test_two_lanes_on_a_real_gpu_equal_one_lane(gpu_pair):
+    from charon.engines.cuda import CUDAEngine
+
+    det = gpu_pair[0]
+    one = CUDAEngine(det, EngineConfig(seed=8, max_batch_photons=1 << 17))
+    two = CUDAEngine(det, EngineConfig(seed=8, max_batch_photons=1 << 17, lanes=2))
+    one.warm_up()
+    two.warm_up()
+    rng = np.random.default_rng(9)
+    batches = [[random_event(n, rng) for n in sizes] for sizes in ((30_000, 1000), (500,), (60_000, 7, 2000))]
+    handles, results = [], []
+    for i, tables in enumerate(batches):  # always two in flight: launch, then finish the older one
+        handles.append(two.launch(_batch(tables, range(10 * i, 10 * i + len(tables)))))
+        if len(handles) == 2:
+            results.append(two.finish(handles.pop(0)))
+    results.append(two.finish(handles.pop(0)))
+    for i, (tables, got) in enumerate(zip(batches, results)):
+        want = one.propagate(_batch(tables, range(10 * i, 10 * i + len(tables))))
+        assert want.n_hits > 0
+        np.testing.assert_array_equal(got.offsets, want.offsets)
+        np.testing.assert_array_equal(got.channel, want.channel)
+        np.testing.assert_array_equal(got.table, want.table)
+        np.testing.assert_array_equal(got.flags, want.flags)

@@ -416,3 +416,70 @@ def test_batch_finishing_during_a_burst_launches_nothing_empty():
         raw.close(0)
         svc.stop()
         svc.join(10)
+
+
+class _TwoLaneStandIn(_AsyncStandIn):
+    """Two lanes; each launched batch completes when the test sets its event."""
+
+    lanes = (0, 1)
+
+    def __init__(self):
+        super().__init__()
+        self.finish_flags: list[threading.Event] = []
+
+    def launch(self, batch):
+        self.launched.append(batch.n_events)
+        self.finish_flags.append(threading.Event())
+        return (len(self.finish_flags) - 1, batch.n_events)
+
+    def ready(self, handle):
+        return self.finish_flags[handle[0]].is_set()
+
+    def finish(self, handle):
+        from charon.photons import empty_hits
+
+        return empty_hits(handle[1])
+
+
+def test_two_lanes_keep_two_batches_in_flight_and_answer_in_launch_order():
+    eng = _TwoLaneStandIn()
+    svc = EngineService(lambda: eng, "tcp://127.0.0.1:*", 10_000)
+    svc.start(30)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(svc.address)
+
+    def wait_launched(k):
+        for _ in range(250):
+            if len(eng.launched) >= k:
+                return
+            threading.Event().wait(0.02)
+        raise AssertionError(f"{len(eng.launched)} launches, expected {k}")
+
+    try:
+        for bid, n_events in ((1, 1), (2, 2), (3, 3)):
+            raw.send_multipart(encode_batch(bid, PhotonBatch.from_events([ev(4, i) for i in range(n_events)],
+                                                                          list(range(n_events)))))  # fmt: skip
+            threading.Event().wait(0.1)
+        wait_launched(2)
+        threading.Event().wait(0.2)
+        assert eng.launched == [1, 2]  # two in flight; the third waits for a lane
+        eng.finish_flags[1].set()  # the second finishes first: answers keep launch order
+        threading.Event().wait(0.2)
+        assert not raw.poll(0) and eng.launched == [1, 2]
+        eng.finish_flags[0].set()
+        ids = []
+        for _ in range(2):
+            assert raw.poll(10_000)
+            ids.append(decode_hits(raw.recv_multipart()[1:])[0])
+        assert ids == [1, 2]
+        wait_launched(3)
+        assert eng.launched == [1, 2, 3]
+        eng.finish_flags[2].set()
+        assert raw.poll(10_000) and decode_hits(raw.recv_multipart()[1:])[0] == 3
+        m = svc.metrics.registry.get_sample_value
+        assert m("charon_batches_total") == 3
+    finally:
+        raw.close(0)
+        svc.stop()
+        svc.join(10)

@@ -23,6 +23,7 @@ class EngineConfig:
     max_steps: int = 100  # propagation steps before a photon is left where it is (as Chroma)
     device: int = 0  # CUDA device ordinal
     max_batch_photons: int = 5_000_000  # preallocated capacity (CUDA)
+    lanes: int = 1  # CUDA: batches launched and not yet finished at once, each with its own device buffers
 
 
 @dataclass

@@ -151,46 +151,38 @@ class _DirectCopy:
 
 
 class _Launch:
-    """A batch queued on the stream: its sizes and timing events (0: start, 1: copied in,
+    """A batch queued on the stream: its lane, sizes and timing events (0: start, 1: copied in,
     2: propagated, 3: demultiplexed, 4: queued work done, 5-6: around the hits' copy-out)."""
 
-    __slots__ = ("n", "E", "events")
+    __slots__ = ("lane", "n", "E", "events")
 
-    def __init__(self, n, E, events):
-        self.n, self.E, self.events = n, E, events
+    def __init__(self, lane, n, E, events):
+        self.lane, self.n, self.E, self.events = lane, n, E, events
 
 
-class CUDAEngine(Engine):
-    name = "cuda"
-    strided_rows = True
+class _Lane:
+    """One batch's device buffers, scan scratch, prebound launches and copy-out stream.
 
-    def __init__(self, detector, config: EngineConfig | None = None):
-        super().__init__(detector, config or EngineConfig())
-        if not (gpu_available() or simulator()):
-            raise EngineError("--engine cuda needs numba-cuda and a usable CUDA GPU; use --engine cpu otherwise")
-        cuda.select_device(self.config.device)
-        self.k = cuda_kernels()
-        self.stream = cuda.stream()
-        t = kernel_tables(detector)
-        self.tables = t
-        self.d_geometry = tuple(cuda.to_device(np.ascontiguousarray(a), stream=self.stream) for a in t.geometry_args())
-        self.d_tri_channel = cuda.to_device(t.tri_channel, stream=self.stream)
+    Every lane queues its copy-in and kernels on the engine's one compute stream, so
+    batches run one after another on the GPU (their CUDA-event times never overlap and
+    add up to the busy time); with two lanes the next batch is already queued when the
+    current one ends, and a finished batch's hits are copied out on the lane's own
+    stream while the next one computes."""
+
+    def __init__(self, engine: "CUDAEngine"):
+        self.engine = engine
+        self.k, self.config = engine.k, engine.config
+        self.d_geometry, self.d_tri_channel = engine.d_geometry, engine.d_tri_channel
+        self.stream = engine.stream  # compute: shared by every lane
+        self.copy_stream = cuda.stream()  # this lane's hits, copied out while others compute
         self._h2d = None if simulator() else _DirectCopy(self.stream)
-        # Kernels launched through the driver once warm_up() has compiled and checked them
-        # (cuda_launch.py); numba's dispatcher before that, in the simulator, or when
-        # CHARON_CUDA_DISPATCH=numba asks for it.
-        self._use_prebound = not simulator() and os.environ.get("CHARON_CUDA_DISPATCH", "prebound") != "numba"
+        self._d2h = None if simulator() else _DirectCopy(self.copy_stream)
         self._pre: dict | None = None
         self._events: list[list] = []  # timing-event sets of finished batches, reused
         self.capacity = 0
         self._reserve(min(int(self.config.max_batch_photons), 1 << 16))
-        self.stream.synchronize()
 
     # ------------------------------------------------------------- buffers
-    def host_alloc(self, n, dtype):
-        """Pinned host memory: the batcher assembles batches straight into it."""
-        return cuda.pinned_array(n, dtype=dtype)
-
     def _reserve(self, n: int):
         """Device buffers for ``n`` photons; grown only when a batch is larger than any before."""
         if n <= self.capacity:
@@ -217,15 +209,6 @@ class CUDAEngine(Engine):
             self._pre = None
             self._bind()
 
-    def warm_up(self) -> None:
-        """Compile every kernel (2048 photons: the scan's second level too), then prebind them."""
-        from ..sources import point_source
-
-        b = PhotonBatch.from_events([point_source(2048, np.random.default_rng(0))], [0])
-        self.propagate(b)
-        if self._use_prebound and self._pre is None:
-            self._bind()
-
     def _bind(self) -> None:
         """Prebound launches of every kernel, each checked against numba's marshalling of the same call."""
         n, E = min(self.capacity, 4096), 2
@@ -244,7 +227,7 @@ class CUDAEngine(Engine):
                 pre[kernel].check(args)
         except Exception as exc:  # numba-cuda internals differ from what cuda_launch.py expects
             log.warning("CUDA engine: prebound kernel launches unavailable (%s); using numba's dispatcher", exc)
-            self._use_prebound = False
+            self.engine._use_prebound = False
             return
         self._pre = pre
 
@@ -271,10 +254,7 @@ class CUDAEngine(Engine):
         else:
             kernel[grid, block, self.stream](*args)
 
-    # ----------------------------------------------------------- propagate
-    def propagate(self, batch: PhotonBatch, keep_photons: bool = False) -> HitBatch:
-        return self.finish(self.launch(batch, keep_photons))
-
+    # ------------------------------------------------------------- batches
     def launch(self, batch: PhotonBatch, keep_photons: bool = False) -> "_Launch":
         """Queue the whole batch on the stream and return at once (asynchronous engine interface).
 
@@ -324,7 +304,7 @@ class CUDAEngine(Engine):
                 args["propagate_kernel"][0].copy_to_host(batch.table, stream=s)
                 self.d_flags[:n].copy_to_host(batch.flags, stream=s)
         ev[4].record(s)
-        return _Launch(n, E, ev)
+        return _Launch(self, n, E, ev)
 
     def ready(self, launch: "_Launch") -> bool:
         """True once the batch's GPU work is done (never blocks)."""
@@ -335,16 +315,22 @@ class CUDAEngine(Engine):
         """Wait for the batch, copy its hits out (sized by the hit total) and return them."""
         ev = launch.events
         ev[4].synchronize()
-        ev[5].record(self.stream)
+        ev[5].record(self.copy_stream)
         hits = self._copy_out(launch.n, launch.E)
-        ev[6].record(self.stream)
+        ev[6].record(self.copy_stream)
         ev[6].synchronize()
-        t = self.last_times
+        t = self.engine.last_times
         t.copy_in = _elapsed(ev[0], ev[1])
         t.propagate = _elapsed(ev[1], ev[2])
         t.demux = _elapsed(ev[2], ev[3])
         # Device time only: the gap between launch and finish (4 -> 5) is not engine work.
-        t.copy_out = _elapsed(ev[3], ev[4]) + _elapsed(ev[5], ev[6])
+        # With several lanes the hits' copy-out (5 -> 6) runs on a copy engine while the next
+        # batch computes: it is reported apart, so that summed batch times stay the time the
+        # compute stream was busy (the busy fraction) instead of counting that overlap twice.
+        hits_out = _elapsed(ev[5], ev[6])
+        serial = len(self.engine.lanes) == 1
+        t.copy_out = _elapsed(ev[3], ev[4]) + (hits_out if serial else 0.0)
+        t.extra["concurrent_copy_out"] = 0.0 if serial else hits_out
         self._events.append(ev)
         return hits
 
@@ -362,12 +348,13 @@ class CUDAEngine(Engine):
             self.d_pos[n : n + 1].copy_to_host(self.h_total, stream=s)
 
     def _copy_out(self, n: int, E: int) -> HitBatch:
-        s = self.stream
+        """The hits of a batch whose compute is done, on this lane's copy stream."""
+        s = self.copy_stream
         H = int(self.h_total[0])
         out_f = np.empty(8 * H, np.float32)
         out_u = np.empty(2 * H, np.uint32)
         offsets = np.empty(E + 1, np.int32)
-        d2h = self._h2d.to_host if self._h2d is not None else None
+        d2h = self._d2h.to_host if self._d2h is not None else None
         if d2h is not None:
             d2h(out_f, self.d_out_f)
             d2h(out_u, self.d_out_u)
@@ -397,6 +384,81 @@ class CUDAEngine(Engine):
         self._scan_scatter(self._kernel_args(n, E, views=self._pre is not None), n, E)
         s.synchronize()
         return self._copy_out(n, E)
+
+
+
+class CUDAEngine(Engine):
+    name = "cuda"
+    strided_rows = True
+
+    def __init__(self, detector, config: EngineConfig | None = None):
+        super().__init__(detector, config or EngineConfig())
+        if not (gpu_available() or simulator()):
+            raise EngineError("--engine cuda needs numba-cuda and a usable CUDA GPU; use --engine cpu otherwise")
+        if self.config.lanes < 1:
+            raise EngineError("--engine-lanes must be >= 1")
+        cuda.select_device(self.config.device)
+        self.k = cuda_kernels()
+        self.stream = cuda.stream()  # every batch's copy-in and kernels, in launch order
+        t = kernel_tables(detector)
+        self.tables = t
+        self.d_geometry = tuple(cuda.to_device(np.ascontiguousarray(a), stream=self.stream) for a in t.geometry_args())
+        self.d_tri_channel = cuda.to_device(t.tri_channel, stream=self.stream)
+        # Kernels launched through the driver once warm_up() has compiled and checked them
+        # (cuda_launch.py); numba's dispatcher before that, in the simulator, or when
+        # CHARON_CUDA_DISPATCH=numba asks for it.
+        self._use_prebound = not simulator() and os.environ.get("CHARON_CUDA_DISPATCH", "prebound") != "numba"
+        self.lanes = [_Lane(self) for _ in range(self.config.lanes)]
+        self._free_lanes = list(reversed(self.lanes))
+        self.stream.synchronize()
+
+    def host_alloc(self, n, dtype):
+        """Pinned host memory: the batcher assembles batches straight into it."""
+        return cuda.pinned_array(n, dtype=dtype)
+
+    def warm_up(self) -> None:
+        """Compile every kernel (2048 photons: the scan's second level too), then prebind them in every lane."""
+        from ..sources import point_source
+
+        b = PhotonBatch.from_events([point_source(2048, np.random.default_rng(0))], [0])
+        self.propagate(b)
+        for lane in self.lanes:
+            if self._use_prebound and lane._pre is None:
+                lane._bind()
+
+    # ------------------------------------------------------------- batches
+    def propagate(self, batch: PhotonBatch, keep_photons: bool = False) -> HitBatch:
+        return self.finish(self.launch(batch, keep_photons))
+
+    def launch(self, batch: PhotonBatch, keep_photons: bool = False) -> _Launch:
+        """Queue the whole batch on a free lane and return at once (asynchronous engine interface).
+
+        ``batch``'s host memory must stay untouched until :meth:`finish`: the copy-in
+        reads it asynchronously. At most ``len(self.lanes)`` batches may be launched
+        and not yet finished."""
+        if not self._free_lanes:
+            raise EngineError(f"internal: all {len(self.lanes)} CUDA lanes are busy; finish a batch first")
+        lane = self._free_lanes.pop()
+        try:
+            return lane.launch(batch, keep_photons)
+        except BaseException:
+            self._free_lanes.append(lane)
+            raise
+
+    def ready(self, launch: _Launch) -> bool:
+        """True once the batch's GPU work is done (never blocks)."""
+        return launch.lane.ready(launch)
+
+    def finish(self, launch: _Launch) -> HitBatch:
+        """Wait for the batch, copy its hits out (sized by the hit total) and return them."""
+        try:
+            return launch.lane.finish(launch)
+        finally:
+            self._free_lanes.append(launch.lane)
+
+    def demux_arrays(self, table, flags, channel, photon_offsets) -> HitBatch:
+        """Run only the GPU demultiplexer on host arrays (for testing it against the numpy reference)."""
+        return self.lanes[0].demux_arrays(table, flags, channel, photon_offsets)
 
     def close(self) -> None:
         self.stream.synchronize()
