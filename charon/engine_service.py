@@ -364,8 +364,15 @@ class EngineService:
             self._launch_if_free()
 
     def _launch_if_free(self) -> None:
-        if self._building.subs and len(self._running) < self._lanes:
-            self._launch()
+        running = self._running
+        if not self._building.subs or len(running) >= self._lanes:
+            return
+        # Behind a running batch, launch only once the building batch is as large as the one
+        # ahead of it. Launching whatever had arrived (measured on the H200) shrank the batches
+        # until the per-batch host work saturated this thread, and throughput halved.
+        if running and self._building.n < running[-1].batch.photons.n_photons:
+            return
+        self._launch()
 
     def _handle(self, frames) -> None:
         peer, kind = frames[0].bytes, frames[1].bytes if len(frames) > 1 else b""

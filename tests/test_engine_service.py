@@ -483,3 +483,38 @@ def test_two_lanes_keep_two_batches_in_flight_and_answer_in_launch_order():
         raw.close(0)
         svc.stop()
         svc.join(10)
+
+
+def test_second_lane_waits_until_the_building_batch_is_as_large_as_the_running_one():
+    eng = _TwoLaneStandIn()
+    svc = EngineService(lambda: eng, "tcp://127.0.0.1:*", 10_000)
+    svc.start(30)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(svc.address)
+    try:
+        raw.send_multipart(encode_batch(1, PhotonBatch.from_events([ev(4, i) for i in range(5)], list(range(5)))))
+        for _ in range(250):
+            if eng.launched:
+                break
+            threading.Event().wait(0.02)
+        raw.send_multipart(encode_batch(2, PhotonBatch.from_events([ev(4, 9)], [9])))  # 4 photons < 20 running
+        threading.Event().wait(0.3)
+        assert eng.launched == [5]  # a lane is free, but the small batch keeps filling
+        raw.send_multipart(encode_batch(3, PhotonBatch.from_events([ev(16, 8)], [8])))  # now 20 photons: launch
+        for _ in range(250):
+            if len(eng.launched) == 2:
+                break
+            threading.Event().wait(0.02)
+        assert eng.launched == [5, 2]
+        for f in eng.finish_flags:
+            f.set()
+        ids = []
+        for _ in range(3):
+            assert raw.poll(10_000)
+            ids.append(decode_hits(raw.recv_multipart()[1:])[0])
+        assert ids == [1, 2, 3]
+    finally:
+        raw.close(0)
+        svc.stop()
+        svc.join(10)
