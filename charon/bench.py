@@ -87,10 +87,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_range(k: int, tries: int = 50) -> int:
+    """A base port p with p .. p+k-1 all free now (metrics of --procs/--gpus workers use p + i)."""
+    for _ in range(tries):
+        base = free_port()
+        socks = []
+        try:
+            for i in range(k):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {k} consecutive free ports on 127.0.0.1")
+
+
+class ServerStartError(RuntimeError):
+    """The spawned charon-batch exited before answering."""
+
+
 @contextlib.contextmanager
 def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
     """Start charon-batch on free loopback ports; yields (address, metrics URL or URLs)."""
-    port, mport = free_port(), free_port()  # workers of --gpus/--procs serve metrics on mport + i
+    n_workers = 1
+    if "--gpus" in server_args:
+        n_workers = len(server_args[server_args.index("--gpus") + 1].split(","))
+    elif "--procs" in server_args:  # front ends on mport + i, the shared engine on mport + N
+        n = int(server_args[server_args.index("--procs") + 1])
+        n_workers = n + 1 if n > 1 else 1
+    port, mport = free_port(), free_port_range(n_workers)  # workers serve metrics on mport + i
     cmd = [sys.executable, "-m", "charon.cli", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
            "--log-level", "WARNING", *server_args]  # fmt: skip
     proc = subprocess.Popen(cmd)
@@ -100,7 +129,7 @@ def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
         deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"charon-batch exited with {proc.returncode}: {' '.join(cmd)}")
+                raise ServerStartError(f"charon-batch exited with {proc.returncode}: {' '.join(cmd)}")
             s = ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
             s.connect(address)
@@ -113,12 +142,6 @@ def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
                 raise TimeoutError("charon-batch did not answer PING")
         # With --gpus the router answers PING at once and each worker serves metrics on mport + i:
         # wait until every worker's endpoint answers.
-        n_workers = 1
-        if "--gpus" in server_args:
-            n_workers = len(server_args[server_args.index("--gpus") + 1].split(","))
-        elif "--procs" in server_args:  # front ends on mport + i, the shared engine on mport + N
-            n = int(server_args[server_args.index("--procs") + 1])
-            n_workers = n + 1 if n > 1 else 1
         urls = [f"http://127.0.0.1:{mport + i}/metrics" for i in range(n_workers)]
         while True:
             try:
@@ -126,7 +149,7 @@ def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("charon-batch workers did not come up") from None
+                    raise ServerStartError("charon-batch workers did not come up") from None
                 time.sleep(0.2)
         yield address, urls[0] if n_workers == 1 else urls
     finally:
@@ -373,33 +396,44 @@ def main(argv=None) -> int:
             print(f"charon-bench: no answer to PING from {cfg.address} within 5 s", file=sys.stderr)
             return 2
     results, sweep = {}, []
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), host=os.uname().nodename, config=asdict(cfg),
+                server_args=server_args)  # fmt: skip
+
+    def save():  # after every mode, so that a later failure keeps what was measured
+        if cfg.json:
+            with open(cfg.json, "w") as fh:
+                json.dump(dict(meta=meta, **results, sweep=sweep), fh, indent=1)
 
     def measure(extra: list[str]) -> dict:
         if cfg.spawn_server:
-            with spawned_server(server_args + extra) as (addr, murl):
-                return run_load(cfg, addr, murl)
+            for attempt in range(3):
+                try:
+                    with spawned_server(server_args + extra) as (addr, murl):
+                        return run_load(cfg, addr, murl)
+                except ServerStartError as exc:  # e.g. a port taken between choosing and binding it
+                    if attempt == 2:
+                        raise
+                    print(f"charon-bench: {exc}; retrying with other ports", file=sys.stderr)
         urls = cfg.metrics_url.split(",") if cfg.metrics_url and "," in cfg.metrics_url else cfg.metrics_url
         return run_load(cfg, cfg.address, urls)
 
     results["batched"] = measure([])
+    save()
     if cfg.sweep_batch:
         for v in cfg.sweep_batch.split(","):
             r = measure(["--max-batch-photons", v])
             r["max_batch_photons"] = count(v)
             sweep.append(r)
             results[f"batched@{v}"] = r
+            save()
     if cfg.compare_per_event:
         # ChAR0N's way: one event per engine call and one call at a time (no second lane queued
         # behind the running call), whatever the batched server was given.
         results["per_event"] = measure(["--max-batch-events", "1", "--engine-lanes", "1"])
+        save()
     print(_table(results))
     if "per_event" in results and results["per_event"]["events_per_s"] > 0:
         print(f"speed-up batched / per-event: {results['batched']['events_per_s'] / results['per_event']['events_per_s']:.1f}x")
-    if cfg.json:
-        meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), host=os.uname().nodename, config=asdict(cfg),
-                    server_args=server_args)  # fmt: skip
-        with open(cfg.json, "w") as fh:
-            json.dump(dict(meta=meta, **results, sweep=sweep), fh, indent=1)
     if cfg.plot and sweep:
         _plot(cfg.plot, sweep, results.get("per_event"))
     return 0

@@ -68,3 +68,14 @@ def test_bench_refuses_compare_without_spawn():
 
 def test_bench_fails_fast_without_a_server():
     assert main(["--address", "tcp://127.0.0.1:9", "--events", "1", "--no-progress"]) == 2
+
+
+def test_free_port_range_gives_consecutive_free_ports():
+    import socket
+
+    from charon.bench import free_port_range
+
+    base = free_port_range(6)
+    for i in range(6):  # each is bindable (the --procs front ends' and engine's metrics ports)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", base + i))
