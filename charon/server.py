@@ -52,7 +52,7 @@ class ServerConfig:
     max_queued_photons: int = 50_000_000
     max_event_photons: int = 50_000_000
     max_steps: int = 100
-    engine_lanes: int = 2
+    engine_lanes: int = 1
     ping_reply: str = "PONG"
     reply_layout: str = "auto"
     queue_policy: str = "fcfs"
