@@ -22,6 +22,7 @@ from charon.photons import PhotonBatch
 from charon.router import HEARTBEAT, READY, REPLY, REQUEST, RouterConfig, run_router_in_thread
 from charon.server import ServerConfig, recv_message, run_in_thread, send_message
 from charon.sources import random_event
+from standins import GatedEngine
 
 SEED = 31
 BEAT = 0.1  # heartbeat interval for tests (s)
@@ -127,24 +128,9 @@ def test_events_spread_over_workers_all_answered_correctly(cluster, reference):
     assert sum(served) == 40 and sum(1 for s in served if s > 0) >= 2  # dispatch used several workers
 
 
-class Gated:
-    def __init__(self, inner, gate):
-        self.inner, self.gate, self.name, self.last_times = inner, gate, "gated", inner.last_times
-
-    def warm_up(self):
-        pass
-
-    def propagate(self, batch, keep_photons=False):
-        self.gate.wait(30)
-        return self.inner.propagate(batch)
-
-    def close(self):
-        pass
-
-
 def test_worker_killed_mid_run_loses_nothing(cluster, det, reference):
     stuck = threading.Event()  # never set: this worker's events never finish
-    dead, dead_th = cluster.add_worker(engine_factory=lambda: Gated(CPUEngine(det, EngineConfig(seed=SEED)), stuck),
+    dead, dead_th = cluster.add_worker(engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), stuck),
                                        max_batch_photons=100_000)  # fmt: skip
     cluster.wait_workers(1)
     d = cluster.dealer()

@@ -18,6 +18,7 @@ from charon.photons import CHERENKOV
 from charon.run_output import RunOutputError, output_path
 from charon.server import ServerConfig, run_in_thread
 from charon.sources import random_event
+from standins import GatedEngine
 
 SEED = 77
 
@@ -199,23 +200,6 @@ def test_server_stop_with_run_open_leaves_a_readable_file(det, tmp_path, caplog)
     assert any("server stopping with the run open" in r.getMessage() for r in caplog.records)
 
 
-class _Gated:
-    """CPU engine whose batches wait for a gate: keeps the queue occupied."""
-
-    def __init__(self, inner, gate):
-        self.inner, self.gate, self.name, self.last_times = inner, gate, "gated", inner.last_times
-
-    def warm_up(self):
-        pass
-
-    def propagate(self, batch, keep_photons=False):
-        self.gate.wait(30)
-        return self.inner.propagate(batch)
-
-    def close(self):
-        pass
-
-
 def test_async_events_refused_at_admission_get_one_failure_reply_not_an_ack(det, tmp_path):
     import threading
 
@@ -224,7 +208,7 @@ def test_async_events_refused_at_admission_get_one_failure_reply_not_an_ack(det,
     gate = threading.Event()
     srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", output_dir=str(out),
                                          max_queued_photons=1000, max_batch_photons=100_000, max_wait_ms=0),
-                            detector=det, engine_factory=lambda: _Gated(CPUEngine(det, EngineConfig()), gate))  # fmt: skip
+                            detector=det, engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig()), gate))  # fmt: skip
     d = DealerClient(srv.address)
     try:
         assert ask(d, [P.RUN_BEGIN, b"full.root"]).kind == b"ACK"

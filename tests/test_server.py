@@ -20,6 +20,7 @@ from charon.geometry.optics import constant_surface
 from charon.photons import CHERENKOV, SURFACE_DETECT, PhotonBatch
 from charon.server import ServerConfig, run_in_thread
 from charon.sources import point_source, random_event
+from standins import GatedEngine
 
 SEED = 4242
 
@@ -230,25 +231,6 @@ def test_oversized_event_is_split_and_reassembled(det, reference_engine):
         assert s.metric("charon_batches_total") == 4
     finally:
         s.stop()
-
-
-class GatedEngine:
-    """Wraps the CPU engine; each batch waits until the test opens the gate."""
-
-    def __init__(self, inner, gate):
-        self.inner, self.gate = inner, gate
-        self.name, self.last_times, self.calls = "gated", inner.last_times, 0
-
-    def warm_up(self):
-        pass
-
-    def propagate(self, batch):
-        self.calls += 1
-        assert self.gate.wait(30)
-        return self.inner.propagate(batch)
-
-    def close(self):
-        pass
 
 
 def test_identical_resent_request_is_simulated_once_and_answers_newest(det, reference_engine):
