@@ -5,6 +5,7 @@ EngineService over ipc/tcp loopback; every reply must equal the event
 propagated alone (batch invariance), however the service merged it.
 """
 
+import contextlib
 import threading
 
 import numpy as np
@@ -375,31 +376,59 @@ class _AsyncStandIn:
         pass
 
 
+@contextlib.contextmanager
+def _service_and_socket(engine):
+    """An EngineService around ``engine`` and a raw DEALER connected to it, as a front end would be."""
+    svc = EngineService(lambda: engine, "tcp://127.0.0.1:*", 10_000)
+    svc.start(30)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(svc.address)
+    try:
+        yield svc, raw
+    finally:
+        raw.close(0)
+        svc.stop()
+        svc.join(10)
+
+
+def _wait_launched(engine, k):
+    for _ in range(250):
+        if len(engine.launched) >= k:
+            return
+        threading.Event().wait(0.02)
+    raise AssertionError(f"{len(engine.launched)} launches, expected {k}")
+
+
+def _send(raw, batch_id, sizes, ids):
+    raw.send_multipart(encode_batch(batch_id, PhotonBatch.from_events([ev(n, i) for n, i in zip(sizes, ids)], ids)))
+
+
+def _answered_ids(raw, k):
+    ids = []
+    for _ in range(k):
+        assert raw.poll(10_000)
+        ids.append(decode_hits(raw.recv_multipart()[1:])[0])
+    return ids
+
+
 def test_batch_finishing_during_a_burst_launches_nothing_empty():
     """A batch that completes while the service handles a message that adds no events (HELLO) is
     collected and answered; no empty batch is launched after it."""
     from charon.engine_service import ENGINE, HELLO
 
     eng = _AsyncStandIn()
-    svc = EngineService(lambda: eng, "tcp://127.0.0.1:*", 10_000)
-    svc.start(30)
-    handle = svc._handle
+    with _service_and_socket(eng) as (svc, raw):
+        handle = svc._handle
 
-    def handle_then_finish(frames):  # the batch completes exactly while a HELLO is being handled
-        handle(frames)
-        if frames[1].bytes == HELLO:
-            eng.done.set()
+        def handle_then_finish(frames):  # the batch completes exactly while a HELLO is being handled
+            handle(frames)
+            if frames[1].bytes == HELLO:
+                eng.done.set()
 
-    svc._handle = handle_then_finish
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(svc.address)
-    try:
-        raw.send_multipart(encode_batch(8, PhotonBatch.from_events([ev(5, 1), ev(7, 2)], [1, 2])))
-        deadline = 200
-        while not eng.launched and deadline:
-            threading.Event().wait(0.02)
-            deadline -= 1
+        svc._handle = handle_then_finish
+        _send(raw, 8, [5, 7], [1, 2])
+        _wait_launched(eng, 1)
         assert eng.launched == [2]
         raw.send(HELLO)
         got = {}
@@ -412,10 +441,6 @@ def test_batch_finishing_during_a_burst_launches_nothing_empty():
         assert batch_id == 8 and len(hits.offsets) == 3 and not failed.any() and error == ""
         threading.Event().wait(0.2)
         assert eng.launched == [2]  # nothing launched after it: no events were waiting
-    finally:
-        raw.close(0)
-        svc.stop()
-        svc.join(10)
 
 
 class _TwoLaneStandIn(_AsyncStandIn):
@@ -443,78 +468,37 @@ class _TwoLaneStandIn(_AsyncStandIn):
 
 def test_two_lanes_keep_two_batches_in_flight_and_answer_in_launch_order():
     eng = _TwoLaneStandIn()
-    svc = EngineService(lambda: eng, "tcp://127.0.0.1:*", 10_000)
-    svc.start(30)
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(svc.address)
-
-    def wait_launched(k):
-        for _ in range(250):
-            if len(eng.launched) >= k:
-                return
-            threading.Event().wait(0.02)
-        raise AssertionError(f"{len(eng.launched)} launches, expected {k}")
-
-    try:
+    with _service_and_socket(eng) as (svc, raw):
         for bid, n_events in ((1, 1), (2, 2), (3, 3)):
-            raw.send_multipart(encode_batch(bid, PhotonBatch.from_events([ev(4, i) for i in range(n_events)],
-                                                                          list(range(n_events)))))  # fmt: skip
+            _send(raw, bid, [4] * n_events, list(range(n_events)))
             threading.Event().wait(0.1)
-        wait_launched(2)
+        _wait_launched(eng, 2)
         threading.Event().wait(0.2)
         assert eng.launched == [1, 2]  # two in flight; the third waits for a lane
         eng.finish_flags[1].set()  # the second finishes first: answers keep launch order
         threading.Event().wait(0.2)
         assert not raw.poll(0) and eng.launched == [1, 2]
         eng.finish_flags[0].set()
-        ids = []
-        for _ in range(2):
-            assert raw.poll(10_000)
-            ids.append(decode_hits(raw.recv_multipart()[1:])[0])
-        assert ids == [1, 2]
-        wait_launched(3)
+        assert _answered_ids(raw, 2) == [1, 2]
+        _wait_launched(eng, 3)
         assert eng.launched == [1, 2, 3]
         eng.finish_flags[2].set()
-        assert raw.poll(10_000) and decode_hits(raw.recv_multipart()[1:])[0] == 3
+        assert _answered_ids(raw, 1) == [3]
         m = svc.metrics.registry.get_sample_value
         assert m("charon_batches_total") == 3
-    finally:
-        raw.close(0)
-        svc.stop()
-        svc.join(10)
 
 
 def test_second_lane_waits_until_the_building_batch_is_as_large_as_the_running_one():
     eng = _TwoLaneStandIn()
-    svc = EngineService(lambda: eng, "tcp://127.0.0.1:*", 10_000)
-    svc.start(30)
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(svc.address)
-    try:
-        raw.send_multipart(encode_batch(1, PhotonBatch.from_events([ev(4, i) for i in range(5)], list(range(5)))))
-        for _ in range(250):
-            if eng.launched:
-                break
-            threading.Event().wait(0.02)
-        raw.send_multipart(encode_batch(2, PhotonBatch.from_events([ev(4, 9)], [9])))  # 4 photons < 20 running
+    with _service_and_socket(eng) as (_svc, raw):
+        _send(raw, 1, [4] * 5, list(range(5)))
+        _wait_launched(eng, 1)
+        _send(raw, 2, [4], [9])  # 4 photons < 20 running
         threading.Event().wait(0.3)
         assert eng.launched == [5]  # a lane is free, but the small batch keeps filling
-        raw.send_multipart(encode_batch(3, PhotonBatch.from_events([ev(16, 8)], [8])))  # now 20 photons: launch
-        for _ in range(250):
-            if len(eng.launched) == 2:
-                break
-            threading.Event().wait(0.02)
+        _send(raw, 3, [16], [8])  # now 20 photons: launch
+        _wait_launched(eng, 2)
         assert eng.launched == [5, 2]
         for f in eng.finish_flags:
             f.set()
-        ids = []
-        for _ in range(3):
-            assert raw.poll(10_000)
-            ids.append(decode_hits(raw.recv_multipart()[1:])[0])
-        assert ids == [1, 2, 3]
-    finally:
-        raw.close(0)
-        svc.stop()
-        svc.join(10)
+        assert _answered_ids(raw, 3) == [1, 2, 3]
