@@ -31,7 +31,8 @@ import numpy as np
 import zmq
 
 from . import protocol as P
-from .server import recv_message, send_message, split_envelope
+from .server import split_envelope
+from .sockets import recv_message, send_message
 
 log = logging.getLogger("charon.router")
 
