@@ -240,7 +240,7 @@ class _Running:
     batch: MergedBatch
     handle: object  # the engine's launch handle, or _Done
     t0: float  # perf_counter at launch
-    device_seconds: float = 0.0  # the engine's own timing (CUDA events), 0 when it has none
+    device_seconds: float | None = None  # busy seconds by the engine's own timing (CUDA events), if it has one
     n_photons: int = 0
     n_events: int = 0
 
@@ -429,7 +429,8 @@ class EngineService:
                 hits = handle.hits
             else:
                 hits = self.engine.finish(handle)
-            running.device_seconds = self.engine.last_times.total
+            lt = self.engine.last_times
+            running.device_seconds = lt.busy if lt.total > 0 else None
         except Exception as exc:
             log.warning("engine error on a merged batch of %d front-end batches: %r", len(subs), exc)
             out = [(s, self._isolate(s, 0, s.n_events)) for s in subs]
@@ -476,7 +477,7 @@ class EngineService:
         m.batch_photons.observe(photons)
         m.batch_seconds.observe(seconds)
         # Device time where the engine measures it (CUDA events), else the call's wall time.
-        m.engine_seconds.inc(running.device_seconds if running.device_seconds > 0 else seconds)
+        m.engine_seconds.inc(running.device_seconds if running.device_seconds is not None else seconds)
         m.max_batch_seen = max(photons, m.max_batch_seen)
         m.batch_photons_max.set(m.max_batch_seen)
         log.info("merged batch: %d front-end batches, %d events, %d photons, %d hits, %.1f ms launch to collect",

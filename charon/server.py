@@ -471,7 +471,7 @@ class BatchServer:
         m.batch_photons.observe(photons)
         m.batch_seconds.observe(res.engine_seconds)
         # Device time where the engine measures it (CUDA events), else the engine thread's wall time.
-        m.engine_seconds.inc(res.times.total if res.times.total > 0 else res.engine_seconds)
+        m.engine_seconds.inc(res.times.busy if res.times.total > 0 else res.engine_seconds)
         m.batch_photons_max.set(max(photons, m.max_batch_seen))
         m.max_batch_seen = max(photons, m.max_batch_seen)
         log.info(

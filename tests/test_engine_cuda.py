@@ -247,6 +247,40 @@ def test_two_lanes_run_two_batches_in_flight_with_the_same_hits(tiny_det, cuda_e
     np.testing.assert_array_equal(again.channel, got_b.channel)
 
 
+class _StampedEvent:
+    """A stand-in timing event at a known device time (seconds)."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def elapsed_time(self, later):  # milliseconds, negative when ``later`` is earlier, like CUDA's
+        return (later.t - self.t) * 1e3
+
+
+@pytest.mark.parametrize("intervals, busy", [
+    ([(0, 10), (20, 25)], [10, 5]),  # apart: each counts whole
+    ([(0, 10), (5, 12), (11, 20)], [10, 2, 8]),  # chained overlaps: only what extends the union
+    ([(0, 10), (2, 4), (3, 15)], [10, 0, 5]),  # nested in the first: nothing new; the next is measured from 10
+    ([(0, 10), (10, 10)], [10, 0]),
+])
+def test_busy_time_is_the_union_of_device_intervals(intervals, busy):
+    """CUDAEngine._account sweeps batches in collection order; their busy shares sum to the union."""
+    from types import SimpleNamespace
+
+    from charon.engines.base import StageTimes
+    from charon.engines.cuda import CUDAEngine
+
+    eng = SimpleNamespace(last_times=StageTimes(), _latest=None, _event_sets=[])
+    got = []
+    for a, b in intervals:
+        ev = [_StampedEvent(a)] + [_StampedEvent(b)] * 6
+        eng.last_times = StageTimes(propagate=b - a)
+        CUDAEngine._account(eng, SimpleNamespace(events=ev))
+        got.append(eng.last_times.busy)
+    np.testing.assert_allclose(got, busy, atol=1e-12)
+    assert len(eng._event_sets) == len(intervals) - 1  # every event set but the latest end's is reused
+
+
 @REAL_GPU
 def test_two_lanes_on_a_real_gpu_equal_one_lane(gpu_pair):
     from charon.engines.cuda import CUDAEngine
@@ -258,14 +292,21 @@ def test_two_lanes_on_a_real_gpu_equal_one_lane(gpu_pair):
     two.warm_up()
     rng = np.random.default_rng(9)
     batches = [[random_event(n, rng) for n in sizes] for sizes in ((30_000, 1000), (500,), (60_000, 7, 2000))]
-    handles, results = [], []
+    handles, results, times = [], [], []
     for i, tables in enumerate(batches):  # always two in flight: launch, then finish the older one
         handles.append(two.launch(_batch(tables, range(10 * i, 10 * i + len(tables)))))
         if len(handles) == 2:
             results.append(two.finish(handles.pop(0)))
+            times.append((two.last_times.total, two.last_times.busy))
     results.append(two.finish(handles.pop(0)))
+    times.append((two.last_times.total, two.last_times.busy))
+    total, busy = np.array(times).T
+    assert np.all(total > 0) and np.all(busy >= 0) and np.all(busy <= total)
     for i, (tables, got) in enumerate(zip(batches, results)):
         want = one.propagate(_batch(tables, range(10 * i, 10 * i + len(tables))))
+        # One lane: each batch starts after the one before ended, so nothing is overlap
+        # (CUDA's elapsed time between them is negative and must clamp to zero).
+        assert one.last_times.overlap == 0.0 and one.last_times.busy == one.last_times.total
         assert want.n_hits > 0
         np.testing.assert_array_equal(got.offsets, want.offsets)
         np.testing.assert_array_equal(got.channel, want.channel)

@@ -34,11 +34,19 @@ class StageTimes:
     propagate: float = 0.0
     demux: float = 0.0
     copy_out: float = 0.0
+    # Of ``total``, the seconds during which batches collected before this one were still on
+    # the device (several lanes run batches concurrently): not counted twice in busy time.
+    overlap: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
     def total(self) -> float:
         return self.copy_in + self.propagate + self.demux + self.copy_out
+
+    @property
+    def busy(self) -> float:
+        """This batch's share of the union of device-busy intervals (busy fraction numerator)."""
+        return max(0.0, self.total - self.overlap)
 
 
 class Engine(abc.ABC):
