@@ -39,11 +39,14 @@ HELP = {
     "heartbeat_interval": "worker mode: seconds between heartbeats with the router",
     "heartbeat_liveness": "worker mode: heartbeats missed before the router is presumed dead (then reconnect)",
     "gpus": "comma-separated GPU ordinals: start one worker process per GPU behind a local router on --bind",
-    "procs": "front-end processes behind a C-level zmq proxy on --bind, so that the per-event Python work "
-    "(decode, batching, replies) runs in parallel; their batches are merged into one engine in the launcher "
-    "(one CUDA context, large batches). 1: a single process",
-    "io_threads": "with --procs: ZeroMQ I/O threads of the proxy, which carries every client message twice "
-    "(0: one per front end plus one, at most 8)",
+    "procs": "front-end processes sharing --bind, so that the per-event Python work (decode, batching, "
+    "replies) runs in parallel; their batches are merged into one engine in the launcher (one CUDA context, "
+    "large batches). 1: a single process",
+    "accept": "with --procs, how the front ends share --bind: reuseport (each listens on the same TCP port "
+    "with SO_REUSEPORT and the kernel spreads client connections; no extra hop), proxy (a C-level zmq.proxy "
+    "in the launcher forwards every message; any transport), auto (reuseport for tcp:// on Linux, else proxy)",
+    "io_threads": "ZeroMQ I/O threads: of the proxy with --accept proxy, which carries every client message "
+    "twice (0: one per front end plus one, at most 8); of each process otherwise (0: one)",
     "upstream": "internal: the proxy backend a --procs front end connects to",
     "engine_service": "internal: the shared engine a --procs front end sends its batches to",
 }
@@ -52,6 +55,7 @@ CHOICES = {
     "ping_reply": ("PONG", "ACK"),
     "reply_layout": ("auto", "compact", "full"),
     "queue_policy": ("fcfs",),
+    "accept": ("auto", "reuseport", "proxy"),
 }
 
 
@@ -104,7 +108,10 @@ def batch_main(argv=None) -> int:
             return 2
         return multi_proc_main(config, argv)
     try:
-        server = BatchServer(config)
+        import zmq
+
+        ctx = zmq.Context(io_threads=config.io_threads) if config.io_threads > 0 else None
+        server = BatchServer(config, context=ctx)
     except Exception as exc:
         logging.getLogger("charon").error("cannot start: %s", exc)
         return 2
@@ -201,51 +208,131 @@ def _supervise(name: str, start, n: int) -> int:
     return 0
 
 
-def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
-    """``--procs N``: N front-end processes behind zmq.proxy, sharing ONE engine in this process.
+def accept_mode(config: ServerConfig) -> str:
+    """How --procs front ends share --bind: 'reuseport' or 'proxy' (``--accept auto`` resolved)."""
+    from .reuseport import AVAILABLE
 
-    The proxy (ROUTER on --bind, DEALER backend) moves client messages in C
-    without the GIL; each front end receives, decodes, batches and replies on
-    its own, and hands its batches to the engine service here, which merges
-    them into one engine call (one CUDA context, large batches). Round-robin
-    dispatch, no cross-process resend de-duplication, and a dying front end's
-    queued events are recovered only by the clients' retries: for failover
-    across machines use charon-router. Metrics: front end i on
-    --metrics-port + i, the shared engine on --metrics-port + N.
+    if config.accept != "auto":
+        return config.accept
+    return "reuseport" if AVAILABLE and config.bind.startswith("tcp://") else "proxy"
+
+
+def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
+    """``--procs N``: N front-end processes on one address, sharing ONE engine in this process.
+
+    Each front end receives, decodes, batches and replies on its own, and hands
+    its batches to the engine service here, which merges them into one engine
+    call (one CUDA context, large batches). The front ends share --bind either
+    through the kernel (``--accept reuseport``: every front end listens on the
+    same TCP port, each client connection goes to one of them) or through a
+    C-level zmq.proxy here (``--accept proxy``: round-robin per message, one more
+    hop each way). No cross-process resend de-duplication, and a dying front
+    end's queued events are recovered only by the clients' retries (it is
+    restarted): for failover across machines use charon-router. Metrics: front
+    end i on --metrics-port + i, the shared engine on --metrics-port + N.
     """
-    import contextlib
-    import os
-    import subprocess
+    if accept_mode(config) == "reuseport":
+        return _reuseport_main(config, argv)
+    return _proxy_main(config, argv)
+
+
+def _start_engine_service(config: ServerConfig):
+    """The shared engine in this process (its thread compiles kernels before any front end starts)."""
     import tempfile
-    import threading
 
     import zmq
 
     from .engine_service import EngineService
-    from .threads import set_native_thread_name
     from .server import engine_setup
+
+    _detector, factory = engine_setup(config)
+    sockdir = tempfile.mkdtemp(prefix="charon-")
+    address = f"ipc://{sockdir}/engine" if zmq.has("ipc") else "tcp://127.0.0.1:*"
+    # A context of its own, so that the engine's traffic never queues behind the clients'.
+    service = EngineService(factory, address, config.max_batch_photons, context=zmq.Context(io_threads=1),
+                            max_batch_events=config.max_batch_events)  # fmt: skip
+    service.start()
+    metrics_server = service.metrics.serve(config.metrics_port + config.procs) if config.metrics_port is not None \
+        else None  # fmt: skip
+    return service, metrics_server, sockdir
+
+
+def _stop_engine_service(service, metrics_server, sockdir) -> None:
+    import contextlib
+    import os
+
+    service.stop()
+    service.join(30)
+    if metrics_server is not None:
+        metrics_server.shutdown()
+    for name in ("engine", "upstream"):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(sockdir, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(sockdir)
+
+
+_FRONT_END_FLAGS = ("--procs", "--io-threads", "--bind", "--upstream", "--metrics-port", "--engine-service", "--accept")
+
+
+def _reuseport_main(config: ServerConfig, argv: list[str]) -> int:
+    import subprocess
+
+    from .reuseport import reserve
+
+    log = logging.getLogger("charon")
+    try:
+        hold, bind = reserve(config.bind)  # fails at once if the port is taken (another charon-batch too)
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: --bind %s: %s", config.bind, exc)
+        return 2
+    try:
+        try:
+            service, metrics_server, sockdir = _start_engine_service(config)
+        except Exception as exc:
+            log.error("cannot start: %s", exc)
+            return 2
+        base = _strip_flags(argv, _FRONT_END_FLAGS)
+        io = ["--io-threads", str(config.io_threads)] if config.io_threads > 0 else []
+
+        def start(i):
+            cmd = [sys.executable, "-m", "charon.cli", *base, *io, "--bind", bind, "--accept", "reuseport",
+                   "--engine-service", service.address]  # fmt: skip
+            if config.metrics_port is not None:
+                cmd += ["--metrics-port", str(config.metrics_port + i)]
+            return subprocess.Popen(cmd)
+
+        log.info("charon-batch: %d front-end processes sharing %s (SO_REUSEPORT), one shared %s engine",
+                 config.procs, bind, service.engine.name)  # fmt: skip
+        try:
+            return _supervise("front-end process", start, config.procs)
+        finally:
+            _stop_engine_service(service, metrics_server, sockdir)
+    finally:
+        hold.close()
+
+
+def _proxy_main(config: ServerConfig, argv: list[str]) -> int:
+    """--accept proxy: the C-level zmq.proxy (ROUTER on --bind, DEALER backend) forwards every message."""
+    import subprocess
+    import threading
+
+    import zmq
+
+    from .threads import set_native_thread_name
 
     log = logging.getLogger("charon")
     # Every client message crosses two sockets here (the proxy), and its I/O threads do the
     # socket reads and writes: one I/O thread saturated at ~24k events/s of 1000 photons
-    # (H200 host, benchmarks/RESULTS.md). The engine service gets a context of its own so
-    # that its traffic does not queue behind the clients'.
+    # (H200 host, benchmarks/RESULTS.md).
     io_threads = config.io_threads or min(8, config.procs + 1)
     ctx = zmq.Context(io_threads=io_threads)
-    service_ctx = zmq.Context(io_threads=1)
     try:
-        _detector, factory = engine_setup(config)
-        sockdir = tempfile.mkdtemp(prefix="charon-")
-        use_ipc = zmq.has("ipc")
-        address = f"ipc://{sockdir}/engine" if use_ipc else "tcp://127.0.0.1:*"
-        service = EngineService(factory, address, config.max_batch_photons, context=service_ctx,
-                                max_batch_events=config.max_batch_events)  # fmt: skip
-        service.start()  # its thread builds the engine and compiles kernels before any front end starts
-        if config.metrics_port is not None:
-            metrics_server = service.metrics.serve(config.metrics_port + config.procs)
+        service, metrics_server, sockdir = _start_engine_service(config)
     except Exception as exc:
         log.error("cannot start: %s", exc)
         return 2
+    use_ipc = service.address.startswith("ipc://")
 
     front = ctx.socket(zmq.ROUTER)
     back = ctx.socket(zmq.DEALER)
@@ -267,7 +354,7 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
             pass
 
     threading.Thread(target=proxy, name="charon-proxy", daemon=True).start()
-    base = _strip_flags(argv, ("--procs", "--io-threads", "--bind", "--upstream", "--metrics-port", "--engine-service"))
+    base = _strip_flags(argv, _FRONT_END_FLAGS)
 
     def start(i):
         cmd = [sys.executable, "-m", "charon.cli", *base, "--upstream", upstream, "--engine-service", service.address]
@@ -282,15 +369,7 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
     finally:
         front.close(0)
         back.close(0)
-        service.stop()
-        service.join(30)
-        if config.metrics_port is not None:
-            metrics_server.shutdown()
-        for name in ("engine", "upstream"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(sockdir, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(sockdir)
+        _stop_engine_service(service, metrics_server, sockdir)
 
 
 ROUTER_HELP = {

@@ -63,6 +63,7 @@ class ServerConfig:
     device: int = 0
     connect: str | None = None
     procs: int = 1
+    accept: str = "auto"
     io_threads: int = 0
     upstream: str | None = None
     engine_service: str | None = None
@@ -89,6 +90,14 @@ class ServerConfig:
             raise ValueError("--procs must be >= 1")
         if self.engine_lanes < 1:
             raise ValueError("--engine-lanes must be >= 1")
+        if self.accept not in ("auto", "reuseport", "proxy"):
+            raise ValueError("--accept must be auto, reuseport or proxy")
+        if self.accept == "reuseport":
+            from .reuseport import AVAILABLE, parse_tcp
+
+            if not AVAILABLE:
+                raise ValueError("--accept reuseport needs SO_REUSEPORT (Linux); use --accept proxy")
+            parse_tcp(self.bind)  # ValueError naming the problem
         if self.io_threads < 0:
             raise ValueError("--io-threads must be >= 0")
         if self.procs > 1 and self.output_dir:
@@ -243,7 +252,21 @@ class BatchServer:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
-        if self.config.bind.endswith(":0"):  # random port (tests)
+        if self.config.accept == "reuseport":
+            # One of --procs front ends sharing the port: the kernel spreads connections (reuseport.py).
+            import os
+
+            from .reuseport import listener
+
+            fd = listener(self.config.bind)
+            try:
+                self.socket.setsockopt(zmq.USE_FD, fd)
+                self.socket.bind(self.config.bind)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        elif self.config.bind.endswith(":0"):  # random port (tests)
             port = self.socket.bind_to_random_port(self.config.bind[: self.config.bind.rfind(":")])
             self.address = self.config.bind[: self.config.bind.rfind(":")].replace("*", "127.0.0.1") + f":{port}"
         else:

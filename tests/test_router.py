@@ -283,11 +283,12 @@ def test_gpus_flag_starts_local_router_and_workers():
 
 
 @pytest.mark.slow
-def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_path):
+@pytest.mark.parametrize("accept", ["reuseport", "proxy"])
+def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_path, accept):
     port, mport = _free_port(), _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--procs", "2", "--engine", "cpu", "--detector",
                              "sphere", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
-                             "--log-level", "WARNING"])  # fmt: skip
+                             "--log-level", "WARNING", "--accept", accept])  # fmt: skip
     c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
     try:
         deadline = wait_first_answer(c, 120)
@@ -307,18 +308,22 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
 
         # wait_first_answer may have sent more than one request (each is answered): count from here.
         before = [sample(k, "charon_events_total") for k in range(2)]
-        d = DealerClient(f"tcp://127.0.0.1:{port}")
-        for i in range(40):
-            d.submit(i, ev(300, i))
-        assert sorted(d.recv(30_000).event_id for _ in range(40)) == list(range(40))
-        d.close()
+        # Several connections: with reuseport the kernel assigns each connection (not each
+        # message) to a front end, so 24 of them all landing on one has probability 2^-23.
+        dealers = [DealerClient(f"tcp://127.0.0.1:{port}") for _ in range(24)]
+        for i in range(48):
+            dealers[i % 24].submit(i, ev(300, i))
+        got = [d.recv(30_000).event_id for d in dealers for _ in range(2)]
+        assert sorted(got) == list(range(48))
+        for d in dealers:
+            d.close()
         served = [sample(k, "charon_events_total") - before[k] for k in range(2)]
-        assert sum(served) >= 40 and min(served) > 0  # both front ends served
+        assert sum(served) >= 48 and min(served) > 0  # both front ends served
         # One shared engine (metrics on mport + 2) ran every batch; the front ends ran none.
         assert sample(2, "charon_batches_total") >= 1 and sample(0, "charon_batches_total") == 0
-        assert sample(2, "charon_photons_total") >= 40 * 300 + 200  # + the first answer (maybe resent)
+        assert sample(2, "charon_photons_total") >= 48 * 300 + 200  # + the first answer (maybe resent)
         # Latency shares: each front end times its events; the shared engine times the batches it held.
-        assert sum(sample(k, "charon_event_seconds_count") for k in range(2)) >= 40
+        assert sum(sample(k, "charon_event_seconds_count") for k in range(2)) >= 48
         assert sample(2, "charon_engine_residence_seconds_count") >= 1
         assert sample(2, "charon_engine_residence_seconds_sum") > 0
     finally:
