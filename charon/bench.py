@@ -248,6 +248,8 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     per_clients = [cfg.clients // procs + (k < cfg.clients % procs) for k in range(procs)]
     per_events = [cfg.events // procs + (k < cfg.events % procs) for k in range(procs)]
     before = scrape(metrics_url)
+    urls = [metrics_url] if isinstance(metrics_url, str) else list(metrics_url or [])
+    events_before = [scrape(u).get("charon_events_total", 0.0) for u in urls]
     # Load processes are spawned even when there is one, so that the progress bar, the
     # measurement and the code path are the same whatever --load-procs is.
     ctx = mp.get_context("spawn")
@@ -269,6 +271,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
             bar.close()
         parts = res.get()
     after = scrape(metrics_url)
+    events_after = [scrape(u).get("charon_events_total", 0.0) for u in urls]
 
     def d(name):
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -300,6 +303,9 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
             host_us_per_event=1e6 * d("charon_host_seconds_total") / max(d("charon_events_total"), 1),
             batch_seconds_mean=d("charon_batch_seconds_sum") / nb if nb else 0.0,
         )
+        # Events answered per endpoint (front ends or workers; a shared engine's endpoint counts none):
+        # how evenly the clients' connections were spread.
+        res["events_by_endpoint"] = [a - b for a, b in zip(events_after, events_before)]
         ne, nr = d("charon_event_seconds_count"), d("charon_engine_residence_seconds_count")
         # Means only: the server's share of the latency, and (--procs) the shared engine's share of that.
         res["server_latency_ms_mean"] = 1e3 * d("charon_event_seconds_sum") / ne if ne else None

@@ -42,6 +42,7 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         # The server's share of the latency: positive, and within what the clients saw (it is part of it).
         assert 0 < r["server_latency_ms_mean"] <= r["latency_ms"]["p99"]
         assert r["engine_residence_ms_mean"] is None  # one process: no shared engine
+        assert r["events_by_endpoint"] == [60]  # one endpoint answered every event
     finally:
         srv.stop()
         th.join(10)
