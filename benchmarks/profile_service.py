@@ -63,7 +63,7 @@ def main() -> int:
         started = []
 
         def popen_first_profiled(cmd, *args, **kw):
-            if not started and cmd[1:3] == ["-m", "charon.cli"] and "--upstream" in cmd:
+            if not started and cmd[1:3] == ["-m", "charon.cli"] and "--engine-service" in cmd:
                 cmd = [cmd[0], "-m", "cProfile", "-o", fe_stats, *cmd[1:]]
                 started.append(cmd)
             return popen(cmd, *args, **kw)

@@ -65,6 +65,7 @@ class ServerConfig:
     procs: int = 1
     accept: str = "auto"
     io_threads: int = 0
+    engine_io_threads: int = 0
     upstream: str | None = None
     engine_service: str | None = None
     heartbeat_interval: float = 1.0
@@ -98,8 +99,8 @@ class ServerConfig:
             if not AVAILABLE:
                 raise ValueError("--accept reuseport needs SO_REUSEPORT (Linux); use --accept proxy")
             parse_tcp(self.bind)  # ValueError naming the problem
-        if self.io_threads < 0:
-            raise ValueError("--io-threads must be >= 0")
+        if self.io_threads < 0 or self.engine_io_threads < 0:
+            raise ValueError("--io-threads and --engine-io-threads must be >= 0")
         if self.procs > 1 and self.output_dir:
             raise ValueError("--output-dir needs one process (a run's events must reach the same writer): drop --procs")
 
