@@ -310,6 +310,11 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         # Means only: the server's share of the latency, and (--procs) the shared engine's share of that.
         res["server_latency_ms_mean"] = 1e3 * d("charon_event_seconds_sum") / ne if ne else None
         res["engine_residence_ms_mean"] = 1e3 * d("charon_engine_residence_seconds_sum") / nr if nr else None
+        # The front end's share split per batch: its oldest event's wait for dispatch, and the
+        # engine round trip (submit to results back in the socket loop).
+        nw, nt = d("charon_dispatch_wait_seconds_count"), d("charon_engine_roundtrip_seconds_count")
+        res["dispatch_wait_ms_mean"] = 1e3 * d("charon_dispatch_wait_seconds_sum") / nw if nw else None
+        res["engine_roundtrip_ms_mean"] = 1e3 * d("charon_engine_roundtrip_seconds_sum") / nt if nt else None
     return res
 
 

@@ -76,6 +76,14 @@ class Metrics:
         # and, behind --procs, the shared engine's share of that.
         self.event_seconds = Histogram("charon_event_seconds", "Server-side time per event: PHOTONDATA accepted "
                                        "to SIM_COMPLETE sent", buckets=_SECOND_BUCKETS, registry=r)  # fmt: skip
+        # The front end's share, split: waiting for a batch, then the engine's round trip
+        # (behind --procs: transfer to the shared engine, merging, the GPU, and back).
+        self.dispatch_wait_seconds = Histogram(
+            "charon_dispatch_wait_seconds", "Per batch: its oldest event's wait from accepted to handed to the "
+            "engine", buckets=_SECOND_BUCKETS, registry=r)  # fmt: skip
+        self.engine_roundtrip_seconds = Histogram(
+            "charon_engine_roundtrip_seconds", "Per batch: handed to the engine (or the shared engine) to its "
+            "results taken back by the socket loop", buckets=_SECOND_BUCKETS, registry=r)  # fmt: skip
         self.engine_residence_seconds = Histogram(
             "charon_engine_residence_seconds", "Shared engine (--procs): a front end's batch received to its hits "
             "sent", buckets=_SECOND_BUCKETS, registry=r)  # fmt: skip

@@ -460,7 +460,11 @@ class BatchServer:
                 return
             slots = self.batcher.take()
             buf = self._buffers.pop(0)
-            et.submit(self.batcher.assemble(slots, buf))
+            batch = self.batcher.assemble(slots, buf)
+            batch.dispatched = time.monotonic()
+            if oldest is not None:
+                self.metrics.dispatch_wait_seconds.observe(batch.dispatched - oldest)
+            et.submit(batch)
             self.metrics.queued_photons.set(self.batcher.queued_photons)
 
     def _collect_results(self):
@@ -468,6 +472,7 @@ class BatchServer:
         while et.results:
             res: BatchResult = et.results.popleft()
             et.in_flight -= 1
+            self.metrics.engine_roundtrip_seconds.observe(time.monotonic() - res.batch.dispatched)
             self._buffers.append(res.batch.buffer)
             self._demux(res)
 

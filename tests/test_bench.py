@@ -43,6 +43,9 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         assert 0 < r["server_latency_ms_mean"] <= r["latency_ms"]["p99"]
         assert r["engine_residence_ms_mean"] is None  # one process: no shared engine
         assert r["events_by_endpoint"] == [60]  # one endpoint answered every event
+        # Per batch: the oldest event's wait for dispatch and the engine round trip, both within
+        # the server-side share (each batch's oldest event waited both).
+        assert r["dispatch_wait_ms_mean"] >= 0 and r["engine_roundtrip_ms_mean"] > 0
     finally:
         srv.stop()
         th.join(10)

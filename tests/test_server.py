@@ -422,6 +422,26 @@ def test_bare_dealer_without_delimiter_is_answered(server):
     sock.close(0)
 
 
+def test_latency_split_metrics_time_the_wait_for_a_batch_and_the_engine_round_trip(det):
+    """One event on an idle server with --max-wait-ms 60: its batch waits the full 60 ms for company,
+    then the engine round trip; both are observed once, and together they fit in the event's time."""
+    s = Server(det, max_wait_ms=60.0)
+    try:
+        t0 = time.monotonic()
+        s.req(timeout_ms=5000, retries=0).simulate(1, ev(100, 1))
+        took = time.monotonic() - t0
+        m = s.srv.metrics.registry.get_sample_value
+        deadline = time.monotonic() + 5  # the event's time is observed just after its reply is sent
+        while m("charon_event_seconds_count") != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert m("charon_dispatch_wait_seconds_count") == 1 and m("charon_engine_roundtrip_seconds_count") == 1
+        wait, trip = m("charon_dispatch_wait_seconds_sum"), m("charon_engine_roundtrip_seconds_sum")
+        assert 0.06 <= wait < took
+        assert 0 < trip and wait + trip <= m("charon_event_seconds_sum") <= took
+    finally:
+        s.stop()
+
+
 def test_metrics_endpoint_serves_prometheus_text(det):
     import socket
 

@@ -28,6 +28,7 @@ class Batch:
     slots: list[Slot]
     photons: PhotonBatch
     buffer: "HostBuffer"
+    dispatched: float = 0.0  # time.monotonic() when handed to the engine (latency metrics)
 
 
 class HostBuffer:
