@@ -19,7 +19,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import zmq
 
 from . import protocol as P
@@ -305,7 +304,16 @@ class BatchServer:
         handle = self._from_router if worker else self._handle
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(self._poll_timeout_ms()))
+                timeout = self._poll_timeout_ms()
+                if timeout >= 1.0:  # rounded down: wakes up to 1 ms early, then short sleeps below
+                    events = dict(poller.poll(int(timeout)))
+                else:
+                    # ZeroMQ's poll counts whole milliseconds: a batch due in 0.3 ms would wait
+                    # a full 1 ms (measured on the H200 host: batches' oldest events waited 2.0 ms
+                    # on average with --max-wait-ms 1). Sleep in short steps instead.
+                    events = dict(poller.poll(0))
+                    if not events and timeout > 0:
+                        time.sleep(min(timeout, 0.1) / 1e3)
                 t_busy = time.perf_counter()
                 if wake in events:
                     self.engine_thread.poll_results()
@@ -338,14 +346,15 @@ class BatchServer:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
 
-    def _poll_timeout_ms(self) -> int:
-        cap = 100 if not self.config.connect else max(1, int(self.config.heartbeat_interval * 500))
+    def _poll_timeout_ms(self) -> float:
+        """Milliseconds until the next batch is due (0: now), or a cap when only a message can change that."""
+        cap = 100.0 if not self.config.connect else max(1.0, self.config.heartbeat_interval * 500)
         oldest = self.batcher.queue.oldest_arrival()
         et = self.engine_thread
         if oldest is None or (et.in_flight and not et.pipelined) or et.in_flight >= et.max_in_flight:
             return cap  # a result wakes the loop
         left = oldest + self.config.max_wait_ms / 1e3 - time.monotonic()
-        return max(0, min(cap, int(np.ceil(left * 1e3))))
+        return max(0.0, min(cap, left * 1e3))
 
     # ------------------------------------------------------------- requests
     def _reply(self, envelope, frames):

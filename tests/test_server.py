@@ -442,6 +442,24 @@ def test_latency_split_metrics_time_the_wait_for_a_batch_and_the_engine_round_tr
         s.stop()
 
 
+def test_poll_timeout_keeps_sub_millisecond_precision(det, monkeypatch):
+    """A batch due in 0.3 ms must not wait for ZeroMQ's next whole millisecond."""
+    from types import SimpleNamespace
+
+    import charon.server as server_mod
+    from charon.server import BatchServer
+
+    srv = BatchServer(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", max_wait_ms=1.0), detector=det)
+    srv.engine_thread = SimpleNamespace(in_flight=0, pipelined=False, max_in_flight=2)
+    monkeypatch.setattr(server_mod.time, "monotonic", lambda: 100.0)
+    monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: 100.0 - 0.0007)
+    assert srv._poll_timeout_ms() == pytest.approx(0.3)
+    monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: 100.0 - 0.002)
+    assert srv._poll_timeout_ms() == 0.0  # overdue: dispatch now
+    monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: None)
+    assert srv._poll_timeout_ms() == 100.0  # nothing queued: only a message or a result can wake it
+
+
 def test_metrics_endpoint_serves_prometheus_text(det):
     import socket
 
