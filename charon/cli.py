@@ -23,9 +23,9 @@ HELP = {
     "max_queued_photons": "backpressure: photons allowed to wait; beyond it requests get a 'busy' SIM_FAILED",
     "max_event_photons": "largest event accepted; larger requests get SIM_FAILED",
     "max_steps": "propagation steps per photon before it is abandoned (Chroma's max_steps)",
-    "engine_lanes": "CUDA engine behind --procs: batches queued on the GPU at once, each with its own device "
-    "buffers (2: the next batch is queued behind the running one once it is as large; 1: one at a time). "
-    "On the H200 2 has not yet measured faster than 1 (benchmarks/RESULTS.md)",
+    "engine_lanes": "CUDA engine behind --procs: batches on the GPU at once, each with its own device buffers "
+    "and stream (2: the next batch starts while the running one finishes, once it is as large; 1: one at a "
+    "time). On the H200 2 has not yet measured faster than 1 (benchmarks/RESULTS.md)",
     "ping_reply": "reply to PING: PONG (ratpac-two, seed text) or ACK (ChAR0N client branch)",
     "reply_layout": "auto (13-frame request -> compact, 14-frame -> full), compact or full",
     "queue_policy": "queue policy for choosing the next events to batch",
