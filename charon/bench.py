@@ -64,21 +64,35 @@ def parse_sizes(spec: str):
     return lambda rng, k: np.full(k, n, np.int64)
 
 
-def scrape(url) -> dict:
-    """Sum the server's metrics over one or several endpoints (one per worker with --gpus)."""
+def scrape_each(url) -> list[dict]:
+    """The server's metrics, one dict per endpoint (one per worker with --gpus, per process with --procs)."""
     if not url:
-        return {}
-    out = {}
+        return []
+    out = []
     for u in [url] if isinstance(url, str) else url:
         text = urllib.request.urlopen(u, timeout=10).read().decode()
+        one = {}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
                 if not s.labels or s.name.startswith("charon_failed"):
-                    if s.name == "charon_batch_photons_max":
-                        out[s.name] = max(out.get(s.name, 0.0), s.value)
-                    else:
-                        out[s.name] = out.get(s.name, 0.0) + s.value
+                    one[s.name] = one.get(s.name, 0.0) + s.value
+        out.append(one)
     return out
+
+
+def merged(per_endpoint: list[dict]) -> dict:
+    """Metrics summed over endpoints (the largest batch: the maximum)."""
+    out = {}
+    for one in per_endpoint:
+        for name, value in one.items():
+            out[name] = max(out.get(name, 0.0), value) if name == "charon_batch_photons_max" else \
+                out.get(name, 0.0) + value  # fmt: skip
+    return out
+
+
+def scrape(url) -> dict:
+    """Sum the server's metrics over one or several endpoints."""
+    return merged(scrape_each(url))
 
 
 def free_port() -> int:
@@ -247,9 +261,8 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     procs = max(1, min(cfg.load_procs, cfg.clients))
     per_clients = [cfg.clients // procs + (k < cfg.clients % procs) for k in range(procs)]
     per_events = [cfg.events // procs + (k < cfg.events % procs) for k in range(procs)]
-    before = scrape(metrics_url)
-    urls = [metrics_url] if isinstance(metrics_url, str) else list(metrics_url or [])
-    events_before = [scrape(u).get("charon_events_total", 0.0) for u in urls]
+    each_before = scrape_each(metrics_url)
+    before = merged(each_before)
     # Load processes are spawned even when there is one, so that the progress bar, the
     # measurement and the code path are the same whatever --load-procs is.
     ctx = mp.get_context("spawn")
@@ -270,8 +283,8 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         if bar is not None:
             bar.close()
         parts = res.get()
-    after = scrape(metrics_url)
-    events_after = [scrape(u).get("charon_events_total", 0.0) for u in urls]
+    each_after = scrape_each(metrics_url)
+    after = merged(each_after)
 
     def d(name):
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -305,7 +318,8 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         )
         # Events answered per endpoint (front ends or workers; a shared engine's endpoint counts none):
         # how evenly the clients' connections were spread.
-        res["events_by_endpoint"] = [a - b for a, b in zip(events_after, events_before)]
+        res["events_by_endpoint"] = [a.get("charon_events_total", 0.0) - b.get("charon_events_total", 0.0)
+                                     for a, b in zip(each_after, each_before)]  # fmt: skip
         ne, nr = d("charon_event_seconds_count"), d("charon_engine_residence_seconds_count")
         # Means only: the server's share of the latency, and (--procs) the shared engine's share of that.
         res["server_latency_ms_mean"] = 1e3 * d("charon_event_seconds_sum") / ne if ne else None

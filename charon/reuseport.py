@@ -48,10 +48,8 @@ def parse_tcp(endpoint: str) -> tuple[str, int]:
 
 def _addrinfo(host: str, port: int):
     family_host = None if host in ("*", "") else host
-    infos = socket.getaddrinfo(family_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    if not infos:  # getaddrinfo raises rather than returning nothing; kept for clarity
-        raise OSError(f"cannot resolve {host!r}")
-    family, _, _, _, sockaddr = infos[0]
+    family, _, _, _, sockaddr = socket.getaddrinfo(family_host, port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]  # raises when unresolvable
     return family, sockaddr
 
 

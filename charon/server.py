@@ -252,26 +252,27 @@ class BatchServer:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
+        fd = None
         if self.config.accept == "reuseport":
-            # One of --procs front ends sharing the port: the kernel spreads connections (reuseport.py).
-            import os
-
+            # One of --procs front ends sharing the port: the kernel spreads connections (reuseport.py);
+            # the ROUTER listens on the socket given to it (port 0 is refused by listener()).
             from .reuseport import listener
 
             fd = listener(self.config.bind)
-            try:
-                self.socket.setsockopt(zmq.USE_FD, fd)
-                self.socket.bind(self.config.bind)
-            except BaseException:
-                os.close(fd)
-                raise
-            self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        elif self.config.bind.endswith(":0"):  # random port (tests)
+            self.socket.setsockopt(zmq.USE_FD, fd)
+        if self.config.bind.endswith(":0"):  # random port (tests)
             port = self.socket.bind_to_random_port(self.config.bind[: self.config.bind.rfind(":")])
             self.address = self.config.bind[: self.config.bind.rfind(":")].replace("*", "127.0.0.1") + f":{port}"
-        else:
+            return
+        try:
             self.socket.bind(self.config.bind)
-            self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        except BaseException:
+            if fd is not None:  # not yet the ROUTER's: ours to close
+                import os
+
+                os.close(fd)
+            raise
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _finish_open(self, engine):
         self._buffers = [self.engine_thread.host_buffer() for _ in range(self.engine_thread.max_in_flight)]
