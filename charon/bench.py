@@ -74,7 +74,10 @@ def scrape_each(url) -> list[dict]:
         one = {}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
-                if not s.labels or s.name.startswith("charon_failed"):
+                if s.name.startswith("charon_handoff_batches"):  # kept per path: shm or socket
+                    key = f"{s.name}:{s.labels.get('path', '')}"
+                    one[key] = one.get(key, 0.0) + s.value
+                elif not s.labels or s.name.startswith("charon_failed"):
                     one[s.name] = one.get(s.name, 0.0) + s.value
         out.append(one)
     return out
@@ -329,6 +332,9 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         nw, nt = d("charon_dispatch_wait_seconds_count"), d("charon_engine_roundtrip_seconds_count")
         res["dispatch_wait_ms_mean"] = 1e3 * d("charon_dispatch_wait_seconds_sum") / nw if nw else None
         res["engine_roundtrip_ms_mean"] = 1e3 * d("charon_engine_roundtrip_seconds_sum") / nt if nt else None
+        # --procs: the share of front-end batches whose photons reached the shared engine through shared memory.
+        shm, sock = d("charon_handoff_batches_total:shm"), d("charon_handoff_batches_total:socket")
+        res["handoff_shm_fraction"] = shm / (shm + sock) if shm + sock else None
     return res
 
 

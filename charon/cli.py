@@ -49,6 +49,10 @@ HELP = {
     "twice (0: one per front end plus one, at most 8); of each process otherwise (0: one)",
     "engine_io_threads": "with --procs: ZeroMQ I/O threads of the shared engine, which receives every photon "
     "from the front ends (0: one per front end, at most 8)",
+    "handoff": "with --procs, how front ends hand photons to the shared engine: shm (each front end assembles "
+    "its batches in shared memory that the engine maps and, on a GPU, pins and copies to the device from; "
+    "the socket carries only per-event arrays), socket (every photon through the internal socket), "
+    "auto (shm where /dev/shm is usable, else socket)",
     "upstream": "internal: the proxy backend a --procs front end connects to",
     "engine_service": "internal: the shared engine a --procs front end sends its batches to",
 }
@@ -58,6 +62,7 @@ CHOICES = {
     "reply_layout": ("auto", "compact", "full"),
     "queue_policy": ("fcfs",),
     "accept": ("auto", "reuseport", "proxy"),
+    "handoff": ("auto", "shm", "socket"),
 }
 
 
@@ -178,8 +183,10 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
         thread.join(10)
 
 
-def _supervise(name: str, start, n: int) -> int:
-    """Start ``n`` worker processes, restart any that dies, stop them all on SIGINT/SIGTERM."""
+def _supervise(name: str, start, n: int, on_exit=None) -> int:
+    """Start ``n`` worker processes, restart any that dies, stop them all on SIGINT/SIGTERM.
+
+    ``on_exit(pid)`` is called for each process that died, before it is restarted."""
     import subprocess
     import time
 
@@ -198,6 +205,8 @@ def _supervise(name: str, start, n: int) -> int:
                         log.error("%s %d exited with %d", name, i, rc)
                         return rc
                     log.warning("%s %d exited with %s: restarting it", name, i, rc)
+                    if on_exit is not None:
+                        on_exit(p.pid)
                     procs[i] = start(i)
     finally:
         for p in procs:
@@ -267,8 +276,11 @@ def _stop_engine_service(service, metrics_server, sockdir) -> None:
     import contextlib
     import os
 
+    from .handoff import remove_leftovers
+
     service.stop()
     service.join(30)
+    remove_leftovers()  # segments of front ends that were killed before removing their own
     if metrics_server is not None:
         metrics_server.shutdown()
     for name in ("engine", "upstream"):
@@ -276,6 +288,13 @@ def _stop_engine_service(service, metrics_server, sockdir) -> None:
             os.unlink(os.path.join(sockdir, name))
     with contextlib.suppress(OSError):
         os.rmdir(sockdir)
+
+
+def _remove_segments(pid: int) -> None:
+    from .handoff import remove_leftovers
+
+    if n := remove_leftovers(child_pid=pid):
+        logging.getLogger("charon").info("removed %d shared-memory segment(s) of front end %d", n, pid)
 
 
 _FRONT_END_FLAGS = ("--procs", "--io-threads", "--bind", "--upstream", "--metrics-port", "--engine-service", "--accept",
@@ -312,7 +331,7 @@ def _reuseport_main(config: ServerConfig, argv: list[str]) -> int:
         log.info("charon-batch: %d front-end processes sharing %s (SO_REUSEPORT), one shared %s engine",
                  config.procs, bind, service.engine.name)  # fmt: skip
         try:
-            return _supervise("front-end process", start, config.procs)
+            return _supervise("front-end process", start, config.procs, on_exit=_remove_segments)
         finally:
             _stop_engine_service(service, metrics_server, sockdir)
     finally:
@@ -372,7 +391,7 @@ def _proxy_main(config: ServerConfig, argv: list[str]) -> int:
     log.info("charon-batch: %d front-end processes behind %s (%d I/O threads), one shared %s engine",
              config.procs, config.bind, io_threads, service.engine.name)  # fmt: skip
     try:
-        return _supervise("front-end process", start, config.procs)
+        return _supervise("front-end process", start, config.procs, on_exit=_remove_segments)
     finally:
         front.close(0)
         back.close(0)

@@ -15,14 +15,21 @@ it and each form smaller batches.
 Wire layout (internal; a DEALER in each front end, the ROUTER here; ipc on one host)::
 
     front end -> service
-      HELLO                                  answered ENGINE, name (utf-8)
-      BATCH, head, table, flags, offsets, event_id, first_index
+      HELLO [, probe]                        answered ENGINE, name (utf-8) [, mode, reason]
+          probe        utf-8 name of a small shared-memory segment (handoff.py): the service
+                       answers mode b"shm" when it could map it, else b"socket" and the reason
+      BATCH, head, table, flags, offsets, event_id, first_index     photons in the message
           head         <QIQ: batch id (u64, the front end's own), n_events E (u32), n_photons n (u64)
           table        [11 * n] float32, rows as PhotonBatch.table (x, y, z mm ... t ns)
           flags        [n] uint32
           offsets      [E + 1] int64, photons of slot s are offsets[s]:offsets[s + 1]
           event_id     [E] uint32
           first_index  [E] uint32
+      BATCHSHM, head, segment, offsets, event_id, first_index    photons in shared memory
+          head         <QIQQ: batch id, E, n, cap (photons the segment is laid out for)
+          segment      utf-8 name of the front end's segment; the batch starts at its byte 0
+                       (table [11 * n] float32, flags at byte 44 * cap: handoff.py)
+      RELEASE, segment                       the front end retired that segment: unmap it once unused
     service -> front end
       HITS, head, channel, table, flags, offsets, failed, error
           head         <QIQd: batch id, E, n_hits H, engine seconds of the merged call
@@ -34,7 +41,9 @@ Wire layout (internal; a DEALER in each front end, the ROUTER here; ipc on one h
           error        utf-8, the engine's error for the failed slots ('' when none)
       REFUSED, head (<Q batch id), reason (utf-8): a malformed BATCH, answered instead of crashing
 
-Every frame's length is checked against its head before ``np.frombuffer``.
+Every frame's length is checked against its head before ``np.frombuffer``; a
+segment's name, size and the batch's extent in it are checked before it is
+mapped or viewed.
 An engine error on a merged batch is isolated here, first per front-end batch
 and then by bisecting its slots, so only the failing events are reported failed.
 """
@@ -54,6 +63,7 @@ import zmq
 
 from .engine_thread import BatchResult, SlotsResult
 from .engines.base import EngineError, StageTimes
+from .handoff import Segment, SharedHostBuffer, available as shm_available, views
 from .metrics import BusyClock, Metrics
 from .photons import N_ROWS, HitBatch, PhotonBatch, empty_hits
 from .scheduler.batcher import HostBuffer
@@ -63,7 +73,10 @@ from .threads import set_native_thread_name
 log = logging.getLogger("charon.engine_service")
 
 HELLO, ENGINE, BATCH, HITS, REFUSED = b"HELLO", b"ENGINE", b"BATCH", b"HITS", b"REFUSED"
+BATCH_SHM, RELEASE = b"BATCHSHM", b"RELEASE"
+MAX_SEGMENTS_PER_PEER = 64  # a front end keeps max_in_flight buffers; grown ones are released
 _BATCH_HEAD = struct.Struct("<QIQ")
+_SHM_HEAD = struct.Struct("<QIQQ")
 _HITS_HEAD = struct.Struct("<QIQd")
 _ID = struct.Struct("<Q")
 
@@ -88,6 +101,42 @@ def encode_batch(batch_id: int, photons: PhotonBatch) -> list:
             np.ascontiguousarray(photons.offsets, np.int64), photons.event_id, photons.first_index]  # fmt: skip
 
 
+def encode_batch_shm(batch_id: int, photons: PhotonBatch, buffer: SharedHostBuffer) -> list:
+    """A batch assembled in ``buffer``'s segment (at its start): only names and per-event arrays travel."""
+    return [BATCH_SHM, _SHM_HEAD.pack(batch_id, photons.n_events, photons.n_photons, buffer.capacity),
+            buffer.segment.name.encode(), np.ascontiguousarray(photons.offsets, np.int64), photons.event_id,
+            photons.first_index]  # fmt: skip
+
+
+def _slots(frames, E: int, n: int):
+    offsets = _array(frames[0], np.int64, E + 1, "offsets")
+    if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
+        raise ValueError("offsets are not a non-decreasing 0..n_photons sequence")
+    return offsets, _array(frames[1], np.uint32, E, "event_id"), _array(frames[2], np.uint32, E, "first_index")
+
+
+def decode_batch_shm(frames, segment_for) -> tuple[int, "SubBatch"]:
+    """frames after the BATCHSHM kind -> (batch id, SubBatch viewing the segment).
+
+    ``segment_for(name)`` maps (or finds) the named segment and returns its :class:`MappedSegment`;
+    everything in the message is checked before it is called. ValueError names the problem."""
+    if len(frames) != 5:
+        raise ValueError(f"BATCHSHM has {len(frames) + 1} frames, expected 6")
+    head = _buffer(frames[0])
+    if head.nbytes != _SHM_HEAD.size:
+        raise ValueError(f"BATCHSHM head has {head.nbytes} bytes, expected {_SHM_HEAD.size}")
+    batch_id, E, n, cap = _SHM_HEAD.unpack(head)
+    if n > cap:
+        raise ValueError(f"BATCHSHM has {n} photons in a buffer laid out for {cap}")
+    name = bytes(_buffer(frames[1])).decode("utf-8", "replace")
+    offsets, event_id, first_index = _slots(frames[2:], E, n)
+    mapped = segment_for(name)
+    table, flags, _slot = mapped.views(cap)
+    sub = SubBatch(b"", batch_id, table[: N_ROWS * n].reshape(N_ROWS, n), flags[:n], offsets, event_id, first_index)
+    sub.mapped = mapped
+    return batch_id, sub
+
+
 def decode_batch(frames) -> tuple[int, "SubBatch"]:
     """frames after the BATCH kind -> (batch id, SubBatch of read-only views). ValueError names the problem."""
     if len(frames) != 6:
@@ -98,11 +147,7 @@ def decode_batch(frames) -> tuple[int, "SubBatch"]:
     batch_id, E, n = _BATCH_HEAD.unpack(head)
     table = _array(frames[1], np.float32, N_ROWS * n, "table").reshape(N_ROWS, n)
     flags = _array(frames[2], np.uint32, n, "flags")
-    offsets = _array(frames[3], np.int64, E + 1, "offsets")
-    if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
-        raise ValueError("offsets are not a non-decreasing 0..n_photons sequence")
-    event_id = _array(frames[4], np.uint32, E, "event_id")
-    first_index = _array(frames[5], np.uint32, E, "first_index")
+    offsets, event_id, first_index = _slots(frames[3:], E, n)
     return batch_id, SubBatch(b"", batch_id, table, flags, offsets, event_id, first_index)
 
 
@@ -147,6 +192,7 @@ class SubBatch:
     failed: np.ndarray | None = None  # [E] bool, set only when the engine failed on part of it
     arrival: float = 0.0  # perf_counter() when the service received it
     error: str = ""
+    mapped: "MappedSegment | None" = None  # the shared-memory segment its photons are in (BATCHSHM)
 
     @property
     def n_photons(self) -> int:
@@ -163,6 +209,23 @@ class SubBatch:
         return whole.slot_range(a, b)
 
 
+class MappedSegment:
+    """A front end's segment as the service holds it: mapped, registered with the engine, in use by
+    ``refs`` sub-batches; unmapped once the front end released it and no sub-batch uses it."""
+
+    def __init__(self, peer: bytes, segment: Segment, token=None):
+        self.peer, self.segment, self.token = peer, segment, token
+        self.refs = 0
+        self.released = False
+        self._cap = -1
+        self._views = None
+
+    def views(self, cap: int):
+        if cap != self._cap:  # ValueError when the segment is too small for cap
+            self._views, self._cap = views(self.segment, cap), cap
+        return self._views
+
+
 @dataclass
 class MergedBatch:
     slots: list[SubBatch]  # in slot order; sub-batch k owns merged slots base_k : base_k + E_k
@@ -177,8 +240,11 @@ class MergeBuffer:
     batch's final size is known; engines that need a contiguous table get a copy
     (``Engine.strided_rows``)."""
 
-    def __init__(self, capacity: int, alloc=np.empty, max_events: int = 0):
+    def __init__(self, capacity: int, alloc=np.empty, max_events: int = 0, gather: bool = False):
         self.capacity = capacity
+        # An engine that gathers (CUDA) copies sub-batches already in registered shared memory
+        # straight to the device: no host copy here. Others get every photon copied in.
+        self.gather = gather
         self.max_events = max_events  # 0: no limit; 1: one event per engine call (ChAR0N-style comparison)
         host = HostBuffer(alloc)
         host.reserve(capacity, capacity)
@@ -186,6 +252,7 @@ class MergeBuffer:
         self.flags = host.flags[:capacity]  # [capacity] uint32
         self.slot = host.slot[:capacity]  # [capacity] int32
         self.subs: list[SubBatch] = []
+        self.pieces: list = []  # gather: [(first column, table [N_ROWS, k] view, flags [k] view)] covering 0..n
         self.n = 0  # photons copied in so far
         self.n_events = 0
 
@@ -196,8 +263,13 @@ class MergeBuffer:
 
     def append(self, sub: SubBatch) -> None:
         a, n = self.n, sub.n_photons
-        self.table[:, a : a + n] = sub.table
-        self.flags[a : a + n] = sub.flags
+        if self.gather and sub.mapped is not None:
+            self.pieces.append((a, sub.table, sub.flags))
+        else:
+            self.table[:, a : a + n] = sub.table
+            self.flags[a : a + n] = sub.flags
+            if self.gather:
+                self.pieces.append((a, self.table[:, a : a + n], self.flags[a : a + n]))
         self.slot[a : a + n] = np.repeat(np.arange(self.n_events, self.n_events + sub.n_events, dtype=np.int32),
                                          np.diff(sub.offsets))  # fmt: skip
         self.subs.append(sub)
@@ -219,11 +291,13 @@ class MergeBuffer:
             offsets=offsets,
             event_id=np.concatenate([s.event_id for s in subs]),
             first_index=np.concatenate([s.first_index for s in subs]),
+            # With pieces, table holds only the columns copied here: an engine that gathers reads pieces.
+            pieces=list(self.pieces) if self.gather else None,
         )
         return MergedBatch(subs, photons, self)
 
     def reset(self) -> None:
-        self.subs, self.n, self.n_events = [], 0, 0
+        self.subs, self.pieces, self.n, self.n_events = [], [], 0, 0
 
 
 class _Done:
@@ -302,8 +376,11 @@ class EngineService:
             alloc = getattr(self.engine, "host_alloc", None) or np.empty
             # Batches launched and not yet collected: the CUDA engine's lanes, else one at a time.
             self._lanes = len(getattr(self.engine, "lanes", ())) or 1
-            self._free = [MergeBuffer(self.max_batch_photons, alloc, self.max_batch_events)
+            gather = bool(getattr(self.engine, "gathers_pieces", False))
+            self._free = [MergeBuffer(self.max_batch_photons, alloc, self.max_batch_events, gather)
                           for _ in range(self._lanes + 1)]  # fmt: skip
+            self._segments: dict[tuple[bytes, str], MappedSegment] = {}  # (front end, name) -> mapped
+            self._per_peer: collections.Counter = collections.Counter()
             self._building = self._free.pop()
             self._waiting: collections.deque[SubBatch] = collections.deque()  # did not fit the building batch
             self._running: collections.deque[_Running] = collections.deque()  # in launch order
@@ -323,6 +400,8 @@ class EngineService:
             self._loop()
         finally:
             self.socket.close(0)
+            for m in list(self._segments.values()):
+                self._unmap(m)
             self.engine.close()
 
     def _loop(self) -> None:
@@ -377,13 +456,19 @@ class EngineService:
     def _handle(self, frames) -> None:
         peer, kind = frames[0].bytes, frames[1].bytes if len(frames) > 1 else b""
         if kind == HELLO:
-            self.socket.send_multipart([peer, ENGINE, self.engine.name.encode()])
+            self._hello(peer, frames[2:])
             return
-        if kind != BATCH:
+        if kind == RELEASE:
+            self._release(peer, frames[2:])
+            return
+        if kind not in (BATCH, BATCH_SHM):
             log.warning("shared engine: unexpected message %r from a front end", kind[:16])
             return
         try:
-            batch_id, sub = decode_batch(frames[2:])
+            if kind == BATCH:
+                batch_id, sub = decode_batch(frames[2:])
+            else:
+                batch_id, sub = decode_batch_shm(frames[2:], lambda name: self._segment(peer, name))
             if sub.n_photons > self.max_batch_photons:
                 raise ValueError(f"{sub.n_photons} photons exceed the shared engine's batch of "
                                  f"{self.max_batch_photons}")  # fmt: skip
@@ -394,10 +479,74 @@ class EngineService:
             self.socket.send_multipart([peer, REFUSED, _ID.pack(bid), str(exc).encode()])
             return
         sub.peer, sub.frames, sub.arrival = peer, frames, time.perf_counter()
+        if sub.mapped is not None:
+            sub.mapped.refs += 1
+        self.metrics.handoff_batches.labels("socket" if sub.mapped is None else "shm").inc()
         if not self._waiting and self._building.fits(sub):
             self._building.append(sub)  # copied now, while the engine runs the previous batch
         else:
             self._waiting.append(sub)
+
+    # ---------------------------------------------------- shared memory
+    def _hello(self, peer: bytes, rest: list) -> None:
+        """Answer a front end; with a probe segment, say whether its photons can come through shared memory."""
+        answer = [peer, ENGINE, self.engine.name.encode()]
+        if rest:
+            try:
+                probe = Segment.attach(bytes(_buffer(rest[0])).decode("utf-8", "replace"))
+                probe.close()
+                answer += [b"shm", b""]
+            except ValueError as exc:
+                log.warning("shared engine: a front end's photons come over the socket: %s", exc)
+                answer += [b"socket", str(exc).encode()]
+        self.socket.send_multipart(answer)
+
+    def _segment(self, peer: bytes, name: str) -> MappedSegment:
+        m = self._segments.get((peer, name))
+        if m is not None:
+            return m
+        if self._per_peer[peer] >= MAX_SEGMENTS_PER_PEER:
+            raise ValueError(f"a front end may have {MAX_SEGMENTS_PER_PEER} shared-memory segments mapped; "
+                             "RELEASE the ones it retired")  # fmt: skip
+        seg = Segment.attach(name)
+        token = None
+        register = getattr(self.engine, "register_host", None)
+        if register is not None:
+            try:  # pinned, so that the device copies run asynchronously straight from it
+                token = register(np.frombuffer(seg.mm, np.uint8))
+            except Exception as exc:  # pageable still works, the copies are just slower
+                log.warning("shared engine: could not pin segment %s (%s); copying from pageable memory", name, exc)
+        m = self._segments[(peer, name)] = MappedSegment(peer, seg, token)
+        self._per_peer[peer] += 1
+        return m
+
+    def _release(self, peer: bytes, rest: list) -> None:
+        name = bytes(_buffer(rest[0])).decode("utf-8", "replace") if len(rest) == 1 else ""
+        m = self._segments.get((peer, name))
+        if m is None:
+            log.warning("shared engine: RELEASE of a segment this front end never used: %r", name[:80])
+            return
+        m.released = True
+        if m.refs == 0:
+            self._unmap(m)
+
+    def _unmap(self, m: MappedSegment) -> None:
+        if self._segments.pop((m.peer, m.segment.name), None) is not None:
+            self._per_peer[m.peer] -= 1
+        if m.token is not None:
+            try:
+                self.engine.unregister_host(m.token)
+            except Exception as exc:
+                log.warning("shared engine: unpinning segment %s failed: %s", m.segment.name, exc)
+        m._views = None
+        m.segment.close()
+
+    def _done_with(self, sub: SubBatch) -> None:
+        m = sub.mapped
+        if m is not None:
+            m.refs -= 1
+            if m.released and m.refs == 0:
+                self._unmap(m)
 
     # ------------------------------------------------------------ engine
     def _launch(self) -> None:
@@ -468,6 +617,7 @@ class EngineService:
             n_hits += hits.n_hits
             failed = sub.failed if sub.failed is not None else np.zeros(sub.n_events, bool)
             send_message(self.socket, [sub.peer, *encode_hits(sub.batch_id, hits, failed, sub.error, seconds)])
+            self._done_with(sub)
             self.metrics.engine_residence_seconds.observe(time.perf_counter() - sub.arrival)
         photons = running.n_photons
         m = self.metrics
@@ -492,7 +642,12 @@ class ServiceLink:
     pipelined = True  # batches are handed over as soon as they waited max_wait_ms; the service merges them
     max_in_flight = 8
 
-    def __init__(self, ctx: zmq.Context, address: str, start_timeout: float = 600.0):
+    def __init__(self, ctx: zmq.Context, address: str, start_timeout: float = 600.0, handoff: str = "auto"):
+        if handoff not in ("auto", "shm", "socket"):
+            raise ValueError(f"handoff must be auto, shm or socket, not {handoff!r}")
+        self.handoff = handoff  # as asked; self.shm says what start() agreed with the service
+        self.shm = False
+        self._shared: list[SharedHostBuffer] = []
         self.sock = ctx.socket(zmq.DEALER)
         for opt, v in ((zmq.LINGER, 0), (zmq.SNDHWM, 0), (zmq.RCVHWM, 0)):
             self.sock.setsockopt(opt, v)
@@ -506,23 +661,52 @@ class ServiceLink:
         self._start_timeout = start_timeout
 
     def start(self, timeout: float | None = None):
-        self.sock.send(HELLO)
-        if not self.sock.poll(int(1000 * (timeout or self._start_timeout))):
-            raise EngineError(f"the shared engine at {self.address} did not answer")
-        frames = self.sock.recv_multipart()
-        if frames[0] != ENGINE or len(frames) != 2:
+        probe, why = None, "/dev/shm is not usable here"
+        if self.handoff != "socket" and shm_available():
+            try:  # the service answers whether it can map this process's segments
+                probe = Segment.create(4096)
+            except OSError as exc:
+                why = f"cannot create a shared-memory segment: {exc}"
+        if probe is None and self.handoff == "shm":
+            raise EngineError(f"--handoff shm: {why}")
+        try:
+            self.sock.send_multipart([HELLO] + ([probe.name.encode()] if probe is not None else []))
+            if not self.sock.poll(int(1000 * (timeout or self._start_timeout))):
+                raise EngineError(f"the shared engine at {self.address} did not answer")
+            frames = self.sock.recv_multipart()
+        finally:
+            if probe is not None:
+                probe.close()
+        if frames[0] != ENGINE or len(frames) not in (2, 4):
             raise EngineError(f"unexpected answer from the shared engine at {self.address}: {frames[0][:16]!r}")
-        return SimpleNamespace(name=f"{frames[1].decode()} (shared, {self.address})")
+        self.shm = probe is not None and len(frames) == 4 and frames[2] == b"shm"
+        if probe is not None and not self.shm:
+            why = frames[3].decode("utf-8", "replace") if len(frames) == 4 else "it does not support it"
+            if self.handoff == "shm":
+                raise EngineError(f"--handoff shm: the shared engine cannot map this front end's memory: {why}")
+            log.info("photons go to the shared engine over the socket: %s", why)
+        return SimpleNamespace(name=f"{frames[1].decode()} (shared, {self.address}, photons by "
+                                    f"{'shared memory' if self.shm else 'socket'})")  # fmt: skip
 
     def host_buffer(self) -> HostBuffer:
-        return HostBuffer()
+        if not self.shm:
+            return HostBuffer()
+        buf = SharedHostBuffer(on_retire=self._retire)
+        self._shared.append(buf)
+        return buf
+
+    def _retire(self, name: str) -> None:
+        self.sock.send_multipart([RELEASE, name.encode()])
 
     def submit(self, batch) -> None:
         self.in_flight += 1
         self._next_id += 1
         self._pending[self._next_id] = batch
-        # Large frames go zero-copy; the buffer is not reused before its HITS come back.
-        send_message(self.sock, encode_batch(self._next_id, batch.photons), copy=False)
+        buf = batch.buffer
+        if isinstance(buf, SharedHostBuffer) and buf.segment is not None:
+            send_message(self.sock, encode_batch_shm(self._next_id, batch.photons, buf))
+        else:  # large frames go zero-copy; the buffer is not reused before its HITS come back
+            send_message(self.sock, encode_batch(self._next_id, batch.photons), copy=False)
 
     def poll_results(self) -> None:
         while True:
@@ -561,6 +745,8 @@ class ServiceLink:
         if self._pending:
             log.warning("stopping with %d batch(es) still at the shared engine", len(self._pending))
         self.sock.close(0)
+        for buf in self._shared:
+            buf.close()
 
 
 def _parts(slots: list, hits: HitBatch, failed: np.ndarray, error: str) -> list[SlotsResult]:

@@ -84,6 +84,9 @@ class Metrics:
         self.engine_roundtrip_seconds = Histogram(
             "charon_engine_roundtrip_seconds", "Per batch: handed to the engine (or the shared engine) to its "
             "results taken back by the socket loop", buckets=_SECOND_BUCKETS, registry=r)  # fmt: skip
+        self.handoff_batches = Counter("charon_handoff_batches", "Shared engine (--procs): front-end batches "
+                                       "received, by how their photons came (shm or socket)", ["path"],
+                                       registry=r)  # fmt: skip
         self.engine_residence_seconds = Histogram(
             "charon_engine_residence_seconds", "Shared engine (--procs): a front end's batch received to its hits "
             "sent", buckets=_SECOND_BUCKETS, registry=r)  # fmt: skip

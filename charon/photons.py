@@ -50,6 +50,10 @@ class PhotonBatch:
     offsets: np.ndarray  # [E+1] int64, photons of slot s are offsets[s]:offsets[s+1]
     event_id: np.ndarray  # [E] uint32, RNG key per slot
     first_index: np.ndarray  # [E] uint32, index within its event of the slot's first photon
+    # The shared engine's merged batch for an engine that gathers (CUDA): where each column range
+    # of the table really is, [(first column, [N_ROWS, k] float32 view, [k] uint32 flags view)],
+    # so that photons in front ends' shared memory go to the device without a host copy.
+    pieces: list | None = None
 
     @property
     def n_photons(self) -> int:

@@ -65,6 +65,7 @@ class ServerConfig:
     accept: str = "auto"
     io_threads: int = 0
     engine_io_threads: int = 0
+    handoff: str = "auto"
     upstream: str | None = None
     engine_service: str | None = None
     heartbeat_interval: float = 1.0
@@ -98,6 +99,8 @@ class ServerConfig:
             if not AVAILABLE:
                 raise ValueError("--accept reuseport needs SO_REUSEPORT (Linux); use --accept proxy")
             parse_tcp(self.bind)  # ValueError naming the problem
+        if self.handoff not in ("auto", "shm", "socket"):
+            raise ValueError("--handoff must be auto, shm or socket")
         if self.io_threads < 0 or self.engine_io_threads < 0:
             raise ValueError("--io-threads and --engine-io-threads must be >= 0")
         if self.procs > 1 and self.output_dir:
@@ -227,7 +230,7 @@ class BatchServer:
             # One of --procs front ends: batches go to the launcher's shared engine.
             from .engine_service import ServiceLink
 
-            self.engine_thread = ServiceLink(self.ctx, self.config.engine_service)
+            self.engine_thread = ServiceLink(self.ctx, self.config.engine_service, handoff=self.config.handoff)
         else:
             self.engine_thread = EngineThread(self.ctx, self._engine_factory, self.busy)
         engine = self.engine_thread.start()

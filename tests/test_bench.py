@@ -43,6 +43,7 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         assert 0 < r["server_latency_ms_mean"] <= r["latency_ms"]["p99"]
         assert r["engine_residence_ms_mean"] is None  # one process: no shared engine
         assert r["events_by_endpoint"] == [60]  # one endpoint answered every event
+        assert r["handoff_shm_fraction"] is None  # one process: no hand-off to a shared engine
         # Per batch: the oldest event's wait for dispatch and the engine round trip, both within
         # the server-side share (each batch's oldest event waited both).
         assert r["dispatch_wait_ms_mean"] >= 0 and r["engine_roundtrip_ms_mean"] > 0

@@ -18,7 +18,8 @@ from charon.engines.cuda_compat import ensure_numpy_compat
 from charon.geometry.builtin import pmt_sphere_detector, sphere_detector
 from charon.geometry.optics import constant_surface
 from charon.kernels.reference import hit_offsets_ref
-from charon.photons import PhotonBatch
+from charon.handoff import available as shm_available
+from charon.photons import N_ROWS, PhotonBatch
 from charon.sources import random_event
 
 REAL_GPU = pytest.mark.gpu
@@ -161,6 +162,61 @@ def test_strided_rows_from_the_shared_engine_merge_buffer_match_contiguous(cuda_
     np.testing.assert_array_equal(got.offsets, want.offsets)
     np.testing.assert_array_equal(got.channel, want.channel)
     np.testing.assert_array_equal(got.table, want.table)
+
+
+def _gathered(engine, tables):
+    """A merged batch as the shared engine gives it to the CUDA engine: events 1-2 in a front end's
+    shared-memory segment (mapped and registered here as the service does), 0 and 3 sent over the
+    socket and copied into the merge buffer; returns (photons, cleanup)."""
+    from charon.engine_service import MappedSegment, MergeBuffer, decode_batch_shm, encode_batch_shm
+    from charon.handoff import Segment, SharedHostBuffer
+
+    shared = SharedHostBuffer()
+    whole = _batch(tables[1:3], [1, 2])
+    n = whole.n_photons
+    shared.reserve(n, n)
+    shared.table[: N_ROWS * n] = whole.table.ravel()
+    shared.flags[:n] = whole.flags
+    photons = PhotonBatch(shared.table[: N_ROWS * n].reshape(N_ROWS, n), shared.flags[:n], whole.slot,
+                          whole.offsets, whole.event_id, whole.first_index)  # fmt: skip
+    seg = Segment.attach(shared.segment.name)
+    mapped = MappedSegment(b"", seg, engine.register_host(np.frombuffer(seg.mm, np.uint8)))
+    frames = [bytes(memoryview(f)) for f in encode_batch_shm(1, photons, shared)[1:]]
+    shm_sub = decode_batch_shm(frames, lambda name: mapped)[1]
+    buf = MergeBuffer(sum(t.shape[1] for t in tables), gather=True)
+    for sub in (_socket_sub(tables[0], 0), shm_sub, _socket_sub(tables[3], 3)):
+        buf.append(sub)
+
+    def cleanup():
+        engine.unregister_host(mapped.token)
+        shared.close()
+
+    return buf.seal(contiguous=False).photons, cleanup
+
+
+def _socket_sub(table, eid):
+    from charon.engine_service import decode_batch, encode_batch
+
+    frames = encode_batch(1, _batch([table], [eid]))
+    return decode_batch([bytes(memoryview(f)) for f in frames[1:]])[1]
+
+
+@pytest.mark.skipif(not shm_available(), reason="needs a writable /dev/shm (Linux)")
+def test_gathered_pieces_from_shared_memory_equal_a_contiguous_batch(cuda_engine_tiny):
+    rng = np.random.default_rng(8)
+    tables = [random_event(n, rng, radius=200.0) for n in (9, 14, 5, 7)]
+    gathered, cleanup = _gathered(cuda_engine_tiny, tables)
+    try:
+        assert [a for a, _, _ in gathered.pieces] == [0, 9, 28]
+        got = cuda_engine_tiny.propagate(gathered)
+    finally:
+        cleanup()
+    want = cuda_engine_tiny.propagate(_batch(tables, [0, 1, 2, 3]))
+    assert want.n_hits > 0
+    np.testing.assert_array_equal(got.offsets, want.offsets)
+    np.testing.assert_array_equal(got.channel, want.channel)
+    np.testing.assert_array_equal(got.table, want.table)
+    np.testing.assert_array_equal(got.flags, want.flags)
 
 
 def test_device_view_abi_is_numbas_c_contiguous_array_layout():
@@ -312,3 +368,24 @@ def test_two_lanes_on_a_real_gpu_equal_one_lane(gpu_pair):
         np.testing.assert_array_equal(got.channel, want.channel)
         np.testing.assert_array_equal(got.table, want.table)
         np.testing.assert_array_equal(got.flags, want.flags)
+
+
+@REAL_GPU
+@pytest.mark.skipif(not shm_available(), reason="needs a writable /dev/shm (Linux)")
+def test_gathered_pieces_on_a_real_gpu_use_one_2d_copy_each(gpu_pair):
+    """On the GPU the pieces go by cuMemcpy2DAsync from registered (pinned) shared memory: the engine's
+    self-check of that copy passed, and large pieces give the hits of the contiguous batch."""
+    _, gpu, _ = gpu_pair
+    assert all(lane._h2d.two_d for lane in gpu.lanes)
+    rng = np.random.default_rng(9)
+    tables = [random_event(n, rng) for n in (3000, 20_000, 700, 9000)]
+    gathered, cleanup = _gathered(gpu, tables)
+    try:
+        got = gpu.propagate(gathered)
+    finally:
+        cleanup()
+    want = gpu.propagate(_batch(tables, [0, 1, 2, 3]))
+    assert want.n_hits > 100
+    np.testing.assert_array_equal(got.offsets, want.offsets)
+    np.testing.assert_array_equal(got.channel, want.channel)
+    np.testing.assert_array_equal(got.table, want.table)

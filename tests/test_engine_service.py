@@ -6,6 +6,8 @@ propagated alone (batch invariance), however the service merged it.
 """
 
 import contextlib
+import os
+import re
 import threading
 
 import numpy as np
@@ -14,13 +16,16 @@ import zmq
 
 from charon import protocol as P
 from charon.client import DealerClient, ReqClient
-from charon.engine_service import (BATCH, HITS, REFUSED, EngineService, MergeBuffer, SubBatch, decode_batch,
-                                   decode_hits, encode_batch, encode_hits)  # fmt: skip
+from charon.engine_service import (BATCH, HITS, REFUSED, RELEASE, EngineService, MergeBuffer, SubBatch,
+                                   decode_batch, decode_batch_shm, decode_hits, encode_batch, encode_batch_shm,
+                                   encode_hits)  # fmt: skip
+from charon.handoff import Segment, SharedHostBuffer
+from charon.handoff import available as shm_available
 from charon.engines.base import EngineConfig
 from charon.engines.cpu import CPUEngine
 from charon.geometry.builtin import sphere_detector
 from charon.geometry.optics import constant_surface
-from charon.photons import HitBatch, PhotonBatch
+from charon.photons import N_ROWS, HitBatch, PhotonBatch
 from charon.server import ServerConfig, run_in_thread
 from charon.sources import random_event
 
@@ -172,13 +177,14 @@ class Recording:
 class Shared:
     """An EngineService and ``n`` front-end servers in threads, as ``--procs n`` runs them in processes."""
 
-    def __init__(self, det, n=2, gate=None, max_batch_photons=50_000, max_wait_ms=1.0):
+    def __init__(self, det, n=2, gate=None, max_batch_photons=50_000, max_wait_ms=1.0, handoff="auto"):
         self.engine = Recording(CPUEngine(det, EngineConfig(seed=SEED)), gate)
         self.service = EngineService(lambda: self.engine, "tcp://127.0.0.1:*", max_batch_photons)
         self.service.start(30)
         self.fronts = [run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", seed=SEED,
                                                   max_batch_photons=max_batch_photons, max_wait_ms=max_wait_ms,
-                                                  engine_service=self.service.address), detector=det)
+                                                  engine_service=self.service.address, handoff=handoff),
+                                     detector=det)
                        for _ in range(n)]  # fmt: skip
         self.clients = []
 
@@ -199,9 +205,11 @@ class Shared:
         assert not self.service.is_alive()
 
 
-def test_front_ends_batches_are_merged_into_one_engine_call(det, ref):
+@pytest.mark.parametrize("handoff", [
+    pytest.param("shm", marks=pytest.mark.skipif(not shm_available(), reason="needs /dev/shm")), "socket"])
+def test_front_ends_batches_are_merged_into_one_engine_call(det, ref, handoff):
     gate = threading.Event()
-    sh = Shared(det, n=2, gate=gate)
+    sh = Shared(det, n=2, gate=gate, handoff=handoff)
     try:
         a, b = sh.dealer(0), sh.dealer(1)
         tables = {i: ev(300, i) for i in range(8)}
@@ -226,6 +234,9 @@ def test_front_ends_batches_are_merged_into_one_engine_call(det, ref):
         assert m("charon_batches_total") == 2 and m("charon_photons_total") == 2400
         fm = sh.fronts[0][0].metrics.registry.get_sample_value
         assert fm("charon_batches_total") == 0 and fm("charon_events_total") == 5  # engine figures live in the service
+        other = {"shm": "socket", "socket": "shm"}[handoff]
+        assert m("charon_handoff_batches_total", {"path": handoff}) >= 3  # event 0, then each front end's
+        assert m("charon_handoff_batches_total", {"path": other}) in (None, 0.0)
     finally:
         gate.set()
         sh.stop()
@@ -312,15 +323,15 @@ def test_front_end_survives_bad_answers_from_the_engine_side(det, ref):
 
     def answer_hello():  # the front end waits for it before it binds; the socket is used here only until joined
         if fake.poll(10_000):
-            hello["peer"], hello["msg"] = fake.recv_multipart()
-            fake.send_multipart([hello["peer"], b"ENGINE", b"fake"])
+            hello["peer"], *hello["msg"] = fake.recv_multipart()  # HELLO [, shared-memory probe]
+            fake.send_multipart([hello["peer"], b"ENGINE", b"fake"])  # no mode: photons over the socket
 
     greeter = threading.Thread(target=answer_hello)
     greeter.start()
     srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", seed=SEED, max_wait_ms=0,
                                          engine_service=f"tcp://127.0.0.1:{port}"), detector=det)  # fmt: skip
     greeter.join(15)
-    assert hello.get("msg") == b"HELLO"
+    assert hello.get("msg", [None])[0] == b"HELLO"
     peer = hello["peer"]
     client = DealerClient(srv.address)
     try:
@@ -502,3 +513,233 @@ def test_second_lane_waits_until_the_building_batch_is_as_large_as_the_running_o
         for f in eng.finish_flags:
             f.set()
         assert _answered_ids(raw, 3) == [1, 2, 3]
+
+
+# ------------------------------------------------------ shared-memory hand-off
+needs_shm = pytest.mark.skipif(not shm_available(), reason="needs a writable /dev/shm (Linux)")
+
+
+def _in_shared(buf: SharedHostBuffer, tables, ids) -> PhotonBatch:
+    """Assemble events into ``buf`` as a front end's batcher does (at the start of its segment)."""
+    b = PhotonBatch.from_events(tables, ids)
+    n = b.n_photons
+    buf.reserve(n, 1 << 20)
+    table = buf.table[: N_ROWS * n].reshape(N_ROWS, n)
+    table[:] = b.table
+    buf.flags[:n] = b.flags
+    return PhotonBatch(table, buf.flags[:n], b.slot, b.offsets, b.event_id, b.first_index)
+
+
+@needs_shm
+def test_merge_buffer_gathers_shared_pieces_without_copying_them():
+    tables = [ev(30, i) for i in range(4)]
+    shared = SharedHostBuffer()
+    try:
+        photons = _in_shared(shared, tables[1:3], [1, 2])
+        frames = [bytes(memoryview(f)) for f in encode_batch_shm(7, photons, shared)[1:]]
+        bid, shm_sub = decode_batch_shm(frames, lambda name: _Mapped(name))
+        assert bid == 7 and shm_sub.mapped is not None
+        subs = [sub_of(tables[:1], [0]), shm_sub, sub_of(tables[3:], [3])]
+        gather, copy = MergeBuffer(500, gather=True), MergeBuffer(500)
+        for sub in subs:
+            gather.append(sub)
+            copy.append(sub)
+        g, c = gather.seal(contiguous=False).photons, copy.seal(contiguous=False).photons
+        assert c.pieces is None and [a for a, _, _ in g.pieces] == [0, 30, 90]
+        # The shared photons were not copied: the piece views the engine side's mapping of the segment.
+        assert np.shares_memory(g.pieces[1][1], np.frombuffer(shm_sub.mapped.segment.mm, np.uint8))
+        assert not np.shares_memory(g.pieces[1][1], gather.table)
+        rebuilt = np.concatenate([t for _, t, _ in g.pieces], axis=1)
+        np.testing.assert_array_equal(rebuilt, c.table)
+        np.testing.assert_array_equal(np.concatenate([f for _, _, f in g.pieces]), c.flags)
+        np.testing.assert_array_equal(g.slot, c.slot)
+        np.testing.assert_array_equal(c.table, PhotonBatch.from_events(tables, [0, 1, 2, 3]).table)
+    finally:
+        shared.close()
+
+
+class _Mapped:
+    """What the service's segment lookup returns, for codec tests."""
+
+    def __init__(self, name):
+        from charon.engine_service import MappedSegment
+
+        self.inner = MappedSegment(b"", Segment.attach(name))
+
+    def __getattr__(self, k):
+        return getattr(self.inner, k)
+
+
+@needs_shm
+def test_shm_batch_is_answered_like_a_socket_batch(det, ref):
+    shared = SharedHostBuffer()
+    with _service_and_socket(CPUEngine(det, EngineConfig(seed=SEED))) as (svc, raw):
+        try:
+            tables = [ev(200, 1), ev(150, 2)]
+            raw.send_multipart(encode_batch_shm(11, _in_shared(shared, tables, [1, 2]), shared))
+            assert raw.poll(20_000)
+            frames = raw.recv_multipart()
+            assert frames[0] == HITS
+            bid, hits, failed, _, _ = decode_hits(frames[1:])
+            assert bid == 11 and not failed.any()
+            for k, t in enumerate(tables):
+                np.testing.assert_array_equal(hits.event(k).channel, alone(ref, k + 1, t).channel)
+                np.testing.assert_array_equal(hits.event(k).table, alone(ref, k + 1, t).table)
+            _send(raw, 12, [200, 150], [1, 2])  # the same events over the socket
+            assert raw.poll(20_000)
+            _, by_socket, _, _, _ = decode_hits(raw.recv_multipart()[1:])
+            np.testing.assert_array_equal(by_socket.channel, hits.channel)
+            m = svc.metrics.registry.get_sample_value
+            assert m("charon_handoff_batches_total", {"path": "shm"}) == 1
+            assert m("charon_handoff_batches_total", {"path": "socket"}) == 1
+        finally:
+            shared.close()
+
+
+@needs_shm
+def test_service_refuses_bad_shm_batches_and_keeps_serving(det, monkeypatch):
+    import charon.engine_service as es
+
+    monkeypatch.setattr(es, "MAX_SEGMENTS_PER_PEER", 2)
+    bufs = [SharedHostBuffer() for _ in range(3)]
+    with _service_and_socket(CPUEngine(det, EngineConfig(seed=SEED))) as (_svc, raw):
+        try:
+            good = [bytes(memoryview(f)) for f in encode_batch_shm(3, _in_shared(bufs[0], [ev(5, 1)], [1]), bufs[0])]
+            good = good[1:]  # after the kind
+            head = es._SHM_HEAD
+            missing = f"charon-{os.getppid()}-{os.getpid()}-999999"
+            bad = [  # (frames, message); the head's batch id (3) comes back when the head has 8 bytes or more
+                (good[:-1], "expected 6"),
+                ([good[0][:9], *good[1:]], "head has 9 bytes"),
+                ([head.pack(3, 1, 2000, 1024), *good[1:]], "2000 photons in a buffer laid out for 1024"),
+                ([head.pack(3, 1, 5, 10**6), *good[1:]], "needs .* bytes"),
+                ([good[0], b"../../etc/passwd", *good[2:]], "not a charon shared-memory segment name"),
+                ([good[0], missing.encode(), *good[2:]], "cannot open shared-memory segment"),
+                ([*good[:2], np.array([0, 4], np.int64).tobytes(), *good[3:]], "offsets are not"),
+                ([*good[:4], b"\0"], "first_index frame"),
+                (encode_batch_shm(3, _in_shared(bufs[2], [ev(10_001, 4)], [4]), bufs[2])[1:],
+                 "exceed the shared engine's batch of 10000"),
+            ]  # fmt: skip
+            for frames, message in bad:
+                raw.send_multipart([es.BATCH_SHM, *frames])
+                assert raw.poll(10_000), message
+                kind, bid, reason = raw.recv_multipart()
+                assert kind == REFUSED and int.from_bytes(bid, "little") == 3, message
+                assert re.search(message, reason.decode()), (message, reason)
+            # Two segments are mapped now (the limit here): a third is refused until one is released.
+            raw.send_multipart([es.BATCH_SHM, *good])
+            assert raw.poll(10_000) and raw.recv_multipart()[0] == HITS
+            third = encode_batch_shm(5, _in_shared(bufs[1], [ev(5, 3)], [3]), bufs[1])
+            raw.send_multipart(third)
+            assert raw.poll(10_000)
+            kind, _, reason = raw.recv_multipart()
+            assert kind == REFUSED and b"may have 2 shared-memory segments" in reason
+            raw.send_multipart([RELEASE, bufs[2].segment.name.encode()])
+            raw.send_multipart(third)
+            assert raw.poll(10_000) and raw.recv_multipart()[0] == HITS
+        finally:
+            for b in bufs:
+                b.close()
+
+
+@needs_shm
+def test_released_segment_is_unmapped_only_once_its_batch_is_answered():
+    eng = _AsyncStandIn()
+    shared = SharedHostBuffer()
+    with _service_and_socket(eng) as (svc, raw):
+        try:
+            raw.send_multipart(encode_batch_shm(1, _in_shared(shared, [ev(9, 1)], [1]), shared))
+            _wait_launched(eng, 1)
+            name = shared.segment.name
+            assert [k[1] for k in svc._segments] == [name]
+            raw.send_multipart([RELEASE, name.encode()])  # while its batch still runs
+            raw.send_multipart([RELEASE, b"charon-1-2-3"])  # never used: logged, ignored
+            threading.Event().wait(0.3)
+            assert [k[1] for k in svc._segments] == [name]
+            eng.done.set()
+            assert _answered_ids(raw, 1) == [1]
+            for _ in range(100):
+                if not svc._segments:
+                    break
+                threading.Event().wait(0.02)
+            assert not svc._segments
+        finally:
+            shared.close()
+
+
+@needs_shm
+def test_hello_probe_says_whether_photons_can_come_by_shared_memory(det):
+    from charon.engine_service import ENGINE, HELLO
+
+    probe = Segment.create(4096)
+    with _service_and_socket(CPUEngine(det, EngineConfig(seed=SEED))) as (_svc, raw):
+        try:
+            raw.send_multipart([HELLO, probe.name.encode()])
+            assert raw.poll(10_000)
+            assert raw.recv_multipart() == [ENGINE, b"cpu", b"shm", b""]
+            raw.send_multipart([HELLO, b"not-a-segment"])
+            assert raw.poll(10_000)
+            kind, _, mode, reason = raw.recv_multipart()
+            assert (kind, mode) == (ENGINE, b"socket") and b"not a charon" in reason
+            raw.send(HELLO)
+            assert raw.poll(10_000) and raw.recv_multipart() == [ENGINE, b"cpu"]
+        finally:
+            probe.close()
+
+
+@needs_shm
+def test_handoff_modes_of_the_front_end_link(det, monkeypatch):
+    import charon.engine_service as es
+    from charon.engines.base import EngineError
+    from charon.scheduler.batcher import HostBuffer
+
+    ctx = zmq.Context.instance()
+    with _service_and_socket(CPUEngine(det, EngineConfig(seed=SEED))) as (svc, _raw):
+        link = es.ServiceLink(ctx, svc.address, handoff="shm")
+        link.start(10)
+        assert link.shm and isinstance(link.host_buffer(), SharedHostBuffer)
+        link.stop()
+        link = es.ServiceLink(ctx, svc.address, handoff="socket")
+        link.start(10)
+        assert not link.shm and type(link.host_buffer()) is HostBuffer
+        link.stop()
+
+        def cannot_map(name, directory=None):
+            raise ValueError("mapped in another namespace")
+
+        monkeypatch.setattr(es.Segment, "attach", staticmethod(cannot_map))  # the service cannot see it
+        link = es.ServiceLink(ctx, svc.address, handoff="auto")
+        link.start(10)
+        assert not link.shm and type(link.host_buffer()) is HostBuffer
+        link.stop()
+        link = es.ServiceLink(ctx, svc.address, handoff="shm")
+        with pytest.raises(EngineError, match="cannot map this front end's memory: mapped in another namespace"):
+            link.start(10)
+        link.stop()
+        monkeypatch.setattr(es, "shm_available", lambda: False)
+        link = es.ServiceLink(ctx, svc.address, handoff="shm")
+        with pytest.raises(EngineError, match="--handoff shm: /dev/shm is not usable"):
+            link.start(10)
+        link.stop()
+    with pytest.raises(ValueError, match="handoff must be"):
+        es.ServiceLink(ctx, "tcp://127.0.0.1:1", handoff="pipe")
+
+
+@needs_shm
+def test_front_end_buffers_grow_and_release_their_old_segments(det, ref):
+    sh = Shared(det, n=1, handoff="shm")
+    try:
+        c = sh.dealer(0)
+        sizes = [100] * 8 + [3000, 3000]  # the pool has 8 buffers; the 9th and 10th events regrow two
+        tables = {i: ev(n, 40 + i) for i, n in enumerate(sizes)}
+        for i, t in tables.items():  # one at a time: each batch uses the next buffer of the pool
+            c.submit(i, t)
+            r = c.recv(20_000)
+            assert r.kind == P.SIM_COMPLETE and r.event_id == i
+            np.testing.assert_array_equal(r.hits["channel"], alone(ref, i, t).channel)
+        mapped = [name for _, name in sh.service._segments]
+        assert len(mapped) == 8  # two retired segments were released and unmapped
+        live = {b.segment.name for b in sh.fronts[0][0]._buffers}
+        assert set(mapped) == live
+    finally:
+        sh.stop()

@@ -326,10 +326,14 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
         assert sum(sample(k, "charon_event_seconds_count") for k in range(2)) >= 48
         assert sample(2, "charon_engine_residence_seconds_count") >= 1
         assert sample(2, "charon_engine_residence_seconds_sum") > 0
+        # Photons reached the shared engine through the front ends' shared memory (--handoff auto, Linux).
+        assert sample(2, 'charon_handoff_batches_total{path="shm"}') >= 1
+        assert f"charon-{proc.pid}-" in " ".join(os.listdir("/dev/shm"))
     finally:
         c.close()
         proc.terminate()
         proc.wait(30)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"charon-{proc.pid}-")]  # all removed at exit
 
 
 def test_procs_refuses_output_dir(tmp_path):

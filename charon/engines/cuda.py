@@ -130,9 +130,11 @@ class _DirectCopy:
     def __init__(self, stream):
         from cuda.bindings import driver
 
+        self._driver = driver
         self._memcpy = driver.cuMemcpyHtoDAsync
         self._memcpy_d2h = driver.cuMemcpyDtoHAsync
         self._ok = driver.CUresult.CUDA_SUCCESS
+        self.two_d = True  # cuMemcpy2DAsync for a piece's rows; CUDAEngine turns it off if its self-check fails
         handle = stream.handle
         self._stream = handle.value if hasattr(handle, "value") else handle  # ctypes or binding handle
 
@@ -146,6 +148,36 @@ class _DirectCopy:
         (err,) = self._memcpy(dst, host.ctypes.data, host.nbytes, self._stream)
         if err != self._ok:
             raise EngineError(f"cuMemcpyHtoDAsync failed: {err}")
+
+    def rows(self, d_array, pitch: int, col: int, host: np.ndarray) -> None:
+        """Copy ``host`` [R, k] (rows of any stride, columns contiguous) into columns ``col:col + k`` of
+        the rows of ``d_array`` viewed as [R, pitch]: one 2D copy, so a piece costs one driver call."""
+        R, k = host.shape
+        if k == 0:
+            return
+        item = host.itemsize
+        if host.strides[1] != item:
+            raise EngineError("internal: a piece's columns must be contiguous")
+        dst = device_ptr(d_array) + col * item
+        if self.two_d:
+            d = self._driver
+            p = d.CUDA_MEMCPY2D()
+            p.srcMemoryType = d.CUmemorytype.CU_MEMORYTYPE_HOST
+            p.srcHost = host.ctypes.data
+            p.srcPitch = host.strides[0] if R > 1 else k * item
+            p.dstMemoryType = d.CUmemorytype.CU_MEMORYTYPE_DEVICE
+            p.dstDevice = dst
+            p.dstPitch = pitch * item
+            p.WidthInBytes = k * item
+            p.Height = R
+            (err,) = d.cuMemcpy2DAsync(p, self._stream)
+            if err != self._ok:
+                raise EngineError(f"cuMemcpy2DAsync failed: {err}")
+            return
+        for r in range(R):
+            (err,) = self._memcpy(dst + r * pitch * item, host[r].ctypes.data, k * item, self._stream)
+            if err != self._ok:
+                raise EngineError(f"cuMemcpyHtoDAsync failed: {err}")
 
     def to_host(self, host: np.ndarray, d_array, src_index: int = 0) -> None:
         """Copy ``host.size`` items of ``d_array`` from element ``src_index`` on into the contiguous ``host``."""
@@ -269,7 +301,25 @@ class _Lane:
         ev[0].record(s)
         args = self._kernel_args(n, E, views=self._pre is not None)
         h2d = self._h2d
-        if h2d is not None:  # direct driver calls: the fixed cost per batch is mostly these copies' overhead
+        pieces = batch.pieces
+        if pieces is not None and keep_photons:
+            raise EngineError("internal: keep_photons needs the photons in one table, not gathered pieces")
+        if pieces is not None:  # the shared engine's merge: pieces in front ends' shared memory or its buffer
+            if n:
+                self._gather(args["propagate_kernel"][0], pieces, n)
+                if h2d is not None:
+                    h2d(self.d_slot, batch.slot[:n])
+                else:
+                    self.d_slot[:n].copy_to_device(batch.slot, stream=s)
+            if h2d is not None:
+                h2d(self.d_event_id, np.ascontiguousarray(batch.event_id, np.uint32))
+                h2d(self.d_first_index, np.ascontiguousarray(batch.first_index, np.uint32))
+                h2d(self.d_offsets, np.ascontiguousarray(batch.offsets, np.int64))
+            else:
+                self.d_event_id[:E].copy_to_device(batch.event_id, stream=s)
+                self.d_first_index[:E].copy_to_device(batch.first_index, stream=s)
+                self.d_offsets[: E + 1].copy_to_device(batch.offsets, stream=s)
+        elif h2d is not None:  # direct driver calls: the fixed cost per batch is mostly these copies' overhead
             if n:
                 for r in range(N_ROWS):  # device rows have stride n; host rows may be strided (merge buffer)
                     h2d(self.d_table, batch.table[r], r * n)
@@ -307,6 +357,19 @@ class _Lane:
                 self.d_flags[:n].copy_to_host(batch.flags, stream=s)
         ev[4].record(s)
         return _Launch(self, n, E, ev)
+
+    def _gather(self, d_table, pieces: list, n: int) -> None:
+        """Copy each piece (first column, [N_ROWS, k] table, [k] flags) to its columns of the device batch."""
+        h2d, s = self._h2d, self.stream
+        for a, table, flags in pieces:
+            k = table.shape[1]
+            if h2d is not None:
+                h2d.rows(self.d_table, n, a, table)
+                h2d(self.d_flags, np.ascontiguousarray(flags), a)
+            else:  # the simulator (CI)
+                for r in range(N_ROWS):
+                    d_table[r, a : a + k].copy_to_device(np.ascontiguousarray(table[r]), stream=s)
+                self.d_flags[a : a + k].copy_to_device(np.ascontiguousarray(flags), stream=s)
 
     def ready(self, launch: "_Launch") -> bool:
         """True once the batch's GPU work is done (never blocks)."""
@@ -391,6 +454,7 @@ class _Lane:
 class CUDAEngine(Engine):
     name = "cuda"
     strided_rows = True
+    gathers_pieces = True  # launch() copies a merged batch's pieces from where they are (PhotonBatch.pieces)
 
     def __init__(self, detector, config: EngineConfig | None = None):
         super().__init__(detector, config or EngineConfig())
@@ -414,6 +478,48 @@ class CUDAEngine(Engine):
         self.lanes = [_Lane(self) for _ in range(self.config.lanes)]
         self._free_lanes = list(reversed(self.lanes))
         self.stream.synchronize()
+        if not simulator() and not self._check_2d_copy():
+            log.warning("CUDA engine: cuMemcpy2DAsync did not copy as expected; gathered pieces go row by row")
+            for lane in self.lanes:
+                lane._h2d.two_d = False
+
+    def _check_2d_copy(self) -> bool:
+        """Copy a strided [3, 5] block into columns 2..7 of a [3, 9] device array and read it back."""
+        lane = self.lanes[0]
+        host = cuda.pinned_array((3, 8), np.float32)
+        host[:] = np.arange(24, dtype=np.float32).reshape(3, 8)
+        d = cuda.to_device(np.full(27, -1, np.float32))
+        try:
+            lane._h2d.rows(d, 9, 2, host[:, 1:6])
+            lane.stream.synchronize()
+        except Exception as exc:
+            log.info("cuMemcpy2DAsync unavailable: %r", exc)
+            return False
+        want = np.full((3, 9), -1, np.float32)
+        want[:, 2:7] = host[:, 1:6]
+        return bool(np.array_equal(d.copy_to_host().reshape(3, 9), want))
+
+    def register_host(self, array: np.ndarray):
+        """Pin host memory that batches will be copied from (a front end's shared-memory segment), so the
+        copies run asynchronously. Returns the token for :meth:`unregister_host` (None: nothing to undo)."""
+        if simulator():
+            return None
+        from cuda.bindings import driver
+
+        ptr = array.ctypes.data
+        (err,) = driver.cuMemHostRegister(ptr, array.nbytes, 0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise EngineError(f"cuMemHostRegister failed: {err}")
+        return ptr
+
+    def unregister_host(self, token) -> None:
+        if token is None:
+            return
+        from cuda.bindings import driver
+
+        (err,) = driver.cuMemHostUnregister(token)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise EngineError(f"cuMemHostUnregister failed: {err}")
 
     def _take_events(self) -> list:
         return self._event_sets.pop() if self._event_sets else [_event() for _ in range(7)]

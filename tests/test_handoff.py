@@ -1,0 +1,108 @@
+"""Shared-memory hand-off of photons from a front end to the shared engine (charon/handoff.py)."""
+
+import errno
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from charon import handoff
+from charon.handoff import Segment, SharedHostBuffer, remove_leftovers, segment_bytes, views
+from charon.photons import N_ROWS
+
+pytestmark = pytest.mark.skipif(not handoff.available(), reason="needs a writable /dev/shm (Linux)")
+
+
+def test_buffer_lives_in_a_segment_the_engine_side_can_map():
+    buf = SharedHostBuffer()
+    try:
+        buf.reserve(100, 10_000)
+        seg = buf.segment
+        assert seg is not None and handoff.NAME_RE.match(seg.name)
+        assert seg.name.startswith(f"charon-{os.getppid()}-{os.getpid()}-")
+        assert buf.capacity == 1024 and seg.nbytes == segment_bytes(1024)
+        n = 100
+        table = buf.table[: N_ROWS * n].reshape(N_ROWS, n)  # as the batcher assembles a batch
+        table[:] = np.arange(N_ROWS * n, dtype=np.float32).reshape(N_ROWS, n)
+        buf.flags[:n] = np.arange(n, dtype=np.uint32) * 3
+        other = Segment.attach(seg.name)  # what the engine's process does
+        t, f, _ = views(other, buf.capacity)
+        np.testing.assert_array_equal(t[: N_ROWS * n].reshape(N_ROWS, n), table)
+        np.testing.assert_array_equal(f[:n], buf.flags[:n])
+        other.close()
+    finally:
+        buf.close()
+    assert not os.path.exists(os.path.join(handoff.SHM_DIR, seg.name))
+
+
+def test_growing_retires_the_old_segment():
+    retired = []
+    buf = SharedHostBuffer(on_retire=retired.append)
+    try:
+        buf.reserve(10, 1 << 20)
+        first = buf.segment.name
+        buf.reserve(5000, 1 << 20)  # no larger than needed... but at least double
+        assert buf.capacity == 5000 and buf.segment.name != first
+        assert retired == [first]
+        assert not os.path.exists(os.path.join(handoff.SHM_DIR, first))
+        buf.reserve(4000, 1 << 20)  # fits: nothing changes
+        assert retired == [first]
+    finally:
+        buf.close()
+
+
+def test_full_shm_falls_back_to_private_memory(monkeypatch, caplog):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    before = set(os.listdir(handoff.SHM_DIR))
+    buf = SharedHostBuffer()
+    with caplog.at_level(logging.WARNING, "charon.handoff"):
+        buf.reserve(100, 1000)
+    assert buf.segment is None and buf.capacity == 1000
+    assert buf.table.shape == (N_ROWS * 1000,) and buf.flags.shape == (1000,)
+    assert "No space left" in caplog.text
+    assert set(os.listdir(handoff.SHM_DIR)) == before  # the half-made file was removed
+
+
+@pytest.mark.parametrize("name, message", [
+    ("../etc/passwd", "not a charon shared-memory segment name"),
+    ("charon-1-2", "not a charon shared-memory segment name"),
+    ("charon-1-2-3/x", "not a charon shared-memory segment name"),
+    ("charon-999999999-1-1", "cannot open shared-memory segment"),
+])  # fmt: skip
+def test_attach_rejects_bad_or_missing_names(name, message):
+    with pytest.raises(ValueError, match=message):
+        Segment.attach(name)
+
+
+def test_attach_rejects_empty_segment_and_views_check_the_size():
+    path = os.path.join(handoff.SHM_DIR, f"charon-{os.getppid()}-{os.getpid()}-987654")
+    open(path, "wb").close()
+    try:
+        with pytest.raises(ValueError, match="is empty"):
+            Segment.attach(os.path.basename(path))
+    finally:
+        os.unlink(path)
+    seg = Segment.create(segment_bytes(100))
+    try:
+        assert len(views(seg, 100)[0]) == N_ROWS * 100
+        with pytest.raises(ValueError, match="needs .* bytes"):
+            views(seg, 101)
+    finally:
+        seg.close()
+
+
+def test_remove_leftovers_takes_only_this_launchers_segments():
+    mine = [Segment.create(64) for _ in range(2)]  # named charon-<our parent>-<us>-k
+    try:
+        parent, me = os.getppid(), os.getpid()
+        assert remove_leftovers(launcher_pid=parent, child_pid=me + 1) == 0  # another front end: none
+        assert remove_leftovers(launcher_pid=parent + 1) == 0  # another launcher: none
+        assert remove_leftovers(launcher_pid=parent, child_pid=me) == 2
+        assert not any(os.path.exists(os.path.join(handoff.SHM_DIR, s.name)) for s in mine)
+    finally:
+        for s in mine:
+            s.close()
