@@ -73,16 +73,34 @@ def _role(pid: int) -> str:
     return text[:70]
 
 
-def snapshot(root: int) -> dict[tuple[int, int], tuple[str, int]]:
+def _preempted(path: str) -> int:
+    """Involuntary context switches so far: times the thread was runnable but taken off its core."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("nonvoluntary_ctxt_switches"):
+                return int(line.split()[1])
+    return 0
+
+
+def snapshot(root: int) -> dict[tuple[int, int], tuple[str, int, int]]:
     out = {}
     for pid in _descendants(root):
         try:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 comm, t = _ticks(f"/proc/{pid}/task/{tid}/stat")
-                out[(pid, int(tid))] = (comm, t)
+                out[(pid, int(tid))] = (comm, t, _preempted(f"/proc/{pid}/task/{tid}/status"))
         except OSError:
             pass
     return out
+
+
+def runnable() -> int:
+    """Threads runnable right now, machine-wide (/proc/stat procs_running)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("procs_running"):
+                return int(line.split()[1])
+    return 0
 
 
 def machine_busy() -> tuple[int, int]:
@@ -108,22 +126,34 @@ def main(argv=None) -> int:
         time.sleep(0.2)
     time.sleep(a.start)
     s0, m0, t0 = snapshot(proc.pid), machine_busy(), time.perf_counter()
-    time.sleep(a.window)
+    samples = []  # runnable threads, every 20 ms: above the core count, someone waits for a core
+    while time.perf_counter() < t0 + a.window:
+        samples.append(runnable())
+        time.sleep(0.02)
     s1, m1, t1 = snapshot(proc.pid), machine_busy(), time.perf_counter()
     dt = t1 - t0
     rows = []
-    for key, (comm, t) in s1.items():
-        d = (t - s0.get(key, (comm, 0))[1]) / CLK / dt
-        rows.append((d, key[0], key[1], comm))
-    rows.sort(reverse=True)
     by_pid: dict[int, float] = {}
+    preempt_by_pid: dict[int, float] = {}
+    for key, (comm, t, nv) in s1.items():
+        before = s0.get(key, (comm, 0, 0))
+        d = (t - before[1]) / CLK / dt
+        rows.append((d, key[0], key[1], comm))
+        preempt_by_pid[key[0]] = preempt_by_pid.get(key[0], 0.0) + (nv - before[2]) / dt
+    rows.sort(reverse=True)
     for d, pid, _, _ in rows:
         by_pid[pid] = by_pid.get(pid, 0.0) + d
-    lines = [f"# window {dt:.1f} s; machine busy cores {(m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * os.cpu_count():.2f} of {os.cpu_count()}",
-             f"# descendants busy cores {sum(by_pid.values()):.2f}", "", "## per process (cores)"]
+    ncpu = os.cpu_count()
+    over = sum(1 for x in samples if x > ncpu) / max(1, len(samples))
+    lines = [f"# window {dt:.1f} s; machine busy cores {(m1[0] - m0[0]) / max(1, m1[1] - m0[1]) * ncpu:.2f} of {ncpu}",
+             f"# descendants busy cores {sum(by_pid.values()):.2f}",
+             f"# runnable threads (every 20 ms): mean {sum(samples) / max(1, len(samples)):.1f}, "
+             f"max {max(samples, default=0)}, more than {ncpu} in {100 * over:.0f} % of samples",
+             f"# involuntary context switches: {sum(preempt_by_pid.values()):.0f} /s",
+             "", "## per process (cores, involuntary switches /s)"]
     for pid, d in sorted(by_pid.items(), key=lambda kv: -kv[1]):
         if d >= 0.01:
-            lines.append(f"{d:6.2f}  pid {pid:<7d} {_role(pid)}")
+            lines.append(f"{d:6.2f} {preempt_by_pid.get(pid, 0.0):8.0f}  pid {pid:<7d} {_role(pid)}")
     lines += ["", "## busiest threads (cores)"]
     for d, pid, tid, comm in rows[: a.top]:
         lines.append(f"{d:6.2f}  pid {pid:<7d} tid {tid:<7d} {comm}")
