@@ -107,6 +107,17 @@ class ServerConfig:
             raise ValueError("--output-dir needs one process (a run's events must reach the same writer): drop --procs")
 
 
+def zmq_poll_ms(timeout_ms: float) -> int:
+    """ZeroMQ's poll counts whole milliseconds: a batch due in ``timeout_ms`` is dispatched at most
+    1 ms late (a message or a result still wakes the loop at once).
+
+    Waiting for sub-millisecond due times in short sleeps instead was measured worse on
+    the H200 host with seven front ends (benchmarks/RESULTS.md, fifth session): the
+    spinning loops crowd the cores that the engine's replies need, and events/s fell
+    2-14 % while p99 rose."""
+    return 0 if timeout_ms <= 0 else max(1, int(timeout_ms))
+
+
 def split_envelope(frames: list) -> tuple[list, list]:
     """Split a ROUTER message into (envelope, body).
 
@@ -308,16 +319,7 @@ class BatchServer:
         handle = self._from_router if worker else self._handle
         try:
             while not self._stop.is_set():
-                timeout = self._poll_timeout_ms()
-                if timeout >= 1.0:  # rounded down: wakes up to 1 ms early, then short sleeps below
-                    events = dict(poller.poll(int(timeout)))
-                else:
-                    # ZeroMQ's poll counts whole milliseconds: a batch due in 0.3 ms would wait
-                    # a full 1 ms (measured on the H200 host: batches' oldest events waited 2.0 ms
-                    # on average with --max-wait-ms 1). Sleep in short steps instead.
-                    events = dict(poller.poll(0))
-                    if not events and timeout > 0:
-                        time.sleep(min(timeout, 0.1) / 1e3)
+                events = dict(poller.poll(zmq_poll_ms(self._poll_timeout_ms())))
                 t_busy = time.perf_counter()
                 if wake in events:
                     self.engine_thread.poll_results()
