@@ -19,7 +19,7 @@ HELP = {
     "max_batch_events": "events per engine call at most (0: no limit; 1 serves one event per call, as ChAR0N)",
     "max_wait_ms": "longest the oldest queued event waits for a batch to fill while the engine is idle; "
     "while the engine is busy, events accumulate for the next batch anyway (continuous batching), "
-    "so a short wait suffices",
+    "so a short wait suffices. The socket loop wakes in whole milliseconds: a batch may start up to 1 ms later",
     "max_queued_photons": "backpressure: photons allowed to wait; beyond it requests get a 'busy' SIM_FAILED",
     "max_event_photons": "largest event accepted; larger requests get SIM_FAILED",
     "max_steps": "propagation steps per photon before it is abandoned (Chroma's max_steps)",

@@ -11,9 +11,10 @@ from charon import handoff
 from charon.handoff import Segment, SharedHostBuffer, remove_leftovers, segment_bytes, views
 from charon.photons import N_ROWS
 
-pytestmark = pytest.mark.skipif(not handoff.available(), reason="needs a writable /dev/shm (Linux)")
+needs_shm = pytest.mark.skipif(not handoff.available(), reason="needs a writable /dev/shm (Linux)")
 
 
+@needs_shm
 def test_buffer_lives_in_a_segment_the_engine_side_can_map():
     buf = SharedHostBuffer()
     try:
@@ -36,6 +37,7 @@ def test_buffer_lives_in_a_segment_the_engine_side_can_map():
     assert not os.path.exists(os.path.join(handoff.SHM_DIR, seg.name))
 
 
+@needs_shm
 def test_growing_retires_the_old_segment():
     retired = []
     buf = SharedHostBuffer(on_retire=retired.append)
@@ -52,6 +54,7 @@ def test_growing_retires_the_old_segment():
         buf.close()
 
 
+@needs_shm
 def test_full_shm_falls_back_to_private_memory(monkeypatch, caplog):
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -73,11 +76,13 @@ def test_full_shm_falls_back_to_private_memory(monkeypatch, caplog):
     ("charon-1-2-3/x", "not a charon shared-memory segment name"),
     ("charon-999999999-1-1", "cannot open shared-memory segment"),
 ])  # fmt: skip
+@needs_shm
 def test_attach_rejects_bad_or_missing_names(name, message):
     with pytest.raises(ValueError, match=message):
         Segment.attach(name)
 
 
+@needs_shm
 def test_attach_rejects_empty_segment_and_views_check_the_size():
     path = os.path.join(handoff.SHM_DIR, f"charon-{os.getppid()}-{os.getpid()}-987654")
     open(path, "wb").close()
@@ -95,6 +100,7 @@ def test_attach_rejects_empty_segment_and_views_check_the_size():
         seg.close()
 
 
+@needs_shm
 def test_remove_leftovers_takes_only_this_launchers_segments():
     mine = [Segment.create(64) for _ in range(2)]  # named charon-<our parent>-<us>-k
     try:
@@ -106,3 +112,15 @@ def test_remove_leftovers_takes_only_this_launchers_segments():
     finally:
         for s in mine:
             s.close()
+
+
+def test_server_config_and_cli_refuse_an_unknown_handoff():
+    from charon.cli import batch_parser
+    from charon.server import ServerConfig
+
+    with pytest.raises(ValueError, match="--handoff must be auto, shm or socket"):
+        ServerConfig(handoff="pipe").validate()
+    for mode in ("auto", "shm", "socket"):
+        ServerConfig(handoff=mode).validate()
+    with pytest.raises(SystemExit):
+        batch_parser().parse_args(["--handoff", "pipe"])
