@@ -6,9 +6,13 @@ what one GPU propagates. ``charon-batch --procs N`` therefore runs N front-end
 processes, each the ordinary server loop (socket -> decode -> queue -> batch ->
 demux -> reply), and this service in the launcher process, holding the only
 engine. A front end hands every batch it forms to the service at once; the
-service copies the batches that arrive while the engine runs into its next
-merged batch (pinned memory on a GPU), so the engine sees one stream of large
-batches however many front ends feed it: continuous batching across processes.
+batches that arrive while the engine runs make up its next merged batch, so the
+engine sees one stream of large batches however many front ends feed it:
+continuous batching across processes. With ``--handoff shm`` (handoff.py) a
+front end's photons stay in its shared-memory segment and the CUDA engine copies
+them to the device from there (``PhotonBatch.pieces``); photons that came over the
+socket, or any photons for an engine that does not gather, are copied into the
+merge buffer (pinned memory on a GPU).
 Processes sharing a GPU through separate CUDA contexts would instead time-slice
 it and each form smaller batches.
 
