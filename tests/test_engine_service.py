@@ -16,9 +16,9 @@ import zmq
 
 from charon import protocol as P
 from charon.client import DealerClient, ReqClient
-from charon.engine_service import (BATCH, HITS, REFUSED, RELEASE, EngineService, MergeBuffer, SubBatch,
-                                   decode_batch, decode_batch_shm, decode_hits, encode_batch, encode_batch_shm,
-                                   encode_hits)  # fmt: skip
+from charon.engine_service import (BATCH, HITS, REFUSED, RELEASE, EngineService, MappedSegment, MergeBuffer,
+                                   SubBatch, decode_batch, decode_batch_shm, decode_hits, encode_batch,
+                                   encode_batch_shm, encode_hits)  # fmt: skip
 from charon.handoff import Segment, SharedHostBuffer
 from charon.handoff import available as shm_available
 from charon.engines.base import EngineConfig
@@ -537,7 +537,7 @@ def test_merge_buffer_gathers_shared_pieces_without_copying_them():
     try:
         photons = _in_shared(shared, tables[1:3], [1, 2])
         frames = [bytes(memoryview(f)) for f in encode_batch_shm(7, photons, shared)[1:]]
-        bid, shm_sub = decode_batch_shm(frames, lambda name: _Mapped(name))
+        bid, shm_sub = decode_batch_shm(frames, lambda name: MappedSegment(b"", Segment.attach(name)))
         assert bid == 7 and shm_sub.mapped is not None
         subs = [sub_of(tables[:1], [0]), shm_sub, sub_of(tables[3:], [3])]
         gather, copy = MergeBuffer(500, gather=True), MergeBuffer(500)
@@ -556,18 +556,6 @@ def test_merge_buffer_gathers_shared_pieces_without_copying_them():
         np.testing.assert_array_equal(c.table, PhotonBatch.from_events(tables, [0, 1, 2, 3]).table)
     finally:
         shared.close()
-
-
-class _Mapped:
-    """What the service's segment lookup returns, for codec tests."""
-
-    def __init__(self, name):
-        from charon.engine_service import MappedSegment
-
-        self.inner = MappedSegment(b"", Segment.attach(name))
-
-    def __getattr__(self, k):
-        return getattr(self.inner, k)
 
 
 @needs_shm
