@@ -112,6 +112,16 @@ def encode_batch_shm(batch_id: int, photons: PhotonBatch, buffer: SharedHostBuff
             photons.first_index]  # fmt: skip
 
 
+def _head(frames, kind: str, count: int, head: struct.Struct) -> tuple:
+    """Check a message's frame count (``count`` after its kind) and head size; the unpacked head."""
+    if len(frames) != count:
+        raise ValueError(f"{kind} has {len(frames) + 1} frames, expected {count + 1}")
+    buf = _buffer(frames[0])
+    if buf.nbytes != head.size:
+        raise ValueError(f"{kind} head has {buf.nbytes} bytes, expected {head.size}")
+    return head.unpack(buf)
+
+
 def _slots(frames, E: int, n: int):
     offsets = _array(frames[0], np.int64, E + 1, "offsets")
     if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
@@ -124,12 +134,7 @@ def decode_batch_shm(frames, segment_for) -> tuple[int, "SubBatch"]:
 
     ``segment_for(name)`` maps (or finds) the named segment and returns its :class:`MappedSegment`;
     everything in the message is checked before it is called. ValueError names the problem."""
-    if len(frames) != 5:
-        raise ValueError(f"BATCHSHM has {len(frames) + 1} frames, expected 6")
-    head = _buffer(frames[0])
-    if head.nbytes != _SHM_HEAD.size:
-        raise ValueError(f"BATCHSHM head has {head.nbytes} bytes, expected {_SHM_HEAD.size}")
-    batch_id, E, n, cap = _SHM_HEAD.unpack(head)
+    batch_id, E, n, cap = _head(frames, "BATCHSHM", 5, _SHM_HEAD)
     if n > cap:
         raise ValueError(f"BATCHSHM has {n} photons in a buffer laid out for {cap}")
     name = bytes(_buffer(frames[1])).decode("utf-8", "replace")
@@ -143,12 +148,7 @@ def decode_batch_shm(frames, segment_for) -> tuple[int, "SubBatch"]:
 
 def decode_batch(frames) -> tuple[int, "SubBatch"]:
     """frames after the BATCH kind -> (batch id, SubBatch of read-only views). ValueError names the problem."""
-    if len(frames) != 6:
-        raise ValueError(f"BATCH has {len(frames) + 1} frames, expected 7")
-    head = _buffer(frames[0])
-    if head.nbytes != _BATCH_HEAD.size:
-        raise ValueError(f"BATCH head has {head.nbytes} bytes, expected {_BATCH_HEAD.size}")
-    batch_id, E, n = _BATCH_HEAD.unpack(head)
+    batch_id, E, n = _head(frames, "BATCH", 6, _BATCH_HEAD)
     table = _array(frames[1], np.float32, N_ROWS * n, "table").reshape(N_ROWS, n)
     flags = _array(frames[2], np.uint32, n, "flags")
     offsets, event_id, first_index = _slots(frames[3:], E, n)
@@ -164,12 +164,7 @@ def encode_hits(batch_id: int, hits: HitBatch, failed: np.ndarray, error: str, s
 
 def decode_hits(frames) -> tuple[int, HitBatch, np.ndarray, str, float]:
     """frames after the HITS kind -> (batch id, hits, failed [E] bool, error, engine seconds)."""
-    if len(frames) != 7:
-        raise ValueError(f"HITS has {len(frames) + 1} frames, expected 8")
-    head = _buffer(frames[0])
-    if head.nbytes != _HITS_HEAD.size:
-        raise ValueError(f"HITS head has {head.nbytes} bytes, expected {_HITS_HEAD.size}")
-    batch_id, E, H, seconds = _HITS_HEAD.unpack(head)
+    batch_id, E, H, seconds = _head(frames, "HITS", 7, _HITS_HEAD)
     hits = HitBatch(
         _array(frames[1], np.uint32, H, "channel"),
         _array(frames[2], np.float32, 8 * H, "table").reshape(8, H),

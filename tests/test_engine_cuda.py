@@ -201,22 +201,32 @@ def _socket_sub(table, eid):
     return decode_batch([bytes(memoryview(f)) for f in frames[1:]])[1]
 
 
-@pytest.mark.skipif(not shm_available(), reason="needs a writable /dev/shm (Linux)")
-def test_gathered_pieces_from_shared_memory_equal_a_contiguous_batch(cuda_engine_tiny):
-    rng = np.random.default_rng(8)
-    tables = [random_event(n, rng, radius=200.0) for n in (9, 14, 5, 7)]
-    gathered, cleanup = _gathered(cuda_engine_tiny, tables)
+def _gathered_and_contiguous(engine, tables):
+    """Hits of the four events propagated as gathered pieces, and as one contiguous batch."""
+    gathered, cleanup = _gathered(engine, tables)
     try:
-        assert [a for a, _, _ in gathered.pieces] == [0, 9, 28]
-        got = cuda_engine_tiny.propagate(gathered)
+        first = [tables[0].shape[1], tables[0].shape[1] + tables[1].shape[1] + tables[2].shape[1]]
+        assert [a for a, _, _ in gathered.pieces] == [0, *first]
+        got = engine.propagate(gathered)
     finally:
         cleanup()
-    want = cuda_engine_tiny.propagate(_batch(tables, [0, 1, 2, 3]))
-    assert want.n_hits > 0
+    return got, engine.propagate(_batch(tables, [0, 1, 2, 3]))
+
+
+def _assert_same_hits(got, want):
     np.testing.assert_array_equal(got.offsets, want.offsets)
     np.testing.assert_array_equal(got.channel, want.channel)
     np.testing.assert_array_equal(got.table, want.table)
     np.testing.assert_array_equal(got.flags, want.flags)
+
+
+@pytest.mark.skipif(not shm_available(), reason="needs a writable /dev/shm (Linux)")
+def test_gathered_pieces_from_shared_memory_equal_a_contiguous_batch(cuda_engine_tiny):
+    rng = np.random.default_rng(8)
+    tables = [random_event(n, rng, radius=200.0) for n in (9, 14, 5, 7)]
+    got, want = _gathered_and_contiguous(cuda_engine_tiny, tables)
+    assert want.n_hits > 0
+    _assert_same_hits(got, want)
 
 
 def test_device_view_abi_is_numbas_c_contiguous_array_layout():
@@ -379,13 +389,6 @@ def test_gathered_pieces_on_a_real_gpu_use_one_2d_copy_each(gpu_pair):
     assert all(lane._h2d.two_d for lane in gpu.lanes)
     rng = np.random.default_rng(9)
     tables = [random_event(n, rng) for n in (3000, 20_000, 700, 9000)]
-    gathered, cleanup = _gathered(gpu, tables)
-    try:
-        got = gpu.propagate(gathered)
-    finally:
-        cleanup()
-    want = gpu.propagate(_batch(tables, [0, 1, 2, 3]))
+    got, want = _gathered_and_contiguous(gpu, tables)
     assert want.n_hits > 100
-    np.testing.assert_array_equal(got.offsets, want.offsets)
-    np.testing.assert_array_equal(got.channel, want.channel)
-    np.testing.assert_array_equal(got.table, want.table)
+    _assert_same_hits(got, want)

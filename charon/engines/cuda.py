@@ -135,6 +135,7 @@ class _DirectCopy:
         self._memcpy_d2h = driver.cuMemcpyDtoHAsync
         self._ok = driver.CUresult.CUDA_SUCCESS
         self.two_d = True  # cuMemcpy2DAsync for a piece's rows; CUDAEngine turns it off if its self-check fails
+        self._p2d = None  # one CUDA_MEMCPY2D, its fields rewritten per copy (the call reads it at once)
         handle = stream.handle
         self._stream = handle.value if hasattr(handle, "value") else handle  # ctypes or binding handle
 
@@ -161,11 +162,13 @@ class _DirectCopy:
         dst = device_ptr(d_array) + col * item
         if self.two_d:
             d = self._driver
-            p = d.CUDA_MEMCPY2D()
-            p.srcMemoryType = d.CUmemorytype.CU_MEMORYTYPE_HOST
+            p = self._p2d
+            if p is None:
+                p = self._p2d = d.CUDA_MEMCPY2D()
+                p.srcMemoryType = d.CUmemorytype.CU_MEMORYTYPE_HOST
+                p.dstMemoryType = d.CUmemorytype.CU_MEMORYTYPE_DEVICE
             p.srcHost = host.ctypes.data
             p.srcPitch = host.strides[0] if R > 1 else k * item
-            p.dstMemoryType = d.CUmemorytype.CU_MEMORYTYPE_DEVICE
             p.dstDevice = dst
             p.dstPitch = pitch * item
             p.WidthInBytes = k * item
