@@ -74,8 +74,8 @@ def scrape_each(url) -> list[dict]:
         one = {}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
-                if s.name.startswith(("charon_handoff_batches", "charon_dispatches")):  # kept per label
-                    key = f"{s.name}:{s.labels.get('path', s.labels.get('reason', ''))}"
+                if s.name.startswith("charon_handoff_batches"):  # kept per path: shm or socket
+                    key = f"{s.name}:{s.labels.get('path', '')}"
                     one[key] = one.get(key, 0.0) + s.value
                 elif not s.labels or s.name.startswith("charon_failed"):
                     one[s.name] = one.get(s.name, 0.0) + s.value
@@ -335,10 +335,6 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         # --procs: the share of front-end batches whose photons reached the shared engine through shared memory.
         shm, sock = d("charon_handoff_batches_total:shm"), d("charon_handoff_batches_total:socket")
         res["handoff_shm_fraction"] = shm / (shm + sock) if shm + sock else None
-        # What released the front ends' batches: the shared engine's PULL, the timer, or a full batch.
-        why = {r: d(f"charon_dispatches_total:{r}") for r in ("pulled", "waited", "full")}
-        total = sum(why.values())
-        res["dispatch_reasons"] = {r: v / total for r, v in why.items()} if total else None
     return res
 
 

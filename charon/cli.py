@@ -53,12 +53,6 @@ HELP = {
     "its batches in shared memory that the engine maps and, on a GPU, pins and copies to the device from; "
     "the socket carries only per-event arrays), socket (every photon through the internal socket), "
     "auto (shm where /dev/shm is usable, else socket)",
-    "engine_pull": "with --procs: on, the shared engine PULLs every front end shortly before each merged batch "
-    "is predicted to finish, and a front end with a batch at the engine hands over its events then (they start "
-    "with the next batch instead of waiting there for the running one); off, front ends hand over on "
-    "--max-wait-ms alone",
-    "engine_pull_lead_ms": "with --engine-pull on: how long before a merged batch's predicted finish the front "
-    "ends are PULLed (their time to answer)",
     "upstream": "internal: the proxy backend a --procs front end connects to",
     "engine_service": "internal: the shared engine a --procs front end sends its batches to",
 }
@@ -69,7 +63,6 @@ CHOICES = {
     "queue_policy": ("fcfs",),
     "accept": ("auto", "reuseport", "proxy"),
     "handoff": ("auto", "shm", "socket"),
-    "engine_pull": ("on", "off"),
 }
 
 
@@ -272,8 +265,7 @@ def _start_engine_service(config: ServerConfig):
     # thread per front end the transfers run side by side instead of one after another.
     io = config.engine_io_threads or min(8, config.procs)
     service = EngineService(factory, address, config.max_batch_photons, context=zmq.Context(io_threads=io),
-                            max_batch_events=config.max_batch_events,
-                            pull_lead=config.engine_pull_lead_ms / 1e3 if config.engine_pull == "on" else None)
+                            max_batch_events=config.max_batch_events)  # fmt: skip
     service.start()
     metrics_server = service.metrics.serve(config.metrics_port + config.procs) if config.metrics_port is not None \
         else None  # fmt: skip
@@ -306,7 +298,7 @@ def _remove_segments(pid: int) -> None:
 
 
 _FRONT_END_FLAGS = ("--procs", "--io-threads", "--bind", "--upstream", "--metrics-port", "--engine-service", "--accept",
-                    "--engine-io-threads", "--engine-pull", "--engine-pull-lead-ms")
+                    "--engine-io-threads")
 
 
 def _reuseport_main(config: ServerConfig, argv: list[str]) -> int:

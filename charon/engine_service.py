@@ -19,10 +19,9 @@ it and each form smaller batches.
 Wire layout (internal; a DEALER in each front end, the ROUTER here; ipc on one host)::
 
     front end -> service
-      HELLO [, probe]                        answered ENGINE, name (utf-8), mode, reason, pace
+      HELLO [, probe]                        answered ENGINE, name (utf-8) [, mode, reason]
           probe        utf-8 name of a small shared-memory segment (handoff.py): the service
                        answers mode b"shm" when it could map it, else b"socket" and the reason
-          pace         b"pull" when the service sends PULL (below), else b""
       BATCH, head, table, flags, offsets, event_id, first_index     photons in the message
           head         <QIQ: batch id (u64, the front end's own), n_events E (u32), n_photons n (u64)
           table        [11 * n] float32, rows as PhotonBatch.table (x, y, z mm ... t ns)
@@ -45,18 +44,10 @@ Wire layout (internal; a DEALER in each front end, the ROUTER here; ipc on one h
           failed       [E] uint8, 1 where the engine failed on that slot (its hits are empty)
           error        utf-8, the engine's error for the failed slots ('' when none)
       REFUSED, head (<Q batch id), reason (utf-8): a malformed BATCH, answered instead of crashing
-      PULL                                   to every front end, once per merged batch, shortly before
-                                             that batch is predicted to finish: "hand over what you hold now"
 
 Every frame's length is checked against its head before ``np.frombuffer``; a
 segment's name, size and the batch's extent in it are checked before it is
 mapped or viewed.
-Pacing (PULL): a front end that holds events while a batch of its own is at the
-service hands them over when PULLed, not on its --max-wait-ms timer. Their
-events then reach the service just before the GPU frees and start with the next
-merged batch, instead of arriving at random moments and waiting there for the
-running batch to finish. With nothing of its own at the service, a front end
-uses its timer, so an idle engine is fed at once.
 An engine error on a merged batch is isolated here, first per front-end batch
 and then by bisecting its slots, so only the failing events are reported failed.
 """
@@ -86,8 +77,7 @@ from .threads import set_native_thread_name
 log = logging.getLogger("charon.engine_service")
 
 HELLO, ENGINE, BATCH, HITS, REFUSED = b"HELLO", b"ENGINE", b"BATCH", b"HITS", b"REFUSED"
-BATCH_SHM, RELEASE, PULL = b"BATCHSHM", b"RELEASE", b"PULL"
-PULL_HISTORY = 32  # recent merged batches (photons, launch-to-collect seconds) the finish time is predicted from
+BATCH_SHM, RELEASE = b"BATCHSHM", b"RELEASE"
 MAX_SEGMENTS_PER_PEER = 64  # a front end keeps max_in_flight buffers; grown ones are released
 _BATCH_HEAD = struct.Struct("<QIQ")
 _SHM_HEAD = struct.Struct("<QIQQ")
@@ -342,14 +332,8 @@ class EngineService:
     spin_sleep = 50e-6  # seconds between GPU polls while a batch runs and no message arrives
 
     def __init__(self, engine_factory, address: str, max_batch_photons: int, context: zmq.Context | None = None,
-                 max_batch_events: int = 0, pull_lead: float | None = 0.0005):  # fmt: skip
-        """``pull_lead``: seconds before a merged batch's predicted finish at which the front ends are
-        PULLed (None: no PULL; front ends hand over on their own timers)."""
+                 max_batch_events: int = 0):  # fmt: skip
         self.ctx = context or zmq.Context.instance()
-        self.pull_lead = pull_lead
-        self._peers: dict[bytes, None] = {}  # front ends that said HELLO, in order (PULL goes to each)
-        self._pull_due: list[float] = []  # perf_counter times at which a PULL round is due
-        self._history: collections.deque = collections.deque(maxlen=PULL_HISTORY)  # (photons, seconds)
         self.busy = BusyClock()
         self.metrics = Metrics(self.busy)  # engine-side figures; the front ends count events
         self.max_batch_photons = int(max_batch_photons)
@@ -448,13 +432,9 @@ class EngineService:
 
         Within a burst of messages a free lane is not filled at once: the rest of the
         burst is merged first, so that a lone first message does not become a batch."""
-        if self._pull_due and time.perf_counter() >= self._pull_due[0]:
-            self._pull()
         running = self._running
         while running and self._engine_ready(running[0].handle):
             done = running.popleft()
-            if len(self._pull_due) > len(running):  # it finished before its PULL was due: PULL now
-                self._pull(overdue=True)
             results = self._collect(done)
             self._launch_if_free()
             self._reply(done, results)
@@ -518,12 +498,6 @@ class EngineService:
             except ValueError as exc:
                 log.warning("shared engine: a front end's photons come over the socket: %s", exc)
                 answer += [b"socket", str(exc).encode()]
-        else:
-            answer += [b"socket", b"no shared-memory probe"]
-        answer.append(b"pull" if self.pull_lead is not None else b"")
-        self._peers[peer] = None
-        while len(self._peers) > 4096:  # restarted front ends come back under new identities
-            del self._peers[next(iter(self._peers))]
         self.socket.send_multipart(answer)
 
     def _segment(self, peer: bytes, name: str) -> MappedSegment:
@@ -586,37 +560,9 @@ class EngineService:
         except Exception as exc:
             handle = _Done(exc=exc)
         self._running.append(_Running(batch, handle, t0))
-        if self.pull_lead is not None:
-            self._pull_due.append(t0 + self.predicted_seconds(batch.photons.n_photons) - self.pull_lead)
-            self._pull_due.sort()
         self._building = self._free.pop()
         while self._waiting and self._building.fits(self._waiting[0]):
             self._building.append(self._waiting.popleft())
-
-    def predicted_seconds(self, n_photons: int) -> float:
-        """Launch-to-collect seconds of a merged batch of ``n_photons``: a line through the recent
-        batches (no slope when their sizes hardly differ); 0 before the first (PULL at once)."""
-        if not self._history:
-            return 0.0
-        h = np.asarray(self._history, np.float64)  # [k, 2]: photons, seconds
-        n, t = h[:, 0], h[:, 1]
-        dn = n - n.mean()
-        var = float(dn @ dn)
-        slope = max(0.0, float(dn @ (t - t.mean())) / var) if var > 0 else 0.0
-        return max(0.0, float(t.mean() + slope * (n_photons - n.mean())))
-
-    def _pull(self, overdue: bool = False) -> None:
-        """Ask every front end for what it holds: it arrives while the running batch finishes."""
-        now = time.perf_counter()
-        if overdue:
-            self._pull_due.pop(0)
-        while self._pull_due and self._pull_due[0] <= now:
-            self._pull_due.pop(0)
-        send = self.socket.send
-        for peer in self._peers:
-            send(peer, zmq.SNDMORE)
-            send(PULL)
-        self.metrics.pulls.inc()
 
     def _engine_ready(self, handle) -> bool:
         return isinstance(handle, _Done) or self.engine.ready(handle)
@@ -645,7 +591,6 @@ class EngineService:
             self.busy.stop()
         # The hits are copies and the sub-batches keep their own frames: the buffer is free again.
         running.n_photons, running.n_events = running.batch.photons.n_photons, running.batch.photons.n_events
-        self._history.append((running.n_photons, time.perf_counter() - running.t0))
         running.batch.buffer.reset()
         self._free.append(running.batch.buffer)
         return out
@@ -697,9 +642,6 @@ class ServiceLink:
     remote = True  # the service records engine metrics for the merged batches
     pipelined = True  # batches are handed over as soon as they waited max_wait_ms; the service merges them
     max_in_flight = 8
-    # With a batch of its own at a pacing service, a front end waits for PULL, but never longer than this
-    # (a PULL lost with a restarted service must not hold events for good).
-    pull_timeout = 0.05
 
     def __init__(self, ctx: zmq.Context, address: str, start_timeout: float = 600.0, handoff: str = "auto"):
         if handoff not in ("auto", "shm", "socket"):
@@ -715,8 +657,6 @@ class ServiceLink:
         self.wake_socket = self.sock
         self.results: collections.deque[BatchResult] = collections.deque()
         self.in_flight = 0
-        self.paced = False  # the service sends PULL (its HELLO answer says so)
-        self.pulled = False  # a PULL arrived since the socket loop last dispatched
         self._pending: dict[int, object] = {}
         self._next_id = 0
         self._start_timeout = start_timeout
@@ -738,12 +678,11 @@ class ServiceLink:
         finally:
             if probe is not None:
                 probe.close()
-        if frames[0] != ENGINE or len(frames) not in (2, 4, 5):
+        if frames[0] != ENGINE or len(frames) not in (2, 4):
             raise EngineError(f"unexpected answer from the shared engine at {self.address}: {frames[0][:16]!r}")
-        self.shm = probe is not None and len(frames) >= 4 and frames[2] == b"shm"
-        self.paced = len(frames) == 5 and frames[4] == b"pull"
+        self.shm = probe is not None and len(frames) == 4 and frames[2] == b"shm"
         if probe is not None and not self.shm:
-            why = frames[3].decode("utf-8", "replace") if len(frames) >= 4 else "it does not support it"
+            why = frames[3].decode("utf-8", "replace") if len(frames) == 4 else "it does not support it"
             if self.handoff == "shm":
                 raise EngineError(f"--handoff shm: the shared engine cannot map this front end's memory: {why}")
             log.info("photons go to the shared engine over the socket: %s", why)
@@ -777,9 +716,7 @@ class ServiceLink:
             except zmq.Again:
                 return
             kind = frames[0].bytes
-            if kind == PULL:
-                self.pulled = True
-            elif kind == HITS:
+            if kind == HITS:
                 try:
                     batch_id, hits, failed, error, seconds = decode_hits(frames[1:])
                 except ValueError as exc:  # a bug in the service; its batch stays unanswered, clients retry

@@ -50,8 +50,6 @@ class EngineThread:
     remote = False  # engine metrics are recorded by the server itself
     pipelined = False  # a second batch is queued behind the running one only when full
     max_in_flight = 2
-    paced = False  # no PULL: batches leave on --max-wait-ms (engine_service.ServiceLink paces)
-    pulled = False
 
     def __init__(self, ctx: zmq.Context, engine_factory, busy: BusyClock):
         self._factory = engine_factory

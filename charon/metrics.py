@@ -87,13 +87,6 @@ class Metrics:
         self.handoff_batches = Counter("charon_handoff_batches", "Shared engine (--procs): front-end batches "
                                        "received, by how their photons came (shm or socket)", ["path"],
                                        registry=r)  # fmt: skip
-        self.pulls = Counter("charon_engine_pulls", "Shared engine (--procs): PULL rounds sent to the front ends "
-                             "(one per merged batch, shortly before it is predicted to finish)", registry=r)
-        self.dispatches = Counter("charon_dispatches", "Batches handed to the engine, by what released them: full, "
-                                  "pulled (the shared engine's PULL) or waited (--max-wait-ms)", ["reason"],
-                                  registry=r)  # fmt: skip
-        for reason in ("full", "pulled", "waited"):  # exported from the start, at 0
-            self.dispatches.labels(reason)
         self.engine_residence_seconds = Histogram(
             "charon_engine_residence_seconds", "Shared engine (--procs): a front end's batch received to its hits "
             "sent", buckets=_SECOND_BUCKETS, registry=r)  # fmt: skip

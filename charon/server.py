@@ -66,8 +66,6 @@ class ServerConfig:
     io_threads: int = 0
     engine_io_threads: int = 0
     handoff: str = "auto"
-    engine_pull: str = "on"
-    engine_pull_lead_ms: float = 0.5
     upstream: str | None = None
     engine_service: str | None = None
     heartbeat_interval: float = 1.0
@@ -103,10 +101,6 @@ class ServerConfig:
             parse_tcp(self.bind)  # ValueError naming the problem
         if self.handoff not in ("auto", "shm", "socket"):
             raise ValueError("--handoff must be auto, shm or socket")
-        if self.engine_pull not in ("on", "off"):
-            raise ValueError("--engine-pull must be on or off")
-        if self.engine_pull_lead_ms < 0:
-            raise ValueError("--engine-pull-lead-ms must be >= 0")
         if self.io_threads < 0 or self.engine_io_threads < 0:
             raise ValueError("--io-threads and --engine-io-threads must be >= 0")
         if self.procs > 1 and self.output_dir:
@@ -365,18 +359,8 @@ class BatchServer:
         et = self.engine_thread
         if oldest is None or (et.in_flight and not et.pipelined) or et.in_flight >= et.max_in_flight:
             return cap  # a result wakes the loop
-        left = oldest + self._max_wait(et) - time.monotonic()
+        left = oldest + self.config.max_wait_ms / 1e3 - time.monotonic()
         return max(0.0, min(cap, left * 1e3))
-
-    def _max_wait(self, et) -> float:
-        """Seconds the oldest queued event may wait before its batch goes to the engine on the timer.
-
-        Behind a pacing shared engine with a batch of this front end there, the PULL (a message,
-        which wakes the loop) releases the batch; the timer is then only a safety net."""
-        wait = self.config.max_wait_ms / 1e3
-        if et.in_flight and getattr(et, "paced", False):
-            return max(wait, et.pull_timeout)
-        return wait
 
     # ------------------------------------------------------------- requests
     def _reply(self, envelope, frames):
@@ -479,20 +463,16 @@ class BatchServer:
         batch keeps accepting events until the engine frees up.
         """
         et = self.engine_thread
-        pulled = getattr(et, "pulled", False)
-        et.pulled = False
         while et.in_flight < et.max_in_flight and self.batcher.queued_photons > 0:
             full = self.batcher.queued_photons >= self.config.max_batch_photons or (
                 0 < self.config.max_batch_events <= len(self.batcher.queue)
             )
             oldest = self.batcher.queue.oldest_arrival()
-            waited = oldest is not None and time.monotonic() - oldest >= self._max_wait(et)
+            waited = oldest is not None and time.monotonic() - oldest >= self.config.max_wait_ms / 1e3
             # A shared engine (pipelined) coalesces what every front end sends while it
-            # runs, so a front end hands over what waited long enough at once, or
-            # everything it holds when the engine PULLs (its next batch is about to start).
-            if not (full or pulled or (waited and (et.in_flight == 0 or et.pipelined))):
+            # runs, so a front end hands over what waited long enough at once.
+            if not (full or (waited and (et.in_flight == 0 or et.pipelined))):
                 return
-            self.metrics.dispatches.labels("full" if full else "pulled" if pulled else "waited").inc()
             slots = self.batcher.take()
             buf = self._buffers.pop(0)
             batch = self.batcher.assemble(slots, buf)

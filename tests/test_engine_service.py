@@ -177,10 +177,9 @@ class Recording:
 class Shared:
     """An EngineService and ``n`` front-end servers in threads, as ``--procs n`` runs them in processes."""
 
-    def __init__(self, det, n=2, gate=None, max_batch_photons=50_000, max_wait_ms=1.0, handoff="auto",
-                 pull_lead=0.0005):  # fmt: skip
+    def __init__(self, det, n=2, gate=None, max_batch_photons=50_000, max_wait_ms=1.0, handoff="auto"):
         self.engine = Recording(CPUEngine(det, EngineConfig(seed=SEED)), gate)
-        self.service = EngineService(lambda: self.engine, "tcp://127.0.0.1:*", max_batch_photons, pull_lead=pull_lead)
+        self.service = EngineService(lambda: self.engine, "tcp://127.0.0.1:*", max_batch_photons)
         self.service.start(30)
         self.fronts = [run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", seed=SEED,
                                                   max_batch_photons=max_batch_photons, max_wait_ms=max_wait_ms,
@@ -206,12 +205,11 @@ class Shared:
         assert not self.service.is_alive()
 
 
-@pytest.mark.parametrize("handoff, pull", [
-    pytest.param("shm", True, marks=pytest.mark.skipif(not shm_available(), reason="needs /dev/shm")),
-    ("socket", False)])
-def test_front_ends_batches_are_merged_into_one_engine_call(det, ref, handoff, pull):
+@pytest.mark.parametrize("handoff", [
+    pytest.param("shm", marks=pytest.mark.skipif(not shm_available(), reason="needs /dev/shm")), "socket"])
+def test_front_ends_batches_are_merged_into_one_engine_call(det, ref, handoff):
     gate = threading.Event()
-    sh = Shared(det, n=2, gate=gate, handoff=handoff, pull_lead=0.0005 if pull else None)
+    sh = Shared(det, n=2, gate=gate, handoff=handoff)
     try:
         a, b = sh.dealer(0), sh.dealer(1)
         tables = {i: ev(300, i) for i in range(8)}
@@ -239,11 +237,6 @@ def test_front_ends_batches_are_merged_into_one_engine_call(det, ref, handoff, p
         other = {"shm": "socket", "socket": "shm"}[handoff]
         assert m("charon_handoff_batches_total", {"path": handoff}) >= 3  # event 0, then each front end's
         assert m("charon_handoff_batches_total", {"path": other}) in (None, 0.0)
-        # Paced: PULLed at each launch (no history yet, so at once); a front end holding
-        # events with a batch of its own at the engine waits for it (or its safety net).
-        pulls = m("charon_engine_pulls_total")
-        assert (pulls >= 2) if pull else (pulls == 0)
-        assert all(f.engine_thread.paced == pull for f, _ in sh.fronts)
     finally:
         gate.set()
         sh.stop()
@@ -395,9 +388,9 @@ class _AsyncStandIn:
 
 
 @contextlib.contextmanager
-def _service_and_socket(engine, pull_lead=0.0005):
+def _service_and_socket(engine):
     """An EngineService around ``engine`` and a raw DEALER connected to it, as a front end would be."""
-    svc = EngineService(lambda: engine, "tcp://127.0.0.1:*", 10_000, pull_lead=pull_lead)
+    svc = EngineService(lambda: engine, "tcp://127.0.0.1:*", 10_000)
     svc.start(30)
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
@@ -671,14 +664,13 @@ def test_hello_probe_says_whether_photons_can_come_by_shared_memory(det):
         try:
             raw.send_multipart([HELLO, probe.name.encode()])
             assert raw.poll(10_000)
-            assert raw.recv_multipart() == [ENGINE, b"cpu", b"shm", b"", b"pull"]
+            assert raw.recv_multipart() == [ENGINE, b"cpu", b"shm", b""]
             raw.send_multipart([HELLO, b"not-a-segment"])
             assert raw.poll(10_000)
-            kind, _, mode, reason, pace = raw.recv_multipart()
-            assert (kind, mode, pace) == (ENGINE, b"socket", b"pull") and b"not a charon" in reason
+            kind, _, mode, reason = raw.recv_multipart()
+            assert (kind, mode) == (ENGINE, b"socket") and b"not a charon" in reason
             raw.send(HELLO)
-            assert raw.poll(10_000) and raw.recv_multipart() == [ENGINE, b"cpu", b"socket", b"no shared-memory probe",
-                                                                  b"pull"]  # fmt: skip
+            assert raw.poll(10_000) and raw.recv_multipart() == [ENGINE, b"cpu"]
         finally:
             probe.close()
 
@@ -739,79 +731,3 @@ def test_front_end_buffers_grow_and_release_their_old_segments(det, ref):
         assert set(mapped) == live
     finally:
         sh.stop()
-
-
-# ------------------------------------------------------------------ pacing (PULL)
-def test_predicted_seconds_is_a_line_through_recent_batches():
-    svc = EngineService(lambda: None, "tcp://127.0.0.1:*", 10_000)
-    assert svc.predicted_seconds(5000) == 0.0  # no history: PULL at once
-    for n in (1000, 2000, 4000, 8000):
-        svc._history.append((n, 0.001 + 2e-7 * n))
-    assert svc.predicted_seconds(6000) == pytest.approx(0.001 + 2e-7 * 6000)
-    svc._history.clear()
-    for t in (0.002, 0.004):  # one size: no slope, the mean
-        svc._history.append((3000, t))
-    assert svc.predicted_seconds(9000) == pytest.approx(0.003)
-    svc._history.clear()
-    svc._history.extend([(1000, 0.004), (2000, 0.001)])  # larger and faster (noise): never a negative slope
-    assert svc.predicted_seconds(10_000) == pytest.approx(0.0025)
-
-
-def _hello(raw):
-    from charon.engine_service import ENGINE, HELLO
-
-    raw.send(HELLO)
-    assert raw.poll(10_000)
-    answer = raw.recv_multipart()
-    assert answer[0] == ENGINE
-    return answer[-1]
-
-
-def _dealer(address):
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(address)
-    return s
-
-
-def test_every_front_end_is_pulled_once_per_merged_batch_before_it_is_predicted_to_finish():
-    from charon.engine_service import PULL
-
-    eng = _TwoLaneStandIn()
-    eng.lanes = (0,)
-    with _service_and_socket(eng, pull_lead=0.0005) as (svc, raw):
-        other = _dealer(svc.address)  # a second front end that sends nothing
-        try:
-            assert _hello(raw) == b"pull" and _hello(other) == b"pull"
-            _send(raw, 1, [4], [0])
-            _wait_launched(eng, 1)
-            # No batch finished yet, so no prediction: both are PULLed at once.
-            for s in (raw, other):
-                assert s.poll(10_000) and s.recv_multipart() == [PULL]
-            threading.Event().wait(1.0)  # the first batch takes ~1 s: the prediction for the next
-            eng.finish_flags[0].set()
-            assert _answered_ids(raw, 1) == [1]
-            _send(raw, 2, [4], [1])
-            _wait_launched(eng, 2)
-            # Predicted to take ~1 s: no PULL in the first 0.3 s.
-            assert not other.poll(300) and not raw.poll(0)
-            eng.finish_flags[1].set()  # finished before its PULL was due: PULLed at once, before its hits
-            assert other.poll(10_000) and other.recv_multipart() == [PULL]
-            assert raw.poll(10_000) and raw.recv_multipart() == [PULL]
-            assert _answered_ids(raw, 1) == [2]
-            assert svc.metrics.registry.get_sample_value("charon_engine_pulls_total") == 2
-            assert not other.poll(200)  # once per batch, nothing more
-        finally:
-            other.close(0)
-
-
-def test_an_engine_without_pacing_says_so_and_never_pulls():
-    eng = _AsyncStandIn()
-    with _service_and_socket(eng, pull_lead=None) as (svc, raw):
-        assert _hello(raw) == b""
-        _send(raw, 1, [4], [0])
-        _wait_launched(eng, 1)
-        eng.done.set()
-        assert _answered_ids(raw, 1) == [1]  # HITS first: no PULL came before it
-        assert not raw.poll(200)
-        assert svc.metrics.registry.get_sample_value("charon_engine_pulls_total") == 0

@@ -327,11 +327,6 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
         assert sum(sample(k, "charon_event_seconds_count") for k in range(2)) >= 48
         assert sample(2, "charon_engine_residence_seconds_count") >= 1
         assert sample(2, "charon_engine_residence_seconds_sum") > 0
-        # Paced by default: one PULL round per merged batch, and every batch left its front end for one
-        # of the three reasons.
-        assert sample(2, "charon_engine_pulls_total") == sample(2, "charon_batches_total")
-        assert sum(sample(k, f'charon_dispatches_total{{reason="{r}"}}') for k in range(2)
-                   for r in ("full", "pulled", "waited")) >= sample(2, "charon_batches_total")  # fmt: skip
         if shm_available():  # photons reached the shared engine through the front ends' shared memory
             assert sample(2, 'charon_handoff_batches_total{path="shm"}') >= 1
             fronts = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()

@@ -464,49 +464,6 @@ def test_poll_timeout_until_the_next_batch_is_due(det, monkeypatch):
     assert [zmq_poll_ms(t) for t in (0.0, 0.3, 0.999, 1.0, 2.7, 100.0)] == [0, 1, 1, 1, 2, 100]
 
 
-def test_paced_front_end_hands_over_on_pull_and_on_its_timer_only_with_nothing_at_the_engine(det, monkeypatch):
-    """Behind a pacing shared engine: with a batch of its own there, the front end keeps its events
-    until PULL (a safety-net timer aside); with none there, --max-wait-ms as always."""
-    from types import SimpleNamespace
-
-    import charon.server as server_mod
-    from charon.server import BatchServer
-
-    srv = BatchServer(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", max_wait_ms=1.0), detector=det)
-    submitted = []
-    et = srv.engine_thread = SimpleNamespace(in_flight=1, pipelined=True, max_in_flight=8, paced=True, pulled=False,
-                                             pull_timeout=0.05, submit=submitted.append)  # fmt: skip
-    from charon.scheduler.batcher import HostBuffer
-
-    srv._buffers = [HostBuffer() for _ in range(8)]
-    now = [100.0]
-    monkeypatch.setattr(server_mod.time, "monotonic", lambda: now[0])
-    srv._handle_body([b"client", b""], photondata_frames(7, ev(20, 7)))
-    now[0] += 0.002  # waited past --max-wait-ms, but a batch is at the engine: a PULL will come
-    srv._maybe_dispatch()
-    assert submitted == [] and srv._poll_timeout_ms() == pytest.approx(48.0)
-    et.pulled = True
-    srv._maybe_dispatch()
-    assert len(submitted) == 1 and not et.pulled
-    srv._handle_body([b"client", b""], photondata_frames(8, ev(20, 8)))
-    now[0] += 0.051  # no PULL within the safety net: the timer releases it
-    srv._maybe_dispatch()
-    assert len(submitted) == 2
-    et.in_flight = 0  # nothing at the engine: no PULL is coming, the ordinary timer
-    srv._handle_body([b"client", b""], photondata_frames(9, ev(20, 9)))
-    now[0] += 0.0005
-    srv._maybe_dispatch()
-    assert len(submitted) == 2 and srv._poll_timeout_ms() == pytest.approx(0.5)
-    now[0] += 0.0006
-    srv._maybe_dispatch()
-    assert len(submitted) == 3
-    m = srv.metrics.registry.get_sample_value
-    assert [m("charon_dispatches_total", {"reason": r}) for r in ("pulled", "waited")] == [1.0, 2.0]
-    et.pulled = True  # a PULL with nothing queued is simply used up
-    srv._maybe_dispatch()
-    assert not et.pulled and len(submitted) == 3
-
-
 def test_metrics_endpoint_serves_prometheus_text(det):
     import socket
 
