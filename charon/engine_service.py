@@ -622,6 +622,7 @@ class EngineService:
                  len(merged.slots), running.n_events, running.n_photons, n_hits, seconds * 1e3)  # fmt: skip
 
     def _record(self, running: _Running, seconds: float, n_hits: int) -> None:
+        """The engine-side figures of one merged batch (the front ends count the events)."""
         photons = running.n_photons
         m = self.metrics
         m.batches.inc()
