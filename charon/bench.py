@@ -365,16 +365,26 @@ def _plot(path: str, sweep: list[dict], per_event: dict | None):
     fig.savefig(path, dpi=110)
 
 
-def _table(results: dict) -> str:
+def results_table(results: dict) -> str:
+    """One line per mode (or per run); the latency split (means, ms) where the server reported it:
+    a batch's oldest event's dispatch wait, the engine round trip, and (--procs) the time inside
+    the shared engine."""
+    split = any(r.get("engine_roundtrip_ms_mean") is not None for r in results.values())
     head = f"{'mode':>22} {'events/s':>10} {'Mphot/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} " \
            f"{'busy':>6} {'batch mean':>11} {'host us/ev':>10}"  # fmt: skip
+    if split:
+        head += f" {'wait':>6} {'trip':>6} {'resid':>6}"
     lines = [head]
     for mode, r in results.items():
-        lines.append(
+        line = (
             f"{mode:>22} {r['events_per_s']:>10.1f} {r['photons_per_s'] / 1e6:>9.3f} {r['latency_ms']['p50']:>8.1f} "
             f"{r['latency_ms']['p95']:>8.1f} {r['latency_ms']['p99']:>8.1f} {r.get('engine_busy_fraction', 0):>6.2f} "
             f"{r.get('batch_photons', {}).get('mean', 0):>11.0f} {r.get('host_us_per_event', 0):>10.1f}"
         )  # fmt: skip
+        if split:
+            line += "".join(f" {r.get(k) or 0.0:>6.2f}" for k in ("dispatch_wait_ms_mean", "engine_roundtrip_ms_mean",
+                                                                  "engine_residence_ms_mean"))  # fmt: skip
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -462,7 +472,7 @@ def main(argv=None) -> int:
         # behind the running call), whatever the batched server was given.
         results["per_event"] = measure(["--max-batch-events", "1", "--engine-lanes", "1"])
         save()
-    print(_table(results))
+    print(results_table(results))
     if "per_event" in results and results["per_event"]["events_per_s"] > 0:
         print(f"speed-up batched / per-event: {results['batched']['events_per_s'] / results['per_event']['events_per_s']:.1f}x")
     if cfg.plot and sweep:

@@ -84,3 +84,16 @@ def test_free_port_range_gives_consecutive_free_ports():
     for i in range(6):  # each is bindable (the --procs front ends' and engine's metrics ports)
         with socket.socket() as s:
             s.bind(("127.0.0.1", base + i))
+
+
+def test_results_table_shows_the_latency_split_only_where_the_server_reported_it():
+    from charon.bench import results_table
+
+    row = {"events_per_s": 1000.0, "photons_per_s": 1e6, "latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0},
+           "engine_busy_fraction": 0.5, "batch_photons": {"mean": 5000.0}, "host_us_per_event": 40.0}
+    plain = results_table({"batched": row}).splitlines()
+    assert len(plain) == 2 and "trip" not in plain[0]
+    split = results_table({"a_1": row | {"dispatch_wait_ms_mean": 1.25, "engine_roundtrip_ms_mean": 3.5,
+                                         "engine_residence_ms_mean": None}}).splitlines()
+    assert split[0].split()[-3:] == ["wait", "trip", "resid"]
+    assert split[1].split()[0] == "a_1" and split[1].split()[-3:] == ["1.25", "3.50", "0.00"]
