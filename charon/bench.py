@@ -53,6 +53,35 @@ class BenchConfig:
     timeout_s: float = 600.0
     progress: bool = True
     load_procs: int = 1
+    server_cpus: str | None = None  # Linux CPU list ("0-15") for the spawned server, else any CPU
+    load_cpus: str | None = None  # CPU list for the load processes, else any CPU
+
+
+def parse_cpus(spec: str | None) -> set[int] | None:
+    """A Linux CPU list ("0-7,16,18-19") -> set of CPU numbers; None for None or ""."""
+    if not spec:
+        return None
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        a, sep, b = part.strip().partition("-")
+        try:
+            lo, hi = int(a), int(b) if sep else int(a)
+        except ValueError:
+            raise ValueError(f"bad CPU list {spec!r}: {part!r} is not N or N-M") from None
+        if lo < 0 or hi < lo:
+            raise ValueError(f"bad CPU list {spec!r}: {part!r} is not an increasing range")
+        cpus.update(range(lo, hi + 1))
+    if hasattr(os, "sched_getaffinity"):
+        missing = cpus - os.sched_getaffinity(0)
+        if missing:
+            raise ValueError(f"CPU list {spec!r} names CPUs this process may not use: {sorted(missing)[:8]}")
+    return cpus
+
+
+def pin(cpus: set[int] | None) -> None:
+    """Restrict the calling process (and what it starts later) to ``cpus``; no-op for None."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
 
 
 def parse_sizes(spec: str):
@@ -123,13 +152,27 @@ def free_port_range(k: int, tries: int = 50) -> int:
     raise RuntimeError(f"no {k} consecutive free ports on 127.0.0.1")
 
 
+def popen_pinned(cmd: list[str], cpus: set[int] | None, **kw) -> subprocess.Popen:
+    """Popen whose process (and its children) run on ``cpus`` only; any CPU for None."""
+    if cpus is None:
+        return subprocess.Popen(cmd, **kw)
+    # The child inherits the affinity of the thread that starts it (no preexec_fn: not thread-safe).
+    own = os.sched_getaffinity(0)
+    pin(cpus)
+    try:
+        return subprocess.Popen(cmd, **kw)
+    finally:
+        pin(own)
+
+
 class ServerStartError(RuntimeError):
     """The spawned charon-batch exited before answering."""
 
 
 @contextlib.contextmanager
-def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
-    """Start charon-batch on free loopback ports; yields (address, metrics URL or URLs)."""
+def spawned_server(server_args: list[str], ready_timeout: float = 300.0, cpus: set[int] | None = None):
+    """Start charon-batch on free loopback ports (on ``cpus`` only, when given, with every process it
+    starts); yields (address, metrics URL or URLs)."""
     n_workers = 1
     if "--gpus" in server_args:
         n_workers = len(server_args[server_args.index("--gpus") + 1].split(","))
@@ -139,7 +182,7 @@ def spawned_server(server_args: list[str], ready_timeout: float = 300.0):
     port, mport = free_port(), free_port_range(n_workers)  # workers serve metrics on mport + i
     cmd = [sys.executable, "-m", "charon.cli", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
            "--log-level", "WARNING", *server_args]  # fmt: skip
-    proc = subprocess.Popen(cmd)
+    proc = popen_pinned(cmd, cpus)
     address = f"tcp://127.0.0.1:{port}"
     try:
         ctx = zmq.Context.instance()
@@ -242,7 +285,9 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
     for s in socks:
         s.close(0)
     ctx.term()
-    return dict(latencies=latencies, photons=photons_done, failed=failed, unanswered=next_i - done, t0=t0, t1=t1)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return dict(latencies=latencies, photons=photons_done, failed=failed, unanswered=next_i - done, t0=t0, t1=t1,
+                cpus=cpus)  # fmt: skip
 
 
 def _drive_star(args):
@@ -252,9 +297,10 @@ def _drive_star(args):
 _PROGRESS = None
 
 
-def _init_worker(counter):
+def _init_worker(counter, cpus=None):
     global _PROGRESS
     _PROGRESS = counter
+    pin(cpus)
 
 
 def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
@@ -271,7 +317,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
     jobs = [(cfg, address, k * cfg.events, per_events[k], per_clients[k], cfg.seed + k) for k in range(procs)]
-    with ctx.Pool(procs, initializer=_init_worker, initargs=(counter,)) as pool:
+    with ctx.Pool(procs, initializer=_init_worker, initargs=(counter, parse_cpus(cfg.load_cpus))) as pool:
         res = pool.map_async(_drive_star, jobs)
         bar = None
         if cfg.progress:
@@ -304,6 +350,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         unanswered=sum(p["unanswered"] for p in parts),
         wall_s=span,
         load_processes=procs,
+        load_cpus=sorted(set().union(*(p["cpus"] for p in parts))),  # where the load ran
         events_per_s=n_ok / span,
         photons_per_s=photons / span,
         latency_ms=dict(p50=float(np.percentile(lat, 50)), p95=float(np.percentile(lat, 95)),
@@ -412,6 +459,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--load-procs", type=int, default=max(1, (os.cpu_count() or 2) // 4),
                     help="processes generating the load, so that the generator is not the bottleneck "
                          "(default: a quarter of the CPUs)")  # fmt: skip
+    ap.add_argument("--server-cpus", help="with --spawn-server: run the server on these CPUs only (Linux CPU list, "
+                    "e.g. 0-15), so that it does not share cores with the load, as when clients run on other hosts")
+    ap.add_argument("--load-cpus", help="run the load processes on these CPUs only (e.g. 16-31)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -426,6 +476,12 @@ def main(argv=None) -> int:
         parser().error("give --address of a running server or --spawn-server")
     if (cfg.compare_per_event or cfg.sweep_batch) and not cfg.spawn_server:
         parser().error("--compare-per-event and --sweep-batch start their own servers: add --spawn-server")
+    if cfg.server_cpus and not cfg.spawn_server:
+        parser().error("--server-cpus pins a spawned server: add --spawn-server (or pin a running one with taskset)")
+    try:
+        parse_cpus(cfg.server_cpus), parse_cpus(cfg.load_cpus)
+    except ValueError as exc:
+        parser().error(str(exc))
     if cfg.address:
         ping = zmq.Context.instance().socket(zmq.REQ)
         ping.setsockopt(zmq.LINGER, 0)
@@ -449,7 +505,7 @@ def main(argv=None) -> int:
         if cfg.spawn_server:
             for attempt in range(3):
                 try:
-                    with spawned_server(server_args + extra) as (addr, murl):
+                    with spawned_server(server_args + extra, cpus=parse_cpus(cfg.server_cpus)) as (addr, murl):
                         return run_load(cfg, addr, murl)
                 except ServerStartError as exc:  # e.g. a port taken between choosing and binding it
                     if attempt == 2:

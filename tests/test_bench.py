@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -97,3 +100,50 @@ def test_results_table_shows_the_latency_split_only_where_the_server_reported_it
                                          "engine_residence_ms_mean": None}}).splitlines()
     assert split[0].split()[-3:] == ["wait", "trip", "resid"]
     assert split[1].split()[0] == "a_1" and split[1].split()[-3:] == ["1.25", "3.50", "0.00"]
+
+
+def test_cpu_lists_parse_and_name_what_is_wrong():
+    from charon.bench import parse_cpus
+
+    mine = sorted(os.sched_getaffinity(0))
+    assert parse_cpus(None) is None and parse_cpus("") is None
+    assert parse_cpus(f"{mine[0]}") == {mine[0]}
+    assert parse_cpus(f"{mine[0]}-{mine[-1]}") == set(range(mine[0], mine[-1] + 1))
+    assert parse_cpus(f"{mine[0]},{mine[0]}") == {mine[0]}
+    for bad, words in (("a-3", "not N or N-M"), ("3-1", "increasing"), ("0,,1", "not N or N-M"),
+                       (f"{mine[-1] + 4096}", "may not use")):
+        with pytest.raises(ValueError, match=words):
+            parse_cpus(bad)
+
+
+def test_popen_pinned_runs_the_child_on_the_cpus_and_leaves_the_parent_as_it_was():
+    from charon.bench import popen_pinned
+
+    show = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    before = os.sched_getaffinity(0)
+    one = {max(before)}
+    out, _ = popen_pinned(show, one, stdout=subprocess.PIPE, text=True).communicate(timeout=30)
+    assert out.strip() == str(sorted(one))
+    assert os.sched_getaffinity(0) == before  # the parent is back on its own CPUs
+    out, _ = popen_pinned(show, None, stdout=subprocess.PIPE, text=True).communicate(timeout=30)
+    assert out.strip() == str(sorted(before))
+
+
+def test_bench_pins_its_load_processes(tmp_path):
+    srv, thread = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", metrics_port=None),
+                                detector=sphere_detector(500.0, subdivisions=1))  # fmt: skip
+    try:
+        one = min(os.sched_getaffinity(0))
+        out = tmp_path / "r.json"
+        rc = main(["--address", srv.address, "--clients", "2", "--events", "6", "--event-size", "50",
+                   "--load-cpus", str(one), "--no-progress", "--json", str(out)])  # fmt: skip
+        assert rc == 0
+        assert json.loads(out.read_text())["batched"]["load_cpus"] == [one]
+    finally:
+        srv.stop()
+        thread.join(10)
+
+
+def test_bench_refuses_server_cpus_without_spawn():
+    with pytest.raises(SystemExit):
+        main(["--address", "tcp://127.0.0.1:1", "--server-cpus", "0"])
