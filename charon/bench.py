@@ -385,6 +385,19 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     return res
 
 
+def with_p99_bound(res: dict, server_args: list[str]) -> dict:
+    """Add the issue's latency bound for a spawned server: its --max-wait-ms plus two batch times (the
+    mean wall time of one engine call, launch to results), and whether p99 stayed under it."""
+    from .cli import batch_parser
+
+    batch_s = res.get("batch_seconds_mean")
+    if batch_s:
+        max_wait = batch_parser().parse_args(server_args).max_wait_ms
+        res["p99_bound_ms"] = max_wait + 2e3 * batch_s
+        res["p99_within_bound"] = bool(res["latency_ms"]["p99"] < res["p99_bound_ms"])
+    return res
+
+
 def _plot(path: str, sweep: list[dict], per_event: dict | None):
     import matplotlib
 
@@ -506,7 +519,7 @@ def main(argv=None) -> int:
             for attempt in range(3):
                 try:
                     with spawned_server(server_args + extra, cpus=parse_cpus(cfg.server_cpus)) as (addr, murl):
-                        return run_load(cfg, addr, murl)
+                        return with_p99_bound(run_load(cfg, addr, murl), server_args + extra)
                 except ServerStartError as exc:  # e.g. a port taken between choosing and binding it
                     if attempt == 2:
                         raise
@@ -531,6 +544,10 @@ def main(argv=None) -> int:
     print(results_table(results))
     if "per_event" in results and results["per_event"]["events_per_s"] > 0:
         print(f"speed-up batched / per-event: {results['batched']['events_per_s'] / results['per_event']['events_per_s']:.1f}x")
+    for mode, r in results.items():
+        if "p99_bound_ms" in r:
+            print(f"{mode}: p99 {r['latency_ms']['p99']:.1f} ms against --max-wait-ms + 2 batch times = "
+                  f"{r['p99_bound_ms']:.1f} ms: {'within' if r['p99_within_bound'] else 'over'}")
     if cfg.plot and sweep:
         _plot(cfg.plot, sweep, results.get("per_event"))
     return 0

@@ -67,6 +67,20 @@ def test_spawned_servers_compare_per_event_and_sweep(tmp_path):
     assert r["per_event"]["batch_photons"]["max"] == 300  # one event per engine call
     assert r["batched@600"]["batch_photons"]["max"] <= 600
     assert len(r["sweep"]) == 2 and png.stat().st_size > 10_000
+    for mode in ("batched", "per_event", "batched@600"):  # default --max-wait-ms 1 plus two batch times
+        m = r[mode]
+        assert m["p99_bound_ms"] == pytest.approx(1.0 + 2e3 * m["batch_seconds_mean"])
+        assert m["p99_within_bound"] == (m["latency_ms"]["p99"] < m["p99_bound_ms"])
+
+
+def test_p99_bound_reads_the_servers_max_wait():
+    from charon.bench import with_p99_bound
+
+    r = with_p99_bound({"batch_seconds_mean": 0.002, "latency_ms": {"p99": 7.5}}, ["--max-wait-ms", "4"])
+    assert r["p99_bound_ms"] == pytest.approx(8.0) and r["p99_within_bound"] is True
+    r = with_p99_bound({"batch_seconds_mean": 0.002, "latency_ms": {"p99": 7.5}}, ["--engine", "cpu"])
+    assert r["p99_bound_ms"] == pytest.approx(5.0) and r["p99_within_bound"] is False
+    assert "p99_bound_ms" not in with_p99_bound({"latency_ms": {"p99": 1.0}}, [])  # no server figures
 
 
 def test_bench_refuses_compare_without_spawn():
