@@ -61,6 +61,8 @@ def parse_cpus(spec: str | None) -> set[int] | None:
     """A Linux CPU list ("0-7,16,18-19") -> set of CPU numbers; None for None or ""."""
     if not spec:
         return None
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError(f"CPU list {spec!r}: pinning to CPUs needs Linux (os.sched_setaffinity)")
     cpus: set[int] = set()
     for part in spec.split(","):
         a, sep, b = part.strip().partition("-")
@@ -71,10 +73,9 @@ def parse_cpus(spec: str | None) -> set[int] | None:
         if lo < 0 or hi < lo:
             raise ValueError(f"bad CPU list {spec!r}: {part!r} is not an increasing range")
         cpus.update(range(lo, hi + 1))
-    if hasattr(os, "sched_getaffinity"):
-        missing = cpus - os.sched_getaffinity(0)
-        if missing:
-            raise ValueError(f"CPU list {spec!r} names CPUs this process may not use: {sorted(missing)[:8]}")
+    missing = cpus - os.sched_getaffinity(0)
+    if missing:
+        raise ValueError(f"CPU list {spec!r} names CPUs this process may not use: {sorted(missing)[:8]}")
     return cpus
 
 
