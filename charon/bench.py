@@ -29,7 +29,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import protocol as P
-from .cli import count
+from .cli import batch_parser, count
 from .sockets import recv_message, send_message
 from .sources import random_event
 
@@ -389,8 +389,6 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
 def with_p99_bound(res: dict, server_args: list[str]) -> dict:
     """Add the issue's latency bound for a spawned server: its --max-wait-ms plus two batch times (the
     mean wall time of one engine call, launch to results), and whether p99 stayed under it."""
-    from .cli import batch_parser
-
     batch_s = res.get("batch_seconds_mean")
     if batch_s:
         max_wait = batch_parser().parse_args(server_args).max_wait_ms
