@@ -35,14 +35,13 @@ Wire layout (internal; a DEALER in each front end, the ROUTER here; ipc on one h
                        (table [11 * n] float32, flags at byte 44 * cap: handoff.py)
       RELEASE, segment                       the front end retired that segment: unmap it once unused
     service -> front end
-      HITS, head, channel, table, flags, offsets, failed, error
+      HITS, head, words, table, offsets [, failed, error]
           head         <QIQd: batch id, E, n_hits H, engine seconds of the merged call
-          channel      [H] uint32
+          words        [2 * H] uint32: channel [H], then flags [H]
           table        [8 * H] float32, rows as HitBatch.table
-          flags        [H] uint32
           offsets      [E + 1] int64, hits of slot s are offsets[s]:offsets[s + 1]
-          failed       [E] uint8, 1 where the engine failed on that slot (its hits are empty)
-          error        utf-8, the engine's error for the failed slots ('' when none)
+          failed       [E] uint8, 1 where the engine failed on that slot (its hits are empty);
+                       with error (utf-8, the engine's error), sent only when some slot failed
       REFUSED, head (<Q batch id), reason (utf-8): a malformed BATCH, answered instead of crashing
 
 Every frame's length is checked against its head before ``np.frombuffer``; a
@@ -123,10 +122,16 @@ def _head(frames, kind: str, count: int, head: struct.Struct) -> tuple:
 
 
 def _slots(frames, E: int, n: int):
+    """(offsets [E+1] int64, counts [E] int64, event_id [E] uint32, first_index [E] uint32), checked.
+
+    ``counts`` (photons per slot) serves both the check and the merge's slot numbering: one
+    ``np.diff`` per front-end batch instead of two, on the thread every batch passes through."""
     offsets = _array(frames[0], np.int64, E + 1, "offsets")
-    if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
+    counts = np.diff(offsets)
+    if offsets[0] != 0 or offsets[-1] != n or (E and counts.min() < 0):
         raise ValueError("offsets are not a non-decreasing 0..n_photons sequence")
-    return offsets, _array(frames[1], np.uint32, E, "event_id"), _array(frames[2], np.uint32, E, "first_index")
+    return (offsets, counts, _array(frames[1], np.uint32, E, "event_id"),
+            _array(frames[2], np.uint32, E, "first_index"))  # fmt: skip
 
 
 def decode_batch_shm(frames, segment_for) -> tuple[int, "SubBatch"]:
@@ -138,11 +143,11 @@ def decode_batch_shm(frames, segment_for) -> tuple[int, "SubBatch"]:
     if n > cap:
         raise ValueError(f"BATCHSHM has {n} photons in a buffer laid out for {cap}")
     name = bytes(_buffer(frames[1])).decode("utf-8", "replace")
-    offsets, event_id, first_index = _slots(frames[2:], E, n)
+    offsets, counts, event_id, first_index = _slots(frames[2:], E, n)
     mapped = segment_for(name)
     table, flags, _slot = mapped.views(cap)
-    sub = SubBatch(b"", batch_id, table[: N_ROWS * n].reshape(N_ROWS, n), flags[:n], offsets, event_id, first_index)
-    sub.mapped = mapped
+    sub = SubBatch(b"", batch_id, table[: N_ROWS * n].reshape(N_ROWS, n), flags[:n], offsets, event_id, first_index,
+                   counts=counts, mapped=mapped)  # fmt: skip
     return batch_id, sub
 
 
@@ -151,28 +156,37 @@ def decode_batch(frames) -> tuple[int, "SubBatch"]:
     batch_id, E, n = _head(frames, "BATCH", 6, _BATCH_HEAD)
     table = _array(frames[1], np.float32, N_ROWS * n, "table").reshape(N_ROWS, n)
     flags = _array(frames[2], np.uint32, n, "flags")
-    offsets, event_id, first_index = _slots(frames[3:], E, n)
-    return batch_id, SubBatch(b"", batch_id, table, flags, offsets, event_id, first_index)
+    offsets, counts, event_id, first_index = _slots(frames[3:], E, n)
+    return batch_id, SubBatch(b"", batch_id, table, flags, offsets, event_id, first_index, counts=counts)
 
 
-def encode_hits(batch_id: int, hits: HitBatch, failed: np.ndarray, error: str, seconds: float) -> list:
+def encode_hits(batch_id: int, hits: HitBatch, failed: np.ndarray | None, error: str, seconds: float) -> list:
+    """``failed`` [E] bool, or None when no slot failed (then neither it nor the error travels)."""
     E = len(hits.offsets) - 1
-    return [HITS, _HITS_HEAD.pack(batch_id, E, hits.n_hits, seconds), np.ascontiguousarray(hits.channel, np.uint32),
-            np.ascontiguousarray(hits.table, np.float32).reshape(-1), np.ascontiguousarray(hits.flags, np.uint32),
-            np.ascontiguousarray(hits.offsets, np.int64), failed.astype(np.uint8), error.encode()]  # fmt: skip
+    frames = [HITS, _HITS_HEAD.pack(batch_id, E, hits.n_hits, seconds),
+              np.concatenate((hits.channel, hits.flags)).astype(np.uint32, copy=False),
+              np.ascontiguousarray(hits.table, np.float32).reshape(-1), np.ascontiguousarray(hits.offsets, np.int64)]
+    if failed is not None and failed.any():
+        frames += [failed.astype(np.uint8), error.encode()]
+    return frames  # fmt: skip
 
 
-def decode_hits(frames) -> tuple[int, HitBatch, np.ndarray, str, float]:
-    """frames after the HITS kind -> (batch id, hits, failed [E] bool, error, engine seconds)."""
-    batch_id, E, H, seconds = _head(frames, "HITS", 7, _HITS_HEAD)
+def decode_hits(frames) -> tuple[int, HitBatch, np.ndarray | None, str, float]:
+    """frames after the HITS kind -> (batch id, hits, failed [E] bool or None when none failed, error,
+    engine seconds)."""
+    n_frames = 6 if len(frames) == 6 else 4
+    batch_id, E, H, seconds = _head(frames, "HITS", n_frames, _HITS_HEAD)
+    words = _array(frames[1], np.uint32, 2 * H, "channel and flags")
     hits = HitBatch(
-        _array(frames[1], np.uint32, H, "channel"),
+        words[:H],
         _array(frames[2], np.float32, 8 * H, "table").reshape(8, H),
-        _array(frames[3], np.uint32, H, "flags"),
-        _array(frames[4], np.int64, E + 1, "offsets"),
+        words[H:],
+        _array(frames[3], np.int64, E + 1, "offsets"),
     )
-    failed = _array(frames[5], np.uint8, E, "failed").astype(bool)
-    return batch_id, hits, failed, bytes(_buffer(frames[6])).decode("utf-8", "replace"), seconds
+    if n_frames == 4:
+        return batch_id, hits, None, "", seconds
+    failed = _array(frames[4], np.uint8, E, "failed").astype(bool)
+    return batch_id, hits, failed, bytes(_buffer(frames[5])).decode("utf-8", "replace"), seconds
 
 
 # ---------------------------------------------------------------- service
@@ -192,6 +206,7 @@ class SubBatch:
     arrival: float = 0.0  # perf_counter() when the service received it
     error: str = ""
     mapped: "MappedSegment | None" = None  # the shared-memory segment its photons are in (BATCHSHM)
+    counts: np.ndarray | None = None  # [E] int64, photons per slot (np.diff(offsets), kept from the check)
 
     @property
     def n_photons(self) -> int:
@@ -269,8 +284,9 @@ class MergeBuffer:
             self.flags[a : a + n] = sub.flags
             if self.gather:
                 self.pieces.append((a, self.table[:, a : a + n], self.flags[a : a + n]))
+        counts = sub.counts if sub.counts is not None else np.diff(sub.offsets)
         self.slot[a : a + n] = np.repeat(np.arange(self.n_events, self.n_events + sub.n_events, dtype=np.int32),
-                                         np.diff(sub.offsets))  # fmt: skip
+                                         counts)  # fmt: skip
         self.subs.append(sub)
         self.n += n
         self.n_events += sub.n_events
@@ -380,6 +396,8 @@ class EngineService:
                           for _ in range(self._lanes + 1)]  # fmt: skip
             self._segments: dict[tuple[bytes, str], MappedSegment] = {}  # (front end, name) -> mapped
             self._per_peer: collections.Counter = collections.Counter()
+            h = self.metrics.handoff_batches  # the labelled children, looked up once
+            self._handoff_count = {False: h.labels("socket"), True: h.labels("shm")}
             self._building = self._free.pop()
             self._waiting: collections.deque[SubBatch] = collections.deque()  # did not fit the building batch
             self._running: collections.deque[_Running] = collections.deque()  # in launch order
@@ -480,7 +498,7 @@ class EngineService:
         sub.peer, sub.frames, sub.arrival = peer, frames, time.perf_counter()
         if sub.mapped is not None:
             sub.mapped.refs += 1
-        self.metrics.handoff_batches.labels("socket" if sub.mapped is None else "shm").inc()
+        self._handoff_count[sub.mapped is not None].inc()
         if not self._waiting and self._building.fits(sub):
             self._building.append(sub)  # copied now, while the engine runs the previous batch
         else:
@@ -614,8 +632,7 @@ class EngineService:
         n_hits = sum(hits.n_hits for _sub, hits in results)
         self._record(running, seconds, n_hits)  # before the replies, so that whoever they wake sees it counted
         for sub, hits in results:
-            failed = sub.failed if sub.failed is not None else np.zeros(sub.n_events, bool)
-            send_message(self.socket, [sub.peer, *encode_hits(sub.batch_id, hits, failed, sub.error, seconds)])
+            send_message(self.socket, [sub.peer, *encode_hits(sub.batch_id, hits, sub.failed, sub.error, seconds)])
             self._done_with(sub)
             self.metrics.engine_residence_seconds.observe(time.perf_counter() - sub.arrival)
         log.info("merged batch: %d front-end batches, %d events, %d photons, %d hits, %.1f ms launch to collect",
@@ -751,9 +768,9 @@ class ServiceLink:
             buf.close()
 
 
-def _parts(slots: list, hits: HitBatch, failed: np.ndarray, error: str) -> list[SlotsResult]:
+def _parts(slots: list, hits: HitBatch, failed: np.ndarray | None, error: str) -> list[SlotsResult]:
     """Runs of consecutive slots that succeeded (with their hits) or failed (with the error)."""
-    if not failed.any():
+    if failed is None or not failed.any():
         return [SlotsResult(slots, hits, None)]
     parts, a = [], 0
     edges = np.flatnonzero(np.diff(failed.astype(np.int8))) + 1

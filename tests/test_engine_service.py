@@ -71,8 +71,16 @@ def test_batch_and_hits_codec_round_trip():
     frames = encode_hits(4, hits, np.array([False, True]), "boom", 0.5)
     bid, h, failed, err, sec = decode_hits([bytes(memoryview(f)) for f in frames[1:]])
     assert (bid, err, sec) == (4, "boom", 0.5) and failed.tolist() == [False, True]
-    np.testing.assert_array_equal(h.table, hits.table)
-    np.testing.assert_array_equal(h.offsets, hits.offsets)
+    for name in ("channel", "table", "flags", "offsets"):
+        np.testing.assert_array_equal(getattr(h, name), getattr(hits, name))
+    # Nothing failed: neither the failed slots nor the error travel.
+    for none_failed in (None, np.zeros(2, bool)):
+        frames = encode_hits(5, hits, none_failed, "", 0.25)
+        assert len(frames) == 5
+        bid, h, failed, err, sec = decode_hits([bytes(memoryview(f)) for f in frames[1:]])
+        assert (bid, failed, err, sec) == (5, None, "", 0.25)
+        for name in ("channel", "table", "flags", "offsets"):
+            np.testing.assert_array_equal(getattr(h, name), getattr(hits, name))
 
 
 @pytest.mark.parametrize(
@@ -97,11 +105,19 @@ def test_decode_batch_rejects_malformed_frames(mutate, message):
 
 def test_decode_hits_rejects_malformed_frames():
     hits = HitBatch(np.zeros(1, np.uint32), np.zeros((8, 1), np.float32), np.zeros(1, np.uint32), np.array([0, 1]))
-    frames = [bytes(memoryview(f)) for f in encode_hits(1, hits, np.zeros(1, bool), "", 0.0)[1:]]
-    with pytest.raises(ValueError, match="expected 8"):
+    frames = [bytes(memoryview(f)) for f in encode_hits(1, hits, np.ones(1, bool), "x", 0.0)[1:]]
+    with pytest.raises(ValueError, match="has 6 frames, expected 5"):
         decode_hits(frames[:-1])
-    with pytest.raises(ValueError, match="channel frame"):
+    with pytest.raises(ValueError, match="channel and flags frame"):
         decode_hits([frames[0], b"", *frames[2:]])
+    with pytest.raises(ValueError, match="table frame"):
+        decode_hits([*frames[:2], frames[2][:-4], *frames[3:]])
+    with pytest.raises(ValueError, match="offsets frame"):
+        decode_hits([*frames[:3], frames[3] + bytes(8), *frames[4:]])
+    with pytest.raises(ValueError, match="failed frame"):
+        decode_hits([*frames[:4], b"", frames[5]])
+    with pytest.raises(ValueError, match="head has 3 bytes"):
+        decode_hits([frames[0][:3], *frames[1:4]])
 
 
 # ------------------------------------------------------------------ merging
@@ -449,7 +465,7 @@ def test_batch_finishing_during_a_burst_launches_nothing_empty():
             got[frames[0]] = frames
         assert got[ENGINE][1] == b"async-stand-in"
         batch_id, hits, failed, error, _ = decode_hits(got[HITS][1:])
-        assert batch_id == 8 and len(hits.offsets) == 3 and not failed.any() and error == ""
+        assert batch_id == 8 and len(hits.offsets) == 3 and failed is None and error == ""
         threading.Event().wait(0.2)
         assert eng.launched == [2]  # nothing launched after it: no events were waiting
 
@@ -569,7 +585,7 @@ def test_shm_batch_is_answered_like_a_socket_batch(det, ref):
             frames = raw.recv_multipart()
             assert frames[0] == HITS
             bid, hits, failed, _, _ = decode_hits(frames[1:])
-            assert bid == 11 and not failed.any()
+            assert bid == 11 and failed is None
             for k, t in enumerate(tables):
                 np.testing.assert_array_equal(hits.event(k).channel, alone(ref, k + 1, t).channel)
                 np.testing.assert_array_equal(hits.event(k).table, alone(ref, k + 1, t).table)
