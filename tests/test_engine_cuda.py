@@ -238,6 +238,68 @@ def test_device_view_abi_is_numbas_c_contiguous_array_layout():
     assert DeviceView(16, (7,), 8, np.dtype(np.int64)).abi() == [0, 0, 7, 8, 16, 7, 8]
 
 
+def test_prebound_launch_rewrites_only_what_changed_and_equals_a_full_rebuild():
+    """A launch rewrites only the parameters of arguments that are not the previous launch's
+    objects; the block the driver gets must still equal one laid out from scratch every time."""
+    pytest.importorskip("cuda.bindings")
+    from types import SimpleNamespace
+
+    from charon.engines.base import EngineError
+    from charon.engines.cuda_launch import DeviceView, PreboundKernel
+
+    class ArrayType:  # what PreboundKernel reads of a numba array type
+        def __init__(self, ndim):
+            self.ndim, self.layout = ndim, "C"
+
+    overload = SimpleNamespace(argument_types=[ArrayType(2), "int64", ArrayType(1), "int32"],
+                               _codelibrary=SimpleNamespace(get_cufunc=lambda: SimpleNamespace(handle=7)))  # fmt: skip
+    pk = PreboundKernel(SimpleNamespace(overloads={0: overload}), (None,) * 4, SimpleNamespace(handle=0))
+    sent = []
+
+    def launch(func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        sent.append(pk._slots.copy())  # what the driver would read at this launch
+        return (pk._ok,)
+
+    pk._launch = launch
+    f32, i64 = np.dtype(np.float32), np.dtype(np.int64)
+    buf = DeviceView(0x1000, (100,), 8, i64)  # a long-lived buffer: the same object at every launch
+    calls = [
+        (DeviceView(0x9000, (11, 50), 4, f32), 50, buf, -1),
+        (DeviceView(0x9000, (11, 70), 4, f32), 70, buf, -1),  # new table view and size
+        (DeviceView(0x9000, (11, 70), 4, f32), 70, DeviceView(0x2000, (3,), 8, i64), 5),
+        (DeviceView(0xA000, (11, 20), 4, f32), 20, buf, -1),  # back to the first buffer
+    ]
+    for args in calls:
+        pk(4, 128, *args)
+        np.testing.assert_array_equal(sent[-1], np.array(pk.params(args), np.uint64))
+    assert int(sent[0][5 + 2 * 2]) == 50 and int(sent[-1][-1]) == (1 << 64) - 1  # the size; -1 as two's complement
+    with pytest.raises(EngineError, match="3 arguments"):
+        pk(1, 1, *calls[0][:3])
+
+
+@REAL_GPU
+def test_direct_driver_events_time_a_batch_like_numbas():
+    """The engine's timing events (cuda_driver.py) against numba's own, around the same work."""
+    from numba import cuda
+
+    from charon.engines.cuda_driver import TimingEvent, stream_handle
+
+    stream = cuda.stream()
+    raw = stream_handle(stream)
+    mine, theirs = [TimingEvent(), TimingEvent()], [cuda.event(timing=True), cuda.event(timing=True)]
+    d = cuda.device_array(1 << 24, np.float32)
+    mine[0].record(raw)
+    theirs[0].record(stream)
+    d.copy_to_host(stream=stream)  # ~64 MB: a millisecond or more
+    mine[1].record(raw)
+    theirs[1].record(stream)
+    mine[1].synchronize()
+    stream.synchronize()
+    assert mine[1].query() and theirs[1].query()
+    ms, ref = mine[0].elapsed_time(mine[1]), theirs[0].elapsed_time(theirs[1])
+    assert ms > 0.1 and abs(ms - ref) < 0.1 * ref + 0.05
+
+
 def test_scan_launch_hook_issues_every_level_and_matches_numpy():
     """The engine's prebound launches enter the scan through ``launch``: every level must go through it."""
     from numba import cuda
@@ -288,6 +350,10 @@ def test_prebound_launches_equal_numbas_dispatch(monkeypatch, gpu_pair):
         np.testing.assert_array_equal(a.table, b.table)
         np.testing.assert_array_equal(a.flags, b.flags)
     assert fast.lanes[0]._pre is not None and fast.lanes[0].capacity >= 70_007
+    # The copies' cached device pointers are the grown buffers', not the freed ones'.
+    lane = fast.lanes[0]
+    current = {id(a) for a in vars(lane).values() if hasattr(a, "__cuda_array_interface__")}
+    assert lane._h2d._ptrs and set(lane._h2d._ptrs) <= current
 
 
 def test_two_lanes_run_two_batches_in_flight_with_the_same_hits(tiny_det, cuda_engine_tiny):

@@ -43,7 +43,8 @@ from ..kernels.rng import RNG_STATE_SIZE  # noqa: E402
 from ..kernels.scatter import make_scatter  # noqa: E402
 from ..photons import N_ROWS, HitBatch, PhotonBatch  # noqa: E402
 from .base import Engine, EngineConfig, EngineError  # noqa: E402
-from .cuda_launch import PreboundKernel, device_ptr, view  # noqa: E402
+from .cuda_driver import DirectCopy, TimingEvent, stream_handle  # noqa: E402
+from .cuda_launch import PreboundKernel, view  # noqa: E402
 from .tables import kernel_tables  # noqa: E402
 
 THREADS_PER_BLOCK = 128
@@ -63,8 +64,8 @@ def gpu_available() -> bool:
 
 
 def _event():
-    """A timing CUDA event (the simulator's events take no arguments)."""
-    return cuda.event() if simulator() else cuda.event(timing=True)
+    """A timing CUDA event: a direct driver event on a GPU (cuda_driver.py), numba's in the simulator."""
+    return cuda.event() if simulator() else TimingEvent()
 
 
 def _elapsed(a, b) -> float:
@@ -120,78 +121,6 @@ logging.getLogger("numba.cuda.cudadrv.driver").addFilter(_QuietNotReady())
 log = logging.getLogger("charon.engines.cuda")
 
 
-class _DirectCopy:
-    """Host-to-device copies as one driver call each (cuda.bindings, numba-cuda's own binding).
-
-    Measured on the H200 host (benchmarks/launch_overhead.py): numba's
-    ``DeviceNDArray`` slicing plus ``copy_to_device`` cost ~80 us of Python per
-    copy, so the 16 copies of a batch took ~1.4 ms whatever its size."""
-
-    def __init__(self, stream):
-        from cuda.bindings import driver
-
-        self._driver = driver
-        self._memcpy = driver.cuMemcpyHtoDAsync
-        self._memcpy_d2h = driver.cuMemcpyDtoHAsync
-        self._ok = driver.CUresult.CUDA_SUCCESS
-        self.two_d = True  # cuMemcpy2DAsync for a piece's rows; CUDAEngine turns it off if its self-check fails
-        self._p2d = None  # one CUDA_MEMCPY2D, its fields rewritten per copy (the call reads it at once)
-        handle = stream.handle
-        self._stream = handle.value if hasattr(handle, "value") else handle  # ctypes or binding handle
-
-    def __call__(self, d_array, host: np.ndarray, dst_index: int = 0) -> None:
-        """Copy the C-contiguous ``host`` into ``d_array`` from element ``dst_index`` on."""
-        if host.nbytes == 0:
-            return
-        if not host.flags.c_contiguous:
-            raise EngineError("internal: host-to-device copy needs a contiguous host array")
-        dst = device_ptr(d_array) + dst_index * d_array.dtype.itemsize
-        (err,) = self._memcpy(dst, host.ctypes.data, host.nbytes, self._stream)
-        if err != self._ok:
-            raise EngineError(f"cuMemcpyHtoDAsync failed: {err}")
-
-    def rows(self, d_array, pitch: int, col: int, host: np.ndarray) -> None:
-        """Copy ``host`` [R, k] (rows of any stride, columns contiguous) into columns ``col:col + k`` of
-        the rows of ``d_array`` viewed as [R, pitch]: one 2D copy, so a piece costs one driver call."""
-        R, k = host.shape
-        if k == 0:
-            return
-        item = host.itemsize
-        if host.strides[1] != item:
-            raise EngineError("internal: a piece's columns must be contiguous")
-        dst = device_ptr(d_array) + col * item
-        if self.two_d:
-            d = self._driver
-            p = self._p2d
-            if p is None:
-                p = self._p2d = d.CUDA_MEMCPY2D()
-                p.srcMemoryType = d.CUmemorytype.CU_MEMORYTYPE_HOST
-                p.dstMemoryType = d.CUmemorytype.CU_MEMORYTYPE_DEVICE
-            p.srcHost = host.ctypes.data
-            p.srcPitch = host.strides[0] if R > 1 else k * item
-            p.dstDevice = dst
-            p.dstPitch = pitch * item
-            p.WidthInBytes = k * item
-            p.Height = R
-            (err,) = d.cuMemcpy2DAsync(p, self._stream)
-            if err != self._ok:
-                raise EngineError(f"cuMemcpy2DAsync failed: {err}")
-            return
-        for r in range(R):
-            (err,) = self._memcpy(dst + r * pitch * item, host[r].ctypes.data, k * item, self._stream)
-            if err != self._ok:
-                raise EngineError(f"cuMemcpyHtoDAsync failed: {err}")
-
-    def to_host(self, host: np.ndarray, d_array, src_index: int = 0) -> None:
-        """Copy ``host.size`` items of ``d_array`` from element ``src_index`` on into the contiguous ``host``."""
-        if host.nbytes == 0:
-            return
-        src = device_ptr(d_array) + src_index * d_array.dtype.itemsize
-        (err,) = self._memcpy_d2h(host.ctypes.data, src, host.nbytes, self._stream)
-        if err != self._ok:
-            raise EngineError(f"cuMemcpyDtoHAsync failed: {err}")
-
-
 class _Launch:
     """A batch queued on the stream: its lane, sizes and timing events (0: start, 1: copied in,
     2: propagated, 3: demultiplexed, 4: queued work done, 5-6: around the hits' copy-out)."""
@@ -214,7 +143,9 @@ class _Lane:
         self.k, self.config = engine.k, engine.config
         self.d_geometry, self.d_tri_channel = engine.d_geometry, engine.d_tri_channel
         self.stream = cuda.stream()  # copy-in, kernels and copy-out of this lane's batches
-        self._h2d = None if simulator() else _DirectCopy(self.stream)
+        self._h2d = None if simulator() else DirectCopy(self.stream)
+        # What the timing events are recorded on: the raw handle for direct driver events.
+        self._rec = self.stream if simulator() else stream_handle(self.stream)
         self._pre: dict | None = None
         self.capacity = 0
         self._reserve(min(int(self.config.max_batch_photons), 1 << 16))
@@ -242,6 +173,8 @@ class _Lane:
         self.h_total = cuda.pinned_array(1, np.int32)
         self.scan = self.k.Scan(cap + 1)
         self.capacity = cap
+        if self._h2d is not None:  # its cached pointers are the old buffers'
+            self._h2d.forget()
         if self._pre is not None:  # the parameter blocks point at the old buffers
             self._pre = None
             self._bind()
@@ -301,7 +234,7 @@ class _Lane:
         self._reserve(max(n, E))
         s = self.stream
         ev = self.engine._take_events()
-        ev[0].record(s)
+        ev[0].record(self._rec)
         args = self._kernel_args(n, E, views=self._pre is not None)
         h2d = self._h2d
         pieces = batch.pieces
@@ -344,12 +277,12 @@ class _Lane:
             self.d_event_id[:E].copy_to_device(batch.event_id, stream=s)
             self.d_first_index[:E].copy_to_device(batch.first_index, stream=s)
             self.d_offsets[: E + 1].copy_to_device(batch.offsets, stream=s)
-        ev[1].record(s)
+        ev[1].record(self._rec)
         blocks = max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
         self._run(self.k.propagate_kernel, blocks, THREADS_PER_BLOCK, *args["propagate_kernel"])
-        ev[2].record(s)
+        ev[2].record(self._rec)
         self._scan_scatter(args, n, E)
-        ev[3].record(s)
+        ev[3].record(self._rec)
         if keep_photons and n:
             if h2d is not None:
                 for r in range(N_ROWS):
@@ -358,7 +291,7 @@ class _Lane:
             else:
                 args["propagate_kernel"][0].copy_to_host(batch.table, stream=s)
                 self.d_flags[:n].copy_to_host(batch.flags, stream=s)
-        ev[4].record(s)
+        ev[4].record(self._rec)
         return _Launch(self, n, E, ev)
 
     def _gather(self, d_table, pieces: list, n: int) -> None:
@@ -383,9 +316,9 @@ class _Lane:
         """Wait for the batch, copy its hits out (sized by the hit total) and return them."""
         ev = launch.events
         ev[4].synchronize()
-        ev[5].record(self.stream)
+        ev[5].record(self._rec)
         hits = self._copy_out(launch.n, launch.E)
-        ev[6].record(self.stream)
+        ev[6].record(self._rec)
         ev[6].synchronize()
         t = self.engine.last_times
         t.copy_in = _elapsed(ev[0], ev[1])
@@ -431,7 +364,10 @@ class _Lane:
                 self.d_out_f[: 8 * H].copy_to_host(out_f, stream=s)
                 self.d_out_u[: 2 * H].copy_to_host(out_u, stream=s)
             self.d_hit_offsets[: E + 1].copy_to_host(offsets, stream=s)
-        s.synchronize()
+        if self._h2d is not None:
+            self._h2d.synchronize()
+        else:
+            s.synchronize()
         return HitBatch(channel=out_u[:H], table=out_f.reshape(8, H), flags=out_u[H:], offsets=offsets.astype(np.int64))
 
     def demux_arrays(self, table, flags, channel, photon_offsets) -> HitBatch:

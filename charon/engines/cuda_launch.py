@@ -27,6 +27,7 @@ import numpy as np
 from .base import EngineError
 
 _MASK64 = (1 << 64) - 1
+_UNSET = object()  # no launch yet: every parameter is written
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class DeviceView:
         for d in reversed(self.shape):
             strides.append(s)
             s *= d
-        return [0, 0, int(np.prod(self.shape)), self.itemsize, self.ptr, *self.shape, *reversed(strides)]
+        return [0, 0, s // self.itemsize, self.itemsize, self.ptr, *self.shape, *reversed(strides)]
 
 
 def device_ptr(d_array) -> int:
@@ -91,6 +92,14 @@ class PreboundKernel:
         self._ptrs = (ctypes.c_void_p * n_params)(*[base + 8 * i for i in range(n_params)])
         self._ptrs_addr = ctypes.addressof(self._ptrs)
         self._cache: dict[int, tuple[object, list[int]]] = {}
+        # Where each argument's parameters start in the block, and the arguments of the last
+        # launch: a launch rewrites only those that are not the very same objects (usually the
+        # batch-sized table view and the sizes; the ~30 long-lived buffers are left as they are).
+        self._offset, o = [], 0
+        for t, arr in zip(self._types, self._is_array):
+            self._offset.append(o)
+            o += 5 + 2 * t.ndim if arr else 1
+        self._last: list = [_UNSET] * len(self._types)
         self._func = int(self.kernel._codelibrary.get_cufunc().handle)
         handle = stream.handle
         self._stream = int(handle.value if hasattr(handle, "value") else handle)
@@ -132,7 +141,19 @@ class PreboundKernel:
             raise EngineError(f"internal: prebound parameters differ from numba's ({len(mine)} vs {len(theirs)})")
 
     def __call__(self, grid: int, block: int, *args) -> None:
-        self._slots[:] = self.params(args)
+        if len(args) != len(self._last):
+            raise EngineError(f"internal: {len(args)} arguments for a kernel of {len(self._last)}")
+        last, slots, offset, is_array = self._last, self._slots, self._offset, self._is_array
+        for i, a in enumerate(args):
+            if a is last[i]:
+                continue
+            o = offset[i]
+            if is_array[i]:
+                f = self._fields(a)
+                slots[o : o + len(f)] = f
+            else:
+                slots[o] = int(a) & _MASK64  # two's complement: a negative int32's low bytes are right
+            last[i] = a
         (err,) = self._launch(self._func, grid, 1, 1, block, 1, 1, 0, self._stream, self._ptrs_addr, 0)
         if err != self._ok:
             raise EngineError(f"cuLaunchKernel failed: {err}")
