@@ -94,6 +94,43 @@ def _thread_cpu(name: str) -> float:
     raise RuntimeError(f"no thread named {name}")
 
 
+def _time_sections() -> dict:
+    """Wrap the engine service's steps (and the engine's launch/finish) with wall-clock timers."""
+    from charon import engine_service as es
+
+    spent: dict[str, float] = {}
+
+    def timed(owner, attr, key):
+        inner = getattr(owner, attr)
+        spent[key] = 0.0
+
+        def wrapper(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kw)
+            finally:
+                spent[key] += time.perf_counter() - t0
+
+        setattr(owner, attr, wrapper)
+
+    timed(es, "recv_message", "recv")
+    for attr in ("_handle", "_launch", "_engine_ready", "_collect", "_reply"):
+        timed(es.EngineService, attr, attr.strip("_"))
+    try:  # inside the CUDA engine's launch and finish: driver calls by kind
+        from charon.engines import cuda, cuda_driver, cuda_launch
+    except Exception:
+        return spent
+    timed(cuda._Lane, "launch", "cuda_launch")
+    timed(cuda._Lane, "_gather", "cuda_gather")
+    timed(cuda._Lane, "finish", "cuda_finish")
+    timed(cuda._Lane, "_copy_out", "cuda_copy_out")
+    timed(cuda_launch.PreboundKernel, "__call__", "cuda_kernel_launches")
+    timed(cuda_driver.DirectCopy, "__call__", "cuda_copies_1d")
+    timed(cuda_driver.DirectCopy, "rows", "cuda_copies_2d")
+    timed(cuda_driver.TimingEvent, "record", "cuda_event_records")
+    return spent
+
+
 def _drive(address: str, front_ends: int, depth: int, events: int, photons: int, duration: float, out) -> None:
     """Front-end links in one process: each resubmits its batch as soon as its hits come back."""
     import logging
@@ -159,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--null-ns-per-photon", type=float, default=12.0)
     ap.add_argument("--null-hits", type=int, default=150, help="hits per event (null engine)")
     ap.add_argument("--profile", default=None, help="write the engine thread's cProfile stats here")
+    ap.add_argument("--sections", action="store_true",
+                    help="also time the thread's steps (receive, handle, launch, ready, collect, reply) per merged batch")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
@@ -191,6 +230,7 @@ def main(argv=None) -> int:
                 prof.dump_stats(a.profile)
 
         EngineService._loop = profiled
+    spent = _time_sections() if a.sections else None
     service = EngineService(factory, "tcp://127.0.0.1:*", cap)
     engine = service.start(timeout=900)
     spawn = mp.get_context("spawn")
@@ -222,6 +262,9 @@ def main(argv=None) -> int:
         "thread_cpu_fraction": cpu / wall, "thread_us_per_merged": 1e6 * cpu / max(merged, 1),
         "thread_us_per_sub": 1e6 * cpu / max(subs, 1), "busy_fraction": busy / wall,
     }  # fmt: skip
+    if spent is not None:  # wall time inside each step over the whole run, per merged batch
+        total = m.batches._value.get()
+        res.update({f"us_per_merged_{k}": 1e6 * v / max(total, 1) for k, v in spent.items()})
     service.stop()
     service.join(30)
     p.join(a.warm + a.duration + 60)

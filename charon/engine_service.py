@@ -257,7 +257,8 @@ class MergeBuffer:
     def __init__(self, capacity: int, alloc=np.empty, max_events: int = 0, gather: bool = False):
         self.capacity = capacity
         # An engine that gathers (CUDA) copies sub-batches already in registered shared memory
-        # straight to the device: no host copy here. Others get every photon copied in.
+        # straight to the device: no host copy here, and no slot numbers (it derives them from
+        # the offsets). Others get every photon copied in and every slot numbered.
         self.gather = gather
         self.max_events = max_events  # 0: no limit; 1: one event per engine call (ChAR0N-style comparison)
         host = HostBuffer(alloc)
@@ -284,9 +285,10 @@ class MergeBuffer:
             self.flags[a : a + n] = sub.flags
             if self.gather:
                 self.pieces.append((a, self.table[:, a : a + n], self.flags[a : a + n]))
-        counts = sub.counts if sub.counts is not None else np.diff(sub.offsets)
-        self.slot[a : a + n] = np.repeat(np.arange(self.n_events, self.n_events + sub.n_events, dtype=np.int32),
-                                         counts)  # fmt: skip
+        if not self.gather:  # an engine that gathers numbers the slots itself, from the offsets
+            counts = sub.counts if sub.counts is not None else np.diff(sub.offsets)
+            self.slot[a : a + n] = np.repeat(np.arange(self.n_events, self.n_events + sub.n_events, dtype=np.int32),
+                                             counts)  # fmt: skip
         self.subs.append(sub)
         self.n += n
         self.n_events += sub.n_events
@@ -302,7 +304,9 @@ class MergeBuffer:
         photons = PhotonBatch(
             table=np.ascontiguousarray(table) if contiguous else table,
             flags=self.flags[:n],
-            slot=self.slot[:n],
+            # Empty for an engine that gathers: it derives slots from the offsets (kernels/slots.py),
+            # and an empty array fails loudly where a filled one would be expected.
+            slot=self.slot[:0] if self.gather else self.slot[:n],
             offsets=offsets,
             event_id=np.concatenate([s.event_id for s in subs]),
             first_index=np.concatenate([s.first_index for s in subs]),

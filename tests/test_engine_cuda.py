@@ -300,6 +300,25 @@ def test_direct_driver_events_time_a_batch_like_numbas():
     assert ms > 0.1 and abs(ms - ref) < 0.1 * ref + 0.05
 
 
+@pytest.mark.parametrize("counts", [[5], [0, 3, 0, 0, 4, 1, 0], [1] * 40, [0, 0, 700, 0, 300]])
+def test_photon_slots_kernel_matches_numpy_reference(counts):
+    """Each photon's slot from the offsets (binary search per photon), empty slots anywhere."""
+    from numba import cuda
+
+    from charon.engines.cuda import cuda_kernels
+    from charon.kernels.reference import photon_slots_ref
+
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n, E = int(offsets[-1]), len(counts)
+    d_slot = cuda.to_device(np.full(n + 3, -7, np.int32))  # longer than n: nothing past n is written
+    cuda_kernels().photon_slots[(n + 255) // 256, 256](cuda.to_device(offsets), d_slot, E, n)
+    got = d_slot.copy_to_host()
+    want = photon_slots_ref(offsets)
+    np.testing.assert_array_equal(got[:n], want)
+    np.testing.assert_array_equal(want, np.searchsorted(offsets, np.arange(n), "right") - 1)
+    assert (got[n:] == -7).all()
+
+
 def test_scan_launch_hook_issues_every_level_and_matches_numpy():
     """The engine's prebound launches enter the scan through ``launch``: every level must go through it."""
     from numba import cuda

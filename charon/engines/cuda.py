@@ -41,6 +41,7 @@ from ..kernels import build  # noqa: E402
 from ..kernels.bvh import STACK_SIZE  # noqa: E402
 from ..kernels.rng import RNG_STATE_SIZE  # noqa: E402
 from ..kernels.scatter import make_scatter  # noqa: E402
+from ..kernels.slots import photon_slots  # noqa: E402
 from ..photons import N_ROWS, HitBatch, PhotonBatch  # noqa: E402
 from .base import Engine, EngineConfig, EngineError  # noqa: E402
 from .cuda_driver import DirectCopy, TimingEvent, stream_handle  # noqa: E402
@@ -106,6 +107,7 @@ def cuda_kernels():
     k.propagate_kernel = propagate_kernel
     block = 8 if simulator() else 1024  # small in the simulator: multi-level scans on tiny inputs
     k.Scan, k.event_offsets, k.scatter_hits = make_scatter(block)
+    k.photon_slots = photon_slots
     return k
 
 
@@ -213,6 +215,7 @@ class _Lane:
             "propagate_kernel": (table, self.d_flags, self.d_last, self.d_channel, self.d_is_hit, self.d_slot,
                                  self.d_event_id, self.d_first_index, self.d_offsets, seed, self.config.max_steps,
                                  self.d_tri_channel, *self.d_geometry),
+            "photon_slots": (self.d_offsets, self.d_slot, E, n),
             "event_offsets": (self.d_pos, self.d_offsets, self.d_hit_offsets, E),
             "scatter_hits": (table, self.d_flags, self.d_channel, self.d_pos, self.d_out_f, self.d_out_u, n),
         }  # fmt: skip
@@ -243,10 +246,6 @@ class _Lane:
         if pieces is not None:  # the shared engine's merge: pieces in front ends' shared memory or its buffer
             if n:
                 self._gather(args["propagate_kernel"][0], pieces, n)
-                if h2d is not None:
-                    h2d(self.d_slot, batch.slot[:n])
-                else:
-                    self.d_slot[:n].copy_to_device(batch.slot, stream=s)
             if h2d is not None:
                 h2d(self.d_event_id, np.ascontiguousarray(batch.event_id, np.uint32))
                 h2d(self.d_first_index, np.ascontiguousarray(batch.first_index, np.uint32))
@@ -260,7 +259,6 @@ class _Lane:
                 for r in range(N_ROWS):  # device rows have stride n; host rows may be strided (merge buffer)
                     h2d(self.d_table, batch.table[r], r * n)
                 h2d(self.d_flags, batch.flags[:n])
-                h2d(self.d_slot, batch.slot[:n])
             h2d(self.d_event_id, np.ascontiguousarray(batch.event_id, np.uint32))
             h2d(self.d_first_index, np.ascontiguousarray(batch.first_index, np.uint32))
             h2d(self.d_offsets, np.ascontiguousarray(batch.offsets, np.int64))
@@ -273,10 +271,11 @@ class _Lane:
                     for r in range(N_ROWS):
                         d_table[r].copy_to_device(batch.table[r], stream=s)
                 self.d_flags[:n].copy_to_device(batch.flags, stream=s)
-                self.d_slot[:n].copy_to_device(batch.slot, stream=s)
             self.d_event_id[:E].copy_to_device(batch.event_id, stream=s)
             self.d_first_index[:E].copy_to_device(batch.first_index, stream=s)
             self.d_offsets[: E + 1].copy_to_device(batch.offsets, stream=s)
+        if n:  # slots from the offsets on the device: batch.slot is not read (a gathered batch has none)
+            self._run(self.k.photon_slots, (n + 255) // 256, 256, *args["photon_slots"])
         ev[1].record(self._rec)
         blocks = max(1, (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK)
         self._run(self.k.propagate_kernel, blocks, THREADS_PER_BLOCK, *args["propagate_kernel"])
@@ -393,7 +392,9 @@ class _Lane:
 class CUDAEngine(Engine):
     name = "cuda"
     strided_rows = True
-    gathers_pieces = True  # launch() copies a merged batch's pieces from where they are (PhotonBatch.pieces)
+    # launch() copies a merged batch's pieces from where they are (PhotonBatch.pieces) and numbers the
+    # slots from the offsets on the device (kernels/slots.py): it reads no batch.slot
+    gathers_pieces = True
 
     def __init__(self, detector, config: EngineConfig | None = None):
         super().__init__(detector, config or EngineConfig())

@@ -169,3 +169,9 @@ def hit_offsets_ref(hit_channel, photon_offsets):
         index += sel
         counts.append(len(sel))
     return np.array(index, np.int64), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def photon_slots_ref(photon_offsets):
+    """Each photon's slot: slot s repeated for its offsets[s + 1] - offsets[s] photons."""
+    offsets = np.asarray(photon_offsets, np.int64)
+    return np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets))
