@@ -245,13 +245,17 @@ def main(argv=None) -> int:
         return (time.perf_counter(), _thread_cpu("charon-engine"), m.batches._value.get(), subs,
                 m.photons._value.get(), m.engine_seconds._value.get())  # fmt: skip
 
+    sections0 = {}
+
     deadline = time.monotonic() + 900
     while m.batches._value.get() == 0 and time.monotonic() < deadline:  # the driver's links are up
         time.sleep(0.1)
     time.sleep(a.warm)
     s0 = sample()
+    sections0 = dict(spent or {})  # the window only: not the warm-up's compilation
     time.sleep(a.duration)
     s1 = sample()
+    sections1 = dict(spent or {})
     d = [y - x for x, y in zip(s0, s1)]
     wall, cpu, merged, subs, photons, busy = d
     res = {
@@ -262,9 +266,8 @@ def main(argv=None) -> int:
         "thread_cpu_fraction": cpu / wall, "thread_us_per_merged": 1e6 * cpu / max(merged, 1),
         "thread_us_per_sub": 1e6 * cpu / max(subs, 1), "busy_fraction": busy / wall,
     }  # fmt: skip
-    if spent is not None:  # wall time inside each step over the whole run, per merged batch
-        total = m.batches._value.get()
-        res.update({f"us_per_merged_{k}": 1e6 * v / max(total, 1) for k, v in spent.items()})
+    if spent is not None:  # wall time inside each step during the window, per merged batch
+        res.update({f"us_per_merged_{k}": 1e6 * (v - sections0[k]) / max(merged, 1) for k, v in sections1.items()})
     service.stop()
     service.join(30)
     p.join(a.warm + a.duration + 60)
