@@ -53,6 +53,7 @@ class PhotonBatch:
     # The shared engine's merged batch for an engine that gathers (CUDA): where each column range
     # of the table really is, [(first column, [N_ROWS, k] float32 view, [k] uint32 flags view)],
     # so that photons in front ends' shared memory go to the device without a host copy.
+    # Such a batch's ``slot`` is empty: that engine numbers slots from ``offsets`` itself.
     pieces: list | None = None
 
     @property

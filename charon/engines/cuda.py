@@ -111,15 +111,6 @@ def cuda_kernels():
     return k
 
 
-class _QuietNotReady(logging.Filter):
-    """numba logs every ``cuEventQuery`` that answers "not ready yet" as an error; for
-    :meth:`CUDAEngine.ready` that is the expected answer, not an error."""
-
-    def filter(self, record):
-        return "CUDA_ERROR_NOT_READY" not in record.getMessage()
-
-
-logging.getLogger("numba.cuda.cudadrv.driver").addFilter(_QuietNotReady())
 log = logging.getLogger("charon.engines.cuda")
 
 
@@ -435,6 +426,8 @@ class CUDAEngine(Engine):
         except Exception as exc:
             log.info("cuMemcpy2DAsync unavailable: %r", exc)
             return False
+        finally:
+            lane._h2d.forget()  # the cached pointer would keep this scratch array alive
         want = np.full((3, 9), -1, np.float32)
         want[:, 2:7] = host[:, 1:6]
         return bool(np.array_equal(d.copy_to_host().reshape(3, 9), want))
