@@ -3,8 +3,8 @@
 Why not numba-cuda's own objects: every one of its driver calls goes through a
 Python wrapper that logs at debug level and converts the result, and
 ``Event.query`` on a batch still running raises, logs an *error* record and
-catches it (``CUDA_ERROR_NOT_READY``). The shared engine's single thread makes
-about 30 such calls per merged batch and polls running batches between
+catches it (``CUDA_ERROR_NOT_READY``). The shared engine's single thread made
+about 20 such calls per merged batch and polls running batches between
 messages, so at ~1 000 merged batches per second that wrapping was a measurable
 share of the thread (cProfile on the H100 host, benchmarks/RESULTS.md). Here each
 is one call into ``cuda.bindings`` (numba-cuda's own binding) with the status
@@ -73,7 +73,8 @@ class TimingEvent:
 
 
 class DirectCopy:
-    """Host-to-device copies as one driver call each (cuda.bindings, numba-cuda's own binding).
+    """Copies between host and device on one stream, and the wait for them, as one driver call each
+    (cuda.bindings, numba-cuda's own binding).
 
     Measured on the H200 host (benchmarks/launch_overhead.py): numba's
     ``DeviceNDArray`` slicing plus ``copy_to_device`` cost ~80 us of Python per
