@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from charon.engines.base import EngineConfig, StageTimes
-from charon.photons import HitBatch, PhotonBatch
+from charon.photons import N_ROWS, HitBatch, PhotonBatch
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -131,16 +131,16 @@ def _time_sections() -> dict:
     return spent
 
 
-def _drive(address: str, front_ends: int, depth: int, events: int, photons: int, duration: float, out) -> None:
+def _drive(address: str, front_ends: int, depth: int, events: int, photons: int, duration: float) -> None:
     """Front-end links in one process: each resubmits its batch as soon as its hits come back."""
     import logging
 
     import zmq
 
     from charon.engine_service import ServiceLink
+    from charon.sources import random_event
 
     logging.getLogger("charon").setLevel(logging.ERROR)  # "stopping with batches at the engine" is expected
-    from charon.sources import random_event
 
     ctx = zmq.Context()
     rng = np.random.default_rng(1)
@@ -154,7 +154,7 @@ def _drive(address: str, front_ends: int, depth: int, events: int, photons: int,
             src = PhotonBatch.from_events([random_event(photons, rng) for _ in range(events)], np.arange(events))
             n = src.n_photons
             buf.reserve(n, n)
-            table = buf.table[: 11 * n].reshape(11, n)
+            table = buf.table[: N_ROWS * n].reshape(N_ROWS, n)
             table[:] = src.table
             buf.flags[:n] = 0
             ph = PhotonBatch(table, buf.flags[:n], buf.slot[:n], src.offsets, src.event_id, src.first_index)
@@ -163,7 +163,6 @@ def _drive(address: str, front_ends: int, depth: int, events: int, photons: int,
         poller.register(link.sock, zmq.POLLIN)
         for b in batches:
             link.submit(b)
-    answered = 0
     t_end = time.perf_counter() + duration
     while time.perf_counter() < t_end:
         for sock, _ in poller.poll(100):
@@ -171,10 +170,8 @@ def _drive(address: str, front_ends: int, depth: int, events: int, photons: int,
             link.poll_results()
             while link.results:
                 r = link.results.popleft()
-                answered += 1
                 link.in_flight -= 1
                 link.submit(r.batch)
-    out.send(answered)
     for link in links:
         link.stop()
     ctx.term()
@@ -182,18 +179,19 @@ def _drive(address: str, front_ends: int, depth: int, events: int, photons: int,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", default="null", choices=("null", "cpu", "cuda"))
-    ap.add_argument("--detector", default="demo")
+    ap.add_argument("--engine", default="null", choices=("null", "cpu", "cuda"),
+                    help="null: a GPU stand-in with no driver (the service's own Python); cuda: the real engine")
+    ap.add_argument("--detector", default="demo", help="built-in name or .npz file (cpu and cuda engines)")
     ap.add_argument("--front-ends", type=int, default=11, help="front-end links (one DEALER each)")
     ap.add_argument("--depth", type=int, default=2, help="batches each front end keeps in flight")
     ap.add_argument("--events", type=int, default=7, help="events per front-end batch")
     ap.add_argument("--photons", type=int, default=1000, help="photons per event")
-    ap.add_argument("--max-batch-photons", type=float, default=1e5)
-    ap.add_argument("--lanes", type=int, default=2)
+    ap.add_argument("--max-batch-photons", type=float, default=1e5, help="the service's merged-batch cap")
+    ap.add_argument("--lanes", type=int, default=2, help="batches launched and not yet collected (--engine-lanes)")
     ap.add_argument("--duration", type=float, default=6.0, help="seconds measured (after --warm seconds)")
-    ap.add_argument("--warm", type=float, default=2.0)
-    ap.add_argument("--null-fixed-us", type=float, default=300.0)
-    ap.add_argument("--null-ns-per-photon", type=float, default=12.0)
+    ap.add_argument("--warm", type=float, default=2.0, help="seconds of load before the measured window")
+    ap.add_argument("--null-fixed-us", type=float, default=300.0, help="null engine: device time per batch")
+    ap.add_argument("--null-ns-per-photon", type=float, default=12.0, help="null engine: device time per photon")
     ap.add_argument("--null-hits", type=int, default=150, help="hits per event (null engine)")
     ap.add_argument("--profile", default=None, help="write the engine thread's cProfile stats here")
     ap.add_argument("--sections", action="store_true",
@@ -234,9 +232,8 @@ def main(argv=None) -> int:
     service = EngineService(factory, "tcp://127.0.0.1:*", cap)
     engine = service.start(timeout=900)
     spawn = mp.get_context("spawn")
-    recv, send = spawn.Pipe(duplex=False)
     p = spawn.Process(target=_drive, args=(service.address, a.front_ends, a.depth, a.events, a.photons,
-                                           a.warm + a.duration + 30, send))  # fmt: skip
+                                           a.warm + a.duration + 30))  # fmt: skip
     p.start()
     m = service.metrics
 
@@ -277,7 +274,6 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
-    recv.close()
     return 0
 
 
