@@ -12,6 +12,9 @@ front-end links (:class:`ServiceLink`, photons through shared memory) from a
 separate process, each keeping ``--depth`` batches of ``--events`` events in
 flight, and reads the engine thread's own CPU time from /proc (Linux).
 
+For a cProfile of the same thread under the whole server's load, see
+``benchmarks/profile_service.py``.
+
 ``--engine null`` stands in for a GPU engine: ``launch`` returns at once and the
 batch is ready ``--null-fixed-us + n * --null-ns-per-photon`` later, with
 ``--null-hits`` hits per event. It measures the service's own Python; ``cuda``
@@ -193,7 +196,6 @@ def main(argv=None) -> int:
     ap.add_argument("--null-fixed-us", type=float, default=300.0, help="null engine: device time per batch")
     ap.add_argument("--null-ns-per-photon", type=float, default=12.0, help="null engine: device time per photon")
     ap.add_argument("--null-hits", type=int, default=150, help="hits per event (null engine)")
-    ap.add_argument("--profile", default=None, help="write the engine thread's cProfile stats here")
     ap.add_argument("--sections", action="store_true",
                     help="also time the thread's steps (receive, handle, launch, ready, collect, reply) per merged batch")
     ap.add_argument("--json", default=None)
@@ -214,20 +216,6 @@ def main(argv=None) -> int:
         def factory():
             return create_engine(a.engine, det, EngineConfig(seed=1, max_batch_photons=cap, lanes=a.lanes))
 
-    if a.profile:
-        import cProfile
-
-        prof, loop = cProfile.Profile(), EngineService._loop
-
-        def profiled(self):
-            prof.enable()
-            try:
-                loop(self)
-            finally:
-                prof.disable()
-                prof.dump_stats(a.profile)
-
-        EngineService._loop = profiled
     spent = _time_sections() if a.sections else None
     service = EngineService(factory, "tcp://127.0.0.1:*", cap)
     engine = service.start(timeout=900)

@@ -282,7 +282,8 @@ def test_direct_driver_events_time_a_batch_like_numbas():
     """The engine's timing events (cuda_driver.py) against numba's own, around the same work."""
     from numba import cuda
 
-    from charon.engines.cuda_driver import TimingEvent, stream_handle
+    from charon.engines.cuda_driver import TimingEvent
+    from charon.engines.cuda_launch import stream_handle
 
     stream = cuda.stream()
     raw = stream_handle(stream)

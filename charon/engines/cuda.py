@@ -44,8 +44,8 @@ from ..kernels.scatter import make_scatter  # noqa: E402
 from ..kernels.slots import photon_slots  # noqa: E402
 from ..photons import N_ROWS, HitBatch, PhotonBatch  # noqa: E402
 from .base import Engine, EngineConfig, EngineError  # noqa: E402
-from .cuda_driver import DirectCopy, TimingEvent, stream_handle  # noqa: E402
-from .cuda_launch import PreboundKernel, view  # noqa: E402
+from .cuda_driver import DirectCopy, TimingEvent  # noqa: E402
+from .cuda_launch import PreboundKernel, stream_handle, view  # noqa: E402
 from .tables import kernel_tables  # noqa: E402
 
 THREADS_PER_BLOCK = 128

@@ -18,13 +18,7 @@ import weakref
 import numpy as np
 
 from .base import EngineError
-from .cuda_launch import device_ptr
-
-
-def stream_handle(stream) -> int:
-    """The raw ``CUstream`` of a numba stream (ctypes or cuda.bindings handle) as an int."""
-    handle = stream.handle
-    return int(handle.value if hasattr(handle, "value") else handle)
+from .cuda_launch import device_ptr, stream_handle
 
 
 class TimingEvent:

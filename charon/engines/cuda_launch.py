@@ -48,6 +48,12 @@ class DeviceView:
         return [0, 0, s // self.itemsize, self.itemsize, self.ptr, *self.shape, *reversed(strides)]
 
 
+def stream_handle(stream) -> int:
+    """The raw ``CUstream`` of a numba stream (ctypes or cuda.bindings handle) as an int."""
+    handle = stream.handle
+    return int(handle.value if hasattr(handle, "value") else handle)
+
+
 def device_ptr(d_array) -> int:
     return d_array.__cuda_array_interface__["data"][0]
 
@@ -86,23 +92,21 @@ class PreboundKernel:
         if len(self._types) != len(example_args):
             raise EngineError("internal: argument count differs from the compiled kernel's")
         self._is_array = [hasattr(t, "ndim") and hasattr(t, "layout") for t in self._types]
-        n_params = sum(5 + 2 * t.ndim if arr else 1 for t, arr in zip(self._types, self._is_array))
+        # Where each argument's parameters start in the block: a launch rewrites only the arguments
+        # that are not the previous launch's very same objects (usually the batch-sized table view
+        # and the sizes; the ~30 long-lived buffers are left as they are).
+        self._offset, n_params = [], 0
+        for t, arr in zip(self._types, self._is_array):
+            self._offset.append(n_params)
+            n_params += 5 + 2 * t.ndim if arr else 1
+        self._last: list = [_UNSET] * len(self._types)  # the previous launch's arguments
         self._slots = np.zeros(n_params, np.uint64)  # the parameter block; its address never changes
         base = self._slots.ctypes.data
         self._ptrs = (ctypes.c_void_p * n_params)(*[base + 8 * i for i in range(n_params)])
         self._ptrs_addr = ctypes.addressof(self._ptrs)
         self._cache: dict[int, tuple[object, list[int]]] = {}
-        # Where each argument's parameters start in the block, and the arguments of the last
-        # launch: a launch rewrites only those that are not the very same objects (usually the
-        # batch-sized table view and the sizes; the ~30 long-lived buffers are left as they are).
-        self._offset, o = [], 0
-        for t, arr in zip(self._types, self._is_array):
-            self._offset.append(o)
-            o += 5 + 2 * t.ndim if arr else 1
-        self._last: list = [_UNSET] * len(self._types)
         self._func = int(self.kernel._codelibrary.get_cufunc().handle)
-        handle = stream.handle
-        self._stream = int(handle.value if hasattr(handle, "value") else handle)
+        self._stream = stream_handle(stream)
         self._launch = driver.cuLaunchKernel
         self._ok = driver.CUresult.CUDA_SUCCESS
 
