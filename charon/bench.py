@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import protocol as P
 from .cli import batch_parser, count
+from .cpus import parse_cpus, pin
 from .sockets import recv_message, send_message
 from .sources import random_event
 
@@ -55,34 +56,6 @@ class BenchConfig:
     load_procs: int = 1
     server_cpus: str | None = None  # Linux CPU list ("0-15") for the spawned server, else any CPU
     load_cpus: str | None = None  # CPU list for the load processes, else any CPU
-
-
-def parse_cpus(spec: str | None) -> set[int] | None:
-    """A Linux CPU list ("0-7,16,18-19") -> set of CPU numbers; None for None or ""."""
-    if not spec:
-        return None
-    if not hasattr(os, "sched_setaffinity"):
-        raise ValueError(f"CPU list {spec!r}: pinning to CPUs needs Linux (os.sched_setaffinity)")
-    cpus: set[int] = set()
-    for part in spec.split(","):
-        a, sep, b = part.strip().partition("-")
-        try:
-            lo, hi = int(a), int(b) if sep else int(a)
-        except ValueError:
-            raise ValueError(f"bad CPU list {spec!r}: {part!r} is not N or N-M") from None
-        if lo < 0 or hi < lo:
-            raise ValueError(f"bad CPU list {spec!r}: {part!r} is not an increasing range")
-        cpus.update(range(lo, hi + 1))
-    missing = cpus - os.sched_getaffinity(0)
-    if missing:
-        raise ValueError(f"CPU list {spec!r} names CPUs this process may not use: {sorted(missing)[:8]}")
-    return cpus
-
-
-def pin(cpus: set[int] | None) -> None:
-    """Restrict the calling process (and what it starts later) to ``cpus``; no-op for None."""
-    if cpus is not None:
-        os.sched_setaffinity(0, cpus)
 
 
 def parse_sizes(spec: str):

@@ -49,6 +49,9 @@ HELP = {
     "twice (0: one per front end plus one, at most 8); of each process otherwise (0: one)",
     "engine_io_threads": "with --procs: ZeroMQ I/O threads of the shared engine, which receives every photon "
     "from the front ends (0: one per front end, at most 8)",
+    "engine_cpus": "with --procs: CPUs (Linux list, e.g. 0 or 0-1) for the shared engine's thread alone; the "
+    "front ends and every other thread of the server run on the remaining CPUs. The thread that launches "
+    "batches and collects results then never waits for a core behind the front ends (off when not given)",
     "handoff": "with --procs, how front ends hand photons to the shared engine: shm (each front end assembles "
     "its batches in shared memory that the engine maps and, on a GPU, pins and copies to the device from; "
     "the socket carries only per-event arrays), socket (every photon through the internal socket), "
@@ -256,7 +259,14 @@ def _start_engine_service(config: ServerConfig):
     from .engine_service import EngineService
     from .server import engine_setup
 
+    from .cpus import pin_all_threads, split_engine_cpus
+
     _detector, factory = engine_setup(config)
+    split = split_engine_cpus(config.engine_cpus)
+    if split is not None:
+        # Every thread so far; those started from here on (the engine's I/O threads, the front ends,
+        # the proxy) inherit the rest, and the engine's thread moves to its own CPUs once started.
+        pin_all_threads(split[1])
     sockdir = tempfile.mkdtemp(prefix="charon-")
     address = f"ipc://{sockdir}/engine" if zmq.has("ipc") else "tcp://127.0.0.1:*"
     # A context of its own, so that the engine's traffic never queues behind the clients'. Every
@@ -265,7 +275,7 @@ def _start_engine_service(config: ServerConfig):
     # thread per front end the transfers run side by side instead of one after another.
     io = config.engine_io_threads or min(8, config.procs)
     service = EngineService(factory, address, config.max_batch_photons, context=zmq.Context(io_threads=io),
-                            max_batch_events=config.max_batch_events)  # fmt: skip
+                            max_batch_events=config.max_batch_events, cpus=split[0] if split else None)  # fmt: skip
     service.start()
     metrics_server = service.metrics.serve(config.metrics_port + config.procs) if config.metrics_port is not None \
         else None  # fmt: skip
@@ -298,7 +308,7 @@ def _remove_segments(pid: int) -> None:
 
 
 _FRONT_END_FLAGS = ("--procs", "--io-threads", "--bind", "--upstream", "--metrics-port", "--engine-service", "--accept",
-                    "--engine-io-threads")
+                    "--engine-io-threads", "--engine-cpus")
 
 
 def _reuseport_main(config: ServerConfig, argv: list[str]) -> int:

@@ -65,6 +65,7 @@ import numpy as np
 import zmq
 
 from .engine_thread import BatchResult, SlotsResult
+from .cpus import pin
 from .engines.base import EngineError, StageTimes
 from .handoff import Segment, SharedHostBuffer, available as shm_available, views
 from .metrics import BusyClock, Metrics
@@ -352,8 +353,9 @@ class EngineService:
     spin_sleep = 50e-6  # seconds between GPU polls while a batch runs and no message arrives
 
     def __init__(self, engine_factory, address: str, max_batch_photons: int, context: zmq.Context | None = None,
-                 max_batch_events: int = 0):  # fmt: skip
+                 max_batch_events: int = 0, cpus: set[int] | None = None):  # fmt: skip
         self.ctx = context or zmq.Context.instance()
+        self.cpus = cpus  # the serving thread's own CPUs (--engine-cpus), else those of the starting thread
         self.busy = BusyClock()
         self.metrics = Metrics(self.busy)  # engine-side figures; the front ends count events
         self.max_batch_photons = int(max_batch_photons)
@@ -410,6 +412,10 @@ class EngineService:
                 self.socket.setsockopt(opt, v)
             self.socket.bind(self._address)
             self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            # Pinned only now, after the engine (numba's CPU workers, the CUDA driver) and ZeroMQ
+            # (I/O threads start with the first socket) started their threads, which inherit this
+            # thread's CPUs: those stay with the others, and this core is for this thread alone.
+            pin(self.cpus)
         except BaseException as exc:  # reported to the starting thread
             self._startup_error = exc
             self._ready.set()

@@ -65,6 +65,7 @@ class ServerConfig:
     accept: str = "auto"
     io_threads: int = 0
     engine_io_threads: int = 0
+    engine_cpus: str | None = None
     handoff: str = "auto"
     upstream: str | None = None
     engine_service: str | None = None
@@ -103,6 +104,12 @@ class ServerConfig:
             raise ValueError("--handoff must be auto, shm or socket")
         if self.io_threads < 0 or self.engine_io_threads < 0:
             raise ValueError("--io-threads and --engine-io-threads must be >= 0")
+        if self.engine_cpus:
+            if self.procs < 2:
+                raise ValueError("--engine-cpus pins the shared engine of --procs N (N >= 2): add --procs")
+            from .cpus import split_engine_cpus
+
+            split_engine_cpus(self.engine_cpus)  # ValueError naming the problem
         if self.procs > 1 and self.output_dir:
             raise ValueError("--output-dir needs one process (a run's events must reach the same writer): drop --procs")
 

@@ -117,7 +117,7 @@ def test_results_table_shows_the_latency_split_only_where_the_server_reported_it
 
 
 def test_cpu_lists_parse_and_name_what_is_wrong():
-    from charon.bench import parse_cpus
+    from charon.cpus import parse_cpus
 
     mine = sorted(os.sched_getaffinity(0))
     assert parse_cpus(None) is None and parse_cpus("") is None

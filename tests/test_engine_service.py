@@ -750,3 +750,29 @@ def test_front_end_buffers_grow_and_release_their_old_segments(det, ref):
         assert set(mapped) == live
     finally:
         sh.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two CPUs")  # fmt: skip
+def test_engine_cpus_pin_the_serving_thread_alone():
+    """--engine-cpus: the service's thread runs on its CPUs; the starting thread and ZeroMQ's I/O threads do not."""
+    cpu = max(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    ctx = zmq.Context(io_threads=1)
+    svc = EngineService(lambda: _AsyncStandIn(), "tcp://127.0.0.1:*", 10_000, context=ctx, cpus={cpu})
+    svc.start(30)
+    try:
+        assert os.sched_getaffinity(svc._thread.native_id) == {cpu}
+        assert os.sched_getaffinity(0) == before
+        tids = [int(t) for t in os.listdir(f"/proc/{os.getpid()}/task")]
+        io = [t for t in tids if _thread_name(os.getpid(), t).startswith("ZMQbg/IO")]
+        assert io and all(os.sched_getaffinity(t) == before for t in io)
+    finally:
+        svc.stop()
+        svc.join(10)
+        ctx.term()
+
+
+def _thread_name(pid, tid) -> str:
+    with open(f"/proc/{pid}/task/{tid}/comm") as f:
+        return f.read().strip()

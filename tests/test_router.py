@@ -287,9 +287,13 @@ def test_gpus_flag_starts_local_router_and_workers():
 @pytest.mark.parametrize("accept", ["reuseport", "proxy"])
 def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_path, accept):
     port, mport = _free_port(), _free_port()
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    # --engine-cpus (reuseport run, where at least two CPUs): the engine thread gets the first CPU to itself.
+    pinned = accept == "reuseport" and len(allowed) >= 2
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--procs", "2", "--engine", "cpu", "--detector",
                              "sphere", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
-                             "--log-level", "WARNING", "--accept", accept])  # fmt: skip
+                             "--log-level", "WARNING", "--accept", accept]
+                            + (["--engine-cpus", str(allowed[0])] if pinned else []))  # fmt: skip
     c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
     try:
         deadline = wait_first_answer(c, 120)
@@ -307,6 +311,15 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
             text = urllib.request.urlopen(f"http://127.0.0.1:{mport + k}/metrics", timeout=5).read().decode()
             return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(name + " ")))
 
+        if pinned:
+            threads = {t: _thread_name(proc.pid, t) for t in os.listdir(f"/proc/{proc.pid}/task")}
+            # One thread on the engine's CPU, and it is the engine's (the CPU engine's numba workers
+            # inherit its name, not its CPU); every other thread of the launcher is kept off that CPU.
+            on_it = [t for t in threads if allowed[0] in os.sched_getaffinity(int(t))]
+            assert len(on_it) == 1 and threads[on_it[0]] == "charon-engine"
+            assert os.sched_getaffinity(int(on_it[0])) == {allowed[0]} and len(threads) > 1
+            fronts = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            assert len(fronts) == 2 and all(os.sched_getaffinity(int(f)) == set(allowed[1:]) for f in fronts)
         # wait_first_answer may have sent more than one request (each is answered): count from here.
         before = [sample(k, "charon_events_total") for k in range(2)]
         # Several connections: with reuseport the kernel assigns each connection (not each
@@ -353,3 +366,33 @@ def test_procs_refuses_output_dir(tmp_path):
     from charon.cli import batch_main
 
     assert batch_main(["--procs", "2", "--output-dir", str(tmp_path), "--engine", "cpu"]) == 2
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--engine-cpus", "0"], "add --procs"),  # one process has no shared engine to pin
+    (["--procs", "2", "--engine-cpus", "0-"], "bad CPU list"),
+    (["--procs", "2", "--engine-cpus", "100000"], "may not use"),
+])  # fmt: skip
+def test_engine_cpus_refusals_name_the_problem(argv, problem, caplog):
+    from charon.cli import batch_main
+
+    with caplog.at_level("ERROR", logger="charon"):
+        assert batch_main([*argv, "--engine", "cpu", "--bind", "tcp://127.0.0.1:0"]) == 2
+    assert problem in caplog.text
+
+
+def test_engine_cpus_must_leave_cpus_for_the_front_ends():
+    from charon.cpus import split_engine_cpus
+
+    allowed = sorted(os.sched_getaffinity(0))
+    spec = ",".join(map(str, allowed))
+    with pytest.raises(ValueError, match="leaves no CPU for the front ends"):
+        split_engine_cpus(spec)
+    assert split_engine_cpus(None) is None
+    if len(allowed) >= 2:
+        assert split_engine_cpus(str(allowed[-1])) == ({allowed[-1]}, set(allowed[:-1]))
+
+
+def _thread_name(pid, tid) -> str:
+    with open(f"/proc/{pid}/task/{tid}/comm") as f:
+        return f.read().strip()
