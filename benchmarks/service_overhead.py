@@ -198,6 +198,10 @@ def main(argv=None) -> int:
     ap.add_argument("--null-hits", type=int, default=150, help="hits per event (null engine)")
     ap.add_argument("--sections", action="store_true",
                     help="also time the thread's steps (receive, handle, launch, ready, collect, reply) per merged batch")
+    ap.add_argument("--engine-cpus", default=None,
+                    help="CPUs for the engine thread alone, as charon-batch --engine-cpus (the driving process and "
+                         "every other thread run on the rest); the thread then polls without sleeping, so its CPU "
+                         "time is its wall time: compare events/s and busy, not CPU per batch")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
@@ -216,8 +220,13 @@ def main(argv=None) -> int:
         def factory():
             return create_engine(a.engine, det, EngineConfig(seed=1, max_batch_photons=cap, lanes=a.lanes))
 
+    from charon.cpus import pin_all_threads, split_engine_cpus
+
+    split = split_engine_cpus(a.engine_cpus)
+    if split is not None:
+        pin_all_threads(split[1])  # the driving process inherits the rest
     spent = _time_sections() if a.sections else None
-    service = EngineService(factory, "tcp://127.0.0.1:*", cap)
+    service = EngineService(factory, "tcp://127.0.0.1:*", cap, cpus=split[0] if split else None)
     engine = service.start(timeout=900)
     spawn = mp.get_context("spawn")
     p = spawn.Process(target=_drive, args=(service.address, a.front_ends, a.depth, a.events, a.photons,

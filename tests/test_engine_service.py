@@ -755,19 +755,30 @@ def test_front_end_buffers_grow_and_release_their_old_segments(det, ref):
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs Linux and two CPUs")  # fmt: skip
 def test_engine_cpus_pin_the_serving_thread_alone():
-    """--engine-cpus: the service's thread runs on its CPUs; the starting thread and ZeroMQ's I/O threads do not."""
+    """--engine-cpus: the service's thread runs on its CPUs, where it polls the engine without sleeping; the
+    starting thread and ZeroMQ's I/O threads stay where they were. Batches are answered as before."""
     cpu = max(os.sched_getaffinity(0))
     before = os.sched_getaffinity(0)
     ctx = zmq.Context(io_threads=1)
-    svc = EngineService(lambda: _AsyncStandIn(), "tcp://127.0.0.1:*", 10_000, context=ctx, cpus={cpu})
+    eng = _AsyncStandIn()
+    svc = EngineService(lambda: eng, "tcp://127.0.0.1:*", 10_000, context=ctx, cpus={cpu})
+    assert svc.spin_sleep == 0 and EngineService.spin_sleep > 0  # only the pinned service spins
     svc.start(30)
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(svc.address)
     try:
         assert os.sched_getaffinity(svc._thread.native_id) == {cpu}
         assert os.sched_getaffinity(0) == before
         tids = [int(t) for t in os.listdir(f"/proc/{os.getpid()}/task")]
         io = [t for t in tids if _thread_name(os.getpid(), t).startswith("ZMQbg/IO")]
         assert io and all(os.sched_getaffinity(t) == before for t in io)
+        _send(raw, 4, [5, 7], [1, 2])
+        _wait_launched(eng, 1)
+        eng.done.set()
+        assert _answered_ids(raw, 1) == [4]
     finally:
+        raw.close(0)
         svc.stop()
         svc.join(10)
         ctx.term()
