@@ -139,6 +139,17 @@ def popen_pinned(cmd: list[str], cpus: set[int] | None, **kw) -> subprocess.Pope
         pin(own)
 
 
+def metrics_endpoints(server_args: list[str]) -> int:
+    """How many metrics endpoints charon-batch started with ``server_args`` serves (on consecutive ports):
+    one per worker with --gpus; with --procs N > 1, the N front ends and then the shared engine.
+
+    Read as charon-batch itself reads its flags (a repeated flag: the last one counts)."""
+    config = batch_parser().parse_args(server_args)
+    if config.gpus:
+        return len(config.gpus.split(","))
+    return config.procs + 1 if config.procs > 1 else 1
+
+
 class ServerStartError(RuntimeError):
     """The spawned charon-batch exited before answering."""
 
@@ -147,12 +158,7 @@ class ServerStartError(RuntimeError):
 def spawned_server(server_args: list[str], ready_timeout: float = 300.0, cpus: set[int] | None = None):
     """Start charon-batch on free loopback ports (on ``cpus`` only, when given, with every process it
     starts); yields (address, metrics URL or URLs)."""
-    n_workers = 1
-    if "--gpus" in server_args:
-        n_workers = len(server_args[server_args.index("--gpus") + 1].split(","))
-    elif "--procs" in server_args:  # front ends on mport + i, the shared engine on mport + N
-        n = int(server_args[server_args.index("--procs") + 1])
-        n_workers = n + 1 if n > 1 else 1
+    n_workers = metrics_endpoints(server_args)
     port, mport = free_port(), free_port_range(n_workers)  # workers serve metrics on mport + i
     cmd = [sys.executable, "-m", "charon.cli", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
            "--log-level", "WARNING", *server_args]  # fmt: skip

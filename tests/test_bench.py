@@ -83,6 +83,17 @@ def test_p99_bound_reads_the_servers_max_wait():
     assert "p99_bound_ms" not in with_p99_bound({"latency_ms": {"p99": 1.0}}, [])  # no server figures
 
 
+def test_metrics_endpoints_read_the_flags_as_charon_batch_does():
+    from charon.bench import metrics_endpoints
+
+    assert metrics_endpoints(["--engine", "cpu"]) == 1
+    assert metrics_endpoints(["--procs", "1"]) == 1
+    assert metrics_endpoints(["--procs", "7"]) == 8  # seven front ends, then the shared engine
+    assert metrics_endpoints(["--procs", "7", "--procs", "8"]) == 9  # a repeated flag: the last counts
+    assert metrics_endpoints(["--procs=3"]) == 4
+    assert metrics_endpoints(["--gpus", "0,1,2"]) == 3
+
+
 def test_bench_refuses_compare_without_spawn():
     with pytest.raises(SystemExit):
         main(["--address", "tcp://127.0.0.1:1", "--compare-per-event"])
