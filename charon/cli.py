@@ -256,10 +256,9 @@ def _start_engine_service(config: ServerConfig):
 
     import zmq
 
+    from .cpus import pin_all_threads, split_engine_cpus
     from .engine_service import EngineService
     from .server import engine_setup
-
-    from .cpus import pin_all_threads, split_engine_cpus
 
     _detector, factory = engine_setup(config)
     split = split_engine_cpus(config.engine_cpus)

@@ -87,6 +87,8 @@ _ID = struct.Struct("<Q")
 
 # ------------------------------------------------------------------ codec
 _ITEMSIZE = {np.float32: 4, np.uint32: 4, np.int64: 8, np.uint8: 1}  # np.dtype(t).itemsize without the lookup
+
+
 def _buffer(frame) -> memoryview:
     return frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
 
