@@ -29,20 +29,27 @@ Wire layout (internal; a DEALER in each front end, the ROUTER here; ipc on one h
           offsets      [E + 1] int64, photons of slot s are offsets[s]:offsets[s + 1]
           event_id     [E] uint32
           first_index  [E] uint32
-      BATCHSHM, head, segment, offsets, event_id, first_index    photons in shared memory
-          head         <QIQQ: batch id, E, n, cap (photons the segment is laid out for)
+      BATCHSHM, body, segment                photons in shared memory
+          body         <QIQQ4x head (32 bytes): batch id, E, n, cap (photons the segment is laid
+                       out for); then offsets [E + 1] int64, event_id [E] uint32, first_index [E]
+                       uint32, so exactly 32 + 16 * E + 8 bytes
           segment      utf-8 name of the front end's segment; the batch starts at its byte 0
                        (table [11 * n] float32, flags at byte 44 * cap: handoff.py)
       RELEASE, segment                       the front end retired that segment: unmap it once unused
     service -> front end
-      HITS, head, words, table, offsets [, failed, error]
-          head         <QIQd: batch id, E, n_hits H, engine seconds of the merged call
-          words        [2 * H] uint32: channel [H], then flags [H]
-          table        [8 * H] float32, rows as HitBatch.table
-          offsets      [E + 1] int64, hits of slot s are offsets[s]:offsets[s + 1]
+      HITS, body [, failed, error]
+          body         <QIQd4x head (32 bytes): batch id, E, n_hits H, engine seconds of the merged
+                       call; then offsets [E + 1] int64 (hits of slot s are offsets[s]:offsets[s + 1]),
+                       channel [H] uint32, flags [H] uint32, table [8 * H] float32 (rows as
+                       HitBatch.table), so exactly 32 + 8 * (E + 1) + 40 * H bytes
           failed       [E] uint8, 1 where the engine failed on that slot (its hits are empty);
                        with error (utf-8, the engine's error), sent only when some slot failed
       REFUSED, head (<Q batch id), reason (utf-8): a malformed BATCH, answered instead of crashing
+
+The per-batch arrays of BATCHSHM and HITS travel in one frame behind their head: every
+batch crosses the engine's single thread, where each frame costs a receive or a send
+call (a few microseconds each on the GPU hosts). The heads are padded to 32 bytes so
+that the int64 offsets after them keep their alignment.
 
 Every frame's length is checked against its head before ``np.frombuffer``; a
 segment's name, size and the batch's extent in it are checked before it is
@@ -80,8 +87,8 @@ HELLO, ENGINE, BATCH, HITS, REFUSED = b"HELLO", b"ENGINE", b"BATCH", b"HITS", b"
 BATCH_SHM, RELEASE = b"BATCHSHM", b"RELEASE"
 MAX_SEGMENTS_PER_PEER = 64  # a front end keeps max_in_flight buffers; grown ones are released
 _BATCH_HEAD = struct.Struct("<QIQ")
-_SHM_HEAD = struct.Struct("<QIQQ")
-_HITS_HEAD = struct.Struct("<QIQd")
+_SHM_HEAD = struct.Struct("<QIQQ4x")  # 32 bytes, then the batch's per-event arrays
+_HITS_HEAD = struct.Struct("<QIQd4x")  # 32 bytes, then the hits
 _ID = struct.Struct("<Q")
 
 
@@ -109,10 +116,16 @@ def encode_batch(batch_id: int, photons: PhotonBatch) -> list:
 
 
 def encode_batch_shm(batch_id: int, photons: PhotonBatch, buffer: SharedHostBuffer) -> list:
-    """A batch assembled in ``buffer``'s segment (at its start): only names and per-event arrays travel."""
-    return [BATCH_SHM, _SHM_HEAD.pack(batch_id, photons.n_events, photons.n_photons, buffer.capacity),
-            buffer.segment.name.encode(), np.ascontiguousarray(photons.offsets, np.int64), photons.event_id,
-            photons.first_index]  # fmt: skip
+    """A batch assembled in ``buffer``'s segment (at its start): only its name and the per-event arrays travel."""
+    E = photons.n_events
+    body = np.empty(_SHM_HEAD.size + 16 * E + 8, np.uint8)
+    _SHM_HEAD.pack_into(body, 0, batch_id, E, photons.n_photons, buffer.capacity)
+    a = _SHM_HEAD.size
+    b = a + 8 * (E + 1)
+    body[a:b].view(np.int64)[:] = photons.offsets
+    body[b : b + 4 * E].view(np.uint32)[:] = photons.event_id
+    body[b + 4 * E :].view(np.uint32)[:] = photons.first_index
+    return [BATCH_SHM, body, buffer.segment.name.encode()]
 
 
 def _head(frames, kind: str, count: int, head: struct.Struct) -> tuple:
@@ -125,17 +138,50 @@ def _head(frames, kind: str, count: int, head: struct.Struct) -> tuple:
     return head.unpack(buf)
 
 
-def _slots(frames, E: int, n: int):
-    """(offsets [E+1] int64, counts [E] int64, event_id [E] uint32, first_index [E] uint32), checked.
+def _counts(offsets: np.ndarray, n: int) -> np.ndarray:
+    """Photons per slot [E] int64, after checking that ``offsets`` run from 0 to ``n`` without decreasing.
 
-    ``counts`` (photons per slot) serves both the check and the merge's slot numbering: one
-    ``np.diff`` per front-end batch instead of two, on the thread every batch passes through."""
-    offsets = _array(frames[0], np.int64, E + 1, "offsets")
+    The counts serve both the check and the merge's slot numbering, on the thread every batch passes through."""
     counts = offsets[1:] - offsets[:-1]  # np.diff, without its generality's overhead
-    if offsets[0] != 0 or offsets[-1] != n or (E and counts.min() < 0):
+    if offsets[0] != 0 or offsets[-1] != n or (len(counts) and counts.min() < 0):
         raise ValueError("offsets are not a non-decreasing 0..n_photons sequence")
-    return (offsets, counts, _array(frames[1], np.uint32, E, "event_id"),
+    return counts
+
+
+def _slots(frames, E: int, n: int):
+    """(offsets [E+1] int64, counts [E] int64, event_id [E] uint32, first_index [E] uint32), checked."""
+    offsets = _array(frames[0], np.int64, E + 1, "offsets")
+    return (offsets, _counts(offsets, n), _array(frames[1], np.uint32, E, "event_id"),
             _array(frames[2], np.uint32, E, "first_index"))  # fmt: skip
+
+
+def _body(frames, kind: str, count: int, head: struct.Struct, parts: tuple, what: str):
+    """The unpacked head of a message whose first frame (after its kind) is a head and then ``parts``,
+    and the arrays of those parts. ``parts(*head)`` gives ((dtype, count), ...); ``what`` names them
+    for the error. The frame count and the body's exact length are checked before any view is made."""
+    if len(frames) != count:
+        raise ValueError(f"{kind} has {len(frames) + 1} frames, expected {count + 1}")
+    buf = _buffer(frames[0])
+    if buf.nbytes < head.size:
+        raise ValueError(f"{kind} body has {buf.nbytes} bytes, shorter than its {head.size}-byte head")
+    values = head.unpack_from(buf)
+    layout = parts(*values)
+    want = head.size + sum(_ITEMSIZE[t] * k for t, k in layout)
+    if buf.nbytes != want:
+        raise ValueError(f"{kind} body has {buf.nbytes} bytes, expected {want} (head, then {what})")
+    arrays, at = [], head.size
+    for t, k in layout:
+        arrays.append(np.frombuffer(buf, t, k, at))
+        at += _ITEMSIZE[t] * k
+    return values, arrays
+
+
+def _shm_parts(batch_id, E, n, cap):
+    return (np.int64, E + 1), (np.uint32, E), (np.uint32, E)
+
+
+def _hits_parts(batch_id, E, H, seconds):
+    return (np.int64, E + 1), (np.uint32, 2 * H), (np.float32, 8 * H)
 
 
 def decode_batch_shm(frames, segment_for) -> tuple[int, "SubBatch"]:
@@ -143,11 +189,12 @@ def decode_batch_shm(frames, segment_for) -> tuple[int, "SubBatch"]:
 
     ``segment_for(name)`` maps (or finds) the named segment and returns its :class:`MappedSegment`;
     everything in the message is checked before it is called. ValueError names the problem."""
-    batch_id, E, n, cap = _head(frames, "BATCHSHM", 5, _SHM_HEAD)
+    (batch_id, E, n, cap), (offsets, event_id, first_index) = _body(
+        frames, "BATCHSHM", 2, _SHM_HEAD, _shm_parts, "offsets [E+1] int64, event_id and first_index [E] uint32")
     if n > cap:
         raise ValueError(f"BATCHSHM has {n} photons in a buffer laid out for {cap}")
+    counts = _counts(offsets, n)
     name = bytes(_buffer(frames[1])).decode("utf-8", "replace")
-    offsets, counts, event_id, first_index = _slots(frames[2:], E, n)
     mapped = segment_for(name)
     table, flags, _slot = mapped.views(cap)
     sub = SubBatch(b"", batch_id, table[: N_ROWS * n].reshape(N_ROWS, n), flags[:n], offsets, event_id, first_index,
@@ -166,31 +213,35 @@ def decode_batch(frames) -> tuple[int, "SubBatch"]:
 
 def encode_hits(batch_id: int, hits: HitBatch, failed: np.ndarray | None, error: str, seconds: float) -> list:
     """``failed`` [E] bool, or None when no slot failed (then neither it nor the error travels)."""
-    E = len(hits.offsets) - 1
-    frames = [HITS, _HITS_HEAD.pack(batch_id, E, hits.n_hits, seconds),
-              np.concatenate((hits.channel, hits.flags)).astype(np.uint32, copy=False),
-              np.ascontiguousarray(hits.table, np.float32).reshape(-1), np.ascontiguousarray(hits.offsets, np.int64)]
+    E, H = len(hits.offsets) - 1, hits.n_hits
+    a = _HITS_HEAD.size
+    b = a + 8 * (E + 1)
+    c = b + 8 * H
+    body = np.empty(c + 32 * H, np.uint8)
+    _HITS_HEAD.pack_into(body, 0, batch_id, E, H, seconds)
+    body[a:b].view(np.int64)[:] = hits.offsets
+    words = body[b:c].view(np.uint32)  # channel [H], then flags [H]
+    words[:H] = hits.channel
+    words[H:] = hits.flags
+    body[c:].view(np.float32).reshape(8, H)[:] = hits.table
+    frames = [HITS, body]
     if failed is not None and failed.any():
         frames += [failed.astype(np.uint8), error.encode()]
-    return frames  # fmt: skip
+    return frames
 
 
 def decode_hits(frames) -> tuple[int, HitBatch, np.ndarray | None, str, float]:
     """frames after the HITS kind -> (batch id, hits, failed [E] bool or None when none failed, error,
     engine seconds)."""
-    n_frames = 6 if len(frames) == 6 else 4
-    batch_id, E, H, seconds = _head(frames, "HITS", n_frames, _HITS_HEAD)
-    words = _array(frames[1], np.uint32, 2 * H, "channel and flags")
-    hits = HitBatch(
-        words[:H],
-        _array(frames[2], np.float32, 8 * H, "table").reshape(8, H),
-        words[H:],
-        _array(frames[3], np.int64, E + 1, "offsets"),
-    )
-    if n_frames == 4:
+    n_frames = 3 if len(frames) == 3 else 1
+    (batch_id, E, H, seconds), (offsets, words, table) = _body(
+        frames, "HITS", n_frames, _HITS_HEAD, _hits_parts,
+        "offsets [E+1] int64, channel and flags [H] uint32, table [8*H] float32")  # fmt: skip
+    hits = HitBatch(words[:H], table.reshape(8, H), words[H:], offsets)
+    if n_frames == 1:
         return batch_id, hits, None, "", seconds
-    failed = _array(frames[4], np.uint8, E, "failed").astype(bool)
-    return batch_id, hits, failed, bytes(_buffer(frames[5])).decode("utf-8", "replace"), seconds
+    failed = _array(frames[1], np.uint8, E, "failed").astype(bool)
+    return batch_id, hits, failed, bytes(_buffer(frames[2])).decode("utf-8", "replace"), seconds
 
 
 # ---------------------------------------------------------------- service

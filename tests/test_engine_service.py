@@ -77,7 +77,7 @@ def test_batch_and_hits_codec_round_trip():
     # Nothing failed: neither the failed slots nor the error travel.
     for none_failed in (None, np.zeros(2, bool)):
         frames = encode_hits(5, hits, none_failed, "", 0.25)
-        assert len(frames) == 5
+        assert len(frames) == 2  # HITS, body
         bid, h, failed, err, sec = decode_hits([bytes(memoryview(f)) for f in frames[1:]])
         assert (bid, failed, err, sec) == (5, None, "", 0.25)
         for name in ("channel", "table", "flags", "offsets"):
@@ -105,20 +105,24 @@ def test_decode_batch_rejects_malformed_frames(mutate, message):
 
 
 def test_decode_hits_rejects_malformed_frames():
-    hits = HitBatch(np.zeros(1, np.uint32), np.zeros((8, 1), np.float32), np.zeros(1, np.uint32), np.array([0, 1]))
-    frames = [bytes(memoryview(f)) for f in encode_hits(1, hits, np.ones(1, bool), "x", 0.0)[1:]]
-    with pytest.raises(ValueError, match="has 6 frames, expected 5"):
-        decode_hits(frames[:-1])
-    with pytest.raises(ValueError, match="channel and flags frame"):
-        decode_hits([frames[0], b"", *frames[2:]])
-    with pytest.raises(ValueError, match="table frame"):
-        decode_hits([*frames[:2], frames[2][:-4], *frames[3:]])
-    with pytest.raises(ValueError, match="offsets frame"):
-        decode_hits([*frames[:3], frames[3] + bytes(8), *frames[4:]])
-    with pytest.raises(ValueError, match="failed frame"):
-        decode_hits([*frames[:4], b"", frames[5]])
-    with pytest.raises(ValueError, match="head has 3 bytes"):
-        decode_hits([frames[0][:3], *frames[1:4]])
+    import charon.engine_service as es
+
+    hits = HitBatch(np.zeros(2, np.uint32), np.zeros((8, 2), np.float32), np.zeros(2, np.uint32), np.array([0, 2]))
+    body, failed, error = [bytes(memoryview(f)) for f in encode_hits(1, hits, np.ones(1, bool), "x", 0.0)[1:]]
+    assert len(body) == 32 + 8 * 2 + 40 * 2
+    for frames, message in [
+        ([body, failed], "has 3 frames, expected 2"),
+        ([body, failed, error, b""], "has 5 frames, expected 2"),
+        ([body[:-4], failed, error], "body has 124 bytes, expected 128"),
+        ([body + bytes(8)], "body has 136 bytes, expected 128"),
+        ([body[:3]], "3 bytes, shorter than its 32-byte head"),
+        ([es._HITS_HEAD.pack(1, 1, 3, 0.0) + body[32:]], "expected 168"),  # the head claims a third hit
+        ([es._HITS_HEAD.pack(1, 2, 2, 0.0) + body[32:]], "expected 136"),  # ... or a second slot
+        ([body, b"", error], "failed frame"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            decode_hits(frames)
+    assert decode_hits([body])[1].n_hits == 2  # the same body, well formed, decodes
 
 
 # ------------------------------------------------------------------ merging
@@ -359,8 +363,8 @@ def test_front_end_survives_bad_answers_from_the_engine_side(det, ref):
         bid, sub = decode_batch(frames[2:])
         hits = ref.propagate(sub.photons(0, sub.n_events))
         good = encode_hits(bid, hits, np.zeros(1, bool), "", 0.0)
-        fake.send_multipart([peer, *good[:3]])  # truncated HITS
-        fake.send_multipart([peer, HITS, (bid + 7).to_bytes(8, "little") + good[1][8:], *good[2:]])  # unknown id
+        fake.send_multipart([peer, HITS, bytes(good[1])[:-4]])  # truncated HITS
+        fake.send_multipart([peer, HITS, (bid + 7).to_bytes(8, "little") + bytes(good[1])[8:]])  # unknown id
         fake.send_multipart([peer, REFUSED, b"\0"])  # malformed REFUSED
         fake.send_multipart([peer, *good])
         r = client.recv(10_000)
@@ -615,15 +619,20 @@ def test_service_refuses_bad_shm_batches_and_keeps_serving(det, monkeypatch):
             good = good[1:]  # after the kind
             head = es._SHM_HEAD
             missing = f"charon-{os.getppid()}-{os.getpid()}-999999"
-            bad = [  # (frames, message); the head's batch id (3) comes back when the head has 8 bytes or more
-                (good[:-1], "expected 6"),
-                ([good[0][:9], *good[1:]], "head has 9 bytes"),
-                ([head.pack(3, 1, 2000, 1024), *good[1:]], "2000 photons in a buffer laid out for 1024"),
-                ([head.pack(3, 1, 5, 10**6), *good[1:]], "needs .* bytes"),
-                ([good[0], b"../../etc/passwd", *good[2:]], "not a charon shared-memory segment name"),
-                ([good[0], missing.encode(), *good[2:]], "cannot open shared-memory segment"),
-                ([*good[:2], np.array([0, 4], np.int64).tobytes(), *good[3:]], "offsets are not"),
-                ([*good[:4], b"\0"], "first_index frame"),
+            body, name = good
+            assert len(body) == 32 + 16 * 1 + 8
+            cap = head.unpack_from(body)[3]
+            rest = body[32:]  # offsets [2] int64, event_id [1], first_index [1] uint32
+            bad = [  # (frames, message); the head's batch id (3) comes back when the body has 8 bytes or more
+                (good[:-1], "has 2 frames, expected 3"),
+                ([body[:9], name], "body has 9 bytes, shorter than its 32-byte head"),
+                ([body[:-1], name], "body has 55 bytes, expected 56"),
+                ([head.pack(3, 2, 5, cap) + rest, name], "expected 72"),  # the head claims a second event
+                ([head.pack(3, 1, 2000, 1024) + rest, name], "2000 photons in a buffer laid out for 1024"),
+                ([head.pack(3, 1, 5, 10**6) + rest, name], "needs .* bytes"),
+                ([body, b"../../etc/passwd"], "not a charon shared-memory segment name"),
+                ([body, missing.encode()], "cannot open shared-memory segment"),
+                ([body[:32] + np.array([0, 4], np.int64).tobytes() + body[48:], name], "offsets are not"),
                 (encode_batch_shm(3, _in_shared(bufs[2], [ev(10_001, 4)], [4]), bufs[2])[1:],
                  "exceed the shared engine's batch of 10000"),
             ]  # fmt: skip
