@@ -65,14 +65,15 @@ import logging
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
 import zmq
 
-from .engine_thread import BatchResult, SlotsResult
 from .cpus import pin
+from .engine_thread import BatchResult, SlotsResult
 from .engines.base import EngineError, StageTimes
 from .handoff import Segment, SharedHostBuffer, available as shm_available, views
 from .metrics import BusyClock, Metrics
@@ -155,7 +156,7 @@ def _slots(frames, E: int, n: int):
             _array(frames[2], np.uint32, E, "first_index"))  # fmt: skip
 
 
-def _body(frames, kind: str, count: int, head: struct.Struct, parts: tuple, what: str):
+def _body(frames, kind: str, count: int, head: struct.Struct, parts: Callable[..., tuple], what: str):
     """The unpacked head of a message whose first frame (after its kind) is a head and then ``parts``,
     and the arrays of those parts. ``parts(*head)`` gives ((dtype, count), ...); ``what`` names them
     for the error. The frame count and the body's exact length are checked before any view is made."""
