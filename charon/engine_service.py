@@ -129,10 +129,15 @@ def encode_batch_shm(batch_id: int, photons: PhotonBatch, buffer: SharedHostBuff
     return [BATCH_SHM, body, buffer.segment.name.encode()]
 
 
-def _head(frames, kind: str, count: int, head: struct.Struct) -> tuple:
-    """Check a message's frame count (``count`` after its kind) and head size; the unpacked head."""
+def _frame_count(frames, kind: str, count: int) -> None:
+    """A message has ``count`` frames after its kind, or ValueError."""
     if len(frames) != count:
         raise ValueError(f"{kind} has {len(frames) + 1} frames, expected {count + 1}")
+
+
+def _head(frames, kind: str, count: int, head: struct.Struct) -> tuple:
+    """Check a message's frame count (``count`` after its kind) and head size; the unpacked head."""
+    _frame_count(frames, kind, count)
     buf = _buffer(frames[0])
     if buf.nbytes != head.size:
         raise ValueError(f"{kind} head has {buf.nbytes} bytes, expected {head.size}")
@@ -160,8 +165,7 @@ def _body(frames, kind: str, count: int, head: struct.Struct, parts: Callable[..
     """The unpacked head of a message whose first frame (after its kind) is a head and then ``parts``,
     and the arrays of those parts. ``parts(*head)`` gives ((dtype, count), ...); ``what`` names them
     for the error. The frame count and the body's exact length are checked before any view is made."""
-    if len(frames) != count:
-        raise ValueError(f"{kind} has {len(frames) + 1} frames, expected {count + 1}")
+    _frame_count(frames, kind, count)
     buf = _buffer(frames[0])
     if buf.nbytes < head.size:
         raise ValueError(f"{kind} body has {buf.nbytes} bytes, shorter than its {head.size}-byte head")
@@ -262,7 +266,7 @@ class SubBatch:
     arrival: float = 0.0  # perf_counter() when the service received it
     error: str = ""
     mapped: "MappedSegment | None" = None  # the shared-memory segment its photons are in (BATCHSHM)
-    counts: np.ndarray | None = None  # [E] int64, photons per slot (np.diff(offsets), kept from the check)
+    counts: np.ndarray | None = None  # [E] int64, photons per slot (np.diff(offsets)), set by both decoders
 
     @property
     def n_photons(self) -> int:
@@ -342,9 +346,8 @@ class MergeBuffer:
             if self.gather:
                 self.pieces.append((a, self.table[:, a : a + n], self.flags[a : a + n]))
         if not self.gather:  # an engine that gathers numbers the slots itself, from the offsets
-            counts = sub.counts if sub.counts is not None else np.diff(sub.offsets)
             self.slot[a : a + n] = np.repeat(np.arange(self.n_events, self.n_events + sub.n_events, dtype=np.int32),
-                                             counts)  # fmt: skip
+                                             sub.counts)  # fmt: skip
         self.subs.append(sub)
         self.n += n
         self.n_events += sub.n_events
