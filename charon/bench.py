@@ -354,6 +354,8 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         # Means only: the server's share of the latency, and (--procs) the shared engine's share of that.
         res["server_latency_ms_mean"] = 1e3 * d("charon_event_seconds_sum") / ne if ne else None
         res["engine_residence_ms_mean"] = 1e3 * d("charon_engine_residence_seconds_sum") / nr if nr else None
+        # --procs: how busy the shared engine's one thread was; near 1 it, not the GPU, sets the pace.
+        res["engine_thread_busy_fraction"] = d("charon_engine_thread_seconds_total") / span if nr else None
         # The front end's share split per batch: its oldest event's wait for dispatch, and the
         # engine round trip (submit to results back in the socket loop).
         nw, nt = d("charon_dispatch_wait_seconds_count"), d("charon_engine_roundtrip_seconds_count")

@@ -34,7 +34,7 @@ Wire layout (internal; a DEALER in each front end, the ROUTER here; ipc on one h
                        out for); then offsets [E + 1] int64, event_id [E] uint32, first_index [E]
                        uint32, so exactly 32 + 16 * E + 8 bytes
           segment      utf-8 name of the front end's segment; the batch starts at its byte 0
-                       (table [11 * n] float32, flags at byte 44 * cap: handoff.py)
+                       (table [11, n] float32, then flags [n] uint32: handoff.py)
       RELEASE, segment                       the front end retired that segment: unmap it once unused
     service -> front end
       HITS, body [, failed, error]
@@ -75,10 +75,10 @@ import zmq
 from .cpus import pin
 from .engine_thread import BatchResult, SlotsResult
 from .engines.base import EngineError, StageTimes
-from .handoff import Segment, SharedHostBuffer, available as shm_available, views
+from .handoff import Segment, SharedHostBuffer, available as shm_available, words
 from .metrics import BusyClock, Metrics
-from .photons import N_ROWS, HitBatch, PhotonBatch, empty_hits
-from .scheduler.batcher import HostBuffer
+from .photons import N_ROWS, HitBatch, PhotonBatch, Piece, empty_hits
+from .scheduler.batcher import HostBuffer, batch_rows
 from .sockets import recv_message, send_message
 from .threads import set_native_thread_name
 
@@ -201,9 +201,9 @@ def decode_batch_shm(frames, segment_for) -> tuple[int, "SubBatch"]:
     counts = _counts(offsets, n)
     name = bytes(_buffer(frames[1])).decode("utf-8", "replace")
     mapped = segment_for(name)
-    table, flags, _slot = mapped.views(cap)
-    sub = SubBatch(b"", batch_id, table[: N_ROWS * n].reshape(N_ROWS, n), flags[:n], offsets, event_id, first_index,
-                   counts=counts, mapped=mapped)  # fmt: skip
+    rows = batch_rows(mapped.words(cap), n)  # [N_ROWS + 1, n]: table, then flags
+    sub = SubBatch(b"", batch_id, rows[:N_ROWS], rows[N_ROWS].view(np.uint32), offsets, event_id, first_index,
+                   counts=counts, mapped=mapped, rows=rows)  # fmt: skip
     return batch_id, sub
 
 
@@ -267,6 +267,7 @@ class SubBatch:
     error: str = ""
     mapped: "MappedSegment | None" = None  # the shared-memory segment its photons are in (BATCHSHM)
     counts: np.ndarray | None = None  # [E] int64, photons per slot (np.diff(offsets)), set by both decoders
+    rows: np.ndarray | None = None  # [N_ROWS + 1, n] float32: table then flags' bits, in a segment (BATCHSHM)
 
     @property
     def n_photons(self) -> int:
@@ -292,12 +293,12 @@ class MappedSegment:
         self.refs = 0
         self.released = False
         self._cap = -1
-        self._views = None
+        self._words = None
 
-    def views(self, cap: int):
+    def words(self, cap: int) -> np.ndarray:
         if cap != self._cap:  # ValueError when the segment is too small for cap
-            self._views, self._cap = views(self.segment, cap), cap
-        return self._views
+            self._words, self._cap = words(self.segment, cap), cap
+        return self._words
 
 
 @dataclass
@@ -323,11 +324,13 @@ class MergeBuffer:
         self.max_events = max_events  # 0: no limit; 1: one event per engine call (ChAR0N-style comparison)
         host = HostBuffer(alloc)
         host.reserve(capacity, capacity)
-        self.table = host.table[: N_ROWS * capacity].reshape(N_ROWS, capacity)  # [N_ROWS, capacity] float32
-        self.flags = host.flags[:capacity]  # [capacity] uint32
-        self.slot = host.slot[:capacity]  # [capacity] int32
+        # Rows of stride capacity, the flags' bits as the last: any column range is one block (Piece.rows).
+        self.rows = host.rows(capacity)  # [N_ROWS + 1, capacity] float32
+        self.table = self.rows[:N_ROWS]  # [N_ROWS, capacity] float32
+        self.flags = self.rows[N_ROWS].view(np.uint32)  # [capacity] uint32
+        self.slot = host.slot(capacity)  # [capacity] int32
         self.subs: list[SubBatch] = []
-        self.pieces: list = []  # gather: [(first column, table [N_ROWS, k] view, flags [k] view)] covering 0..n
+        self.pieces: list[Piece] = []  # gather: where columns 0..n are
         self.n = 0  # photons copied in so far
         self.n_events = 0
 
@@ -339,12 +342,12 @@ class MergeBuffer:
     def append(self, sub: SubBatch) -> None:
         a, n = self.n, sub.n_photons
         if self.gather and sub.mapped is not None:
-            self.pieces.append((a, sub.table, sub.flags))
+            self.pieces.append(Piece(a, sub.table, sub.flags, sub.rows))
         else:
             self.table[:, a : a + n] = sub.table
             self.flags[a : a + n] = sub.flags
             if self.gather:
-                self.pieces.append((a, self.table[:, a : a + n], self.flags[a : a + n]))
+                self.pieces.append(Piece(a, self.table[:, a : a + n], self.flags[a : a + n], self.rows[:, a : a + n]))
         if not self.gather:  # an engine that gathers numbers the slots itself, from the offsets
             self.slot[a : a + n] = np.repeat(np.arange(self.n_events, self.n_events + sub.n_events, dtype=np.int32),
                                              sub.counts)  # fmt: skip
@@ -371,6 +374,7 @@ class MergeBuffer:
             first_index=np.concatenate([s.first_index for s in subs]),
             # With pieces, table holds only the columns copied here: an engine that gathers reads pieces.
             pieces=list(self.pieces) if self.gather else None,
+            rows=None if contiguous or self.gather else self.rows[:, :n],
         )
         return MergedBatch(subs, photons, self)
 
@@ -426,6 +430,7 @@ class EngineService:
         self.max_batch_events = int(max_batch_events)
         self._factory = engine_factory
         self._address = address
+        self._acted = 0  # messages handled, batches launched or collected: a pass that changed it worked
         self.address: str | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -462,6 +467,7 @@ class EngineService:
             # Batches launched and not yet collected: the CUDA engine's lanes, else one at a time.
             self._lanes = len(getattr(self.engine, "lanes", ())) or 1
             gather = bool(getattr(self.engine, "gathers_pieces", False))
+            self._borrow = bool(getattr(self.engine, "lends_hits", False))
             self._free = [MergeBuffer(self.max_batch_photons, alloc, self.max_batch_events, gather)
                           for _ in range(self._lanes + 1)]  # fmt: skip
             self._segments: dict[tuple[bytes, str], MappedSegment] = {}  # (front end, name) -> mapped
@@ -498,9 +504,11 @@ class EngineService:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        m = self.metrics
         while not self._stop.is_set():
             events = poller.poll(0 if self._running else 100)
             t0 = time.perf_counter()
+            acted = self._acted
             # The GPU first: finished batches are collected and the next launched before
             # anything else, so the GPU idles for no more than one pass of this loop.
             self._advance()
@@ -510,13 +518,20 @@ class EngineService:
                         frames = recv_message(self.socket)
                     except zmq.Again:
                         break
+                    self._acted += 1
                     self._handle(frames)
                     # Between messages, not after a burst of them (measured: the GPU idled for
                     # whole bursts when it was checked once per 64 messages).
                     self._advance(within_burst=True)
             self._advance()
-            self.metrics.host_seconds.inc(time.perf_counter() - t0)
-            if self._running and not events and self.spin_sleep:
+            if self._acted != acted:
+                # Passes that received, launched or collected something: the thread's work. The
+                # others only waited or polled the GPU (a pinned thread spins through them), so
+                # work / wall time says how close this thread is to limiting the GPU.
+                work = time.perf_counter() - t0
+                m.host_seconds.inc(work)
+                m.engine_thread_seconds.inc(work)
+            elif self._running and self.spin_sleep:
                 time.sleep(self.spin_sleep)
 
     def _advance(self, within_burst: bool = False) -> None:
@@ -526,6 +541,11 @@ class EngineService:
         burst is merged first, so that a lone first message does not become a batch."""
         running = self._running
         while running and self._engine_ready(running[0].handle):
+            self._acted += 1
+            if len(running) == 1 and self._building.subs and self._lanes > 1:
+                # The GPU has nothing else to run: the building batch goes to the free lane before
+                # this one's hits are copied out and answered, not after (the GPU would idle meanwhile).
+                self._launch()
             done = running.popleft()
             results = self._collect(done)
             self._launch_if_free()
@@ -629,7 +649,7 @@ class EngineService:
                 self.engine.unregister_host(m.token)
             except Exception as exc:
                 log.warning("shared engine: unpinning segment %s failed: %s", m.segment.name, exc)
-        m._views = None
+        m._words = None
         m.segment.close()
 
     def _done_with(self, sub: SubBatch) -> None:
@@ -641,6 +661,7 @@ class EngineService:
 
     # ------------------------------------------------------------ engine
     def _launch(self) -> None:
+        self._acted += 1
         buf = self._building
         batch = buf.seal(contiguous=not getattr(self.engine, "strided_rows", False))
         if not self._running:
@@ -667,6 +688,8 @@ class EngineService:
                 if handle.exc is not None:
                     raise handle.exc
                 hits = handle.hits
+            elif self._borrow:  # pinned and reused: _reply encodes each front end's share before the next collect
+                hits = self.engine.finish(handle, borrow=True)
             else:
                 hits = self.engine.finish(handle)
             lt = self.engine.last_times

@@ -14,12 +14,14 @@ per-event arrays and the segment's name.
 Segment layout (one per front-end host buffer; a buffer that must grow gets a
 new segment and retires the old one, never resizes it)::
 
-    byte 0                      table  [N_ROWS * cap] float32   a batch's [N_ROWS, n] table, rows of stride n
-    N_ROWS * cap * 4            flags  [cap] uint32
+    byte 0                      rows   [N_ROWS + 1, n] float32  a batch of n photons: its table's rows (stride n),
+                                                                then its flags [n] uint32 as one more row
     (N_ROWS + 1) * cap * 4      slot   [cap] int32              the front end's own; the engine numbers merged slots
 
-A batch always starts at byte 0 of its segment, so ``cap`` (from the message,
-checked against the segment's size) and ``n`` locate everything.
+(scheduler/batcher.py HostBuffer, whose words this is.) A batch always starts at
+byte 0 of its segment, so ``cap`` (from the message, checked against the
+segment's size) and ``n`` locate everything. Flags right after the table let the
+engine copy a front-end batch to the device in one 2D copy.
 
 Names are ``charon-<launcher pid>-<front-end pid>-<k>``: the launcher removes
 whatever a killed front end left behind (:func:`remove_leftovers`). Segments are
@@ -40,8 +42,7 @@ import re
 
 import numpy as np
 
-from .photons import N_ROWS
-from .scheduler.batcher import HostBuffer
+from .scheduler.batcher import HostBuffer, buffer_words
 
 log = logging.getLogger("charon.handoff")
 
@@ -51,7 +52,7 @@ _numbers = itertools.count()  # thread-safe in CPython: front ends run as thread
 
 
 def segment_bytes(cap: int) -> int:
-    return (N_ROWS + 2) * cap * 4
+    return 4 * buffer_words(cap)
 
 
 def available(directory: str = SHM_DIR) -> bool:
@@ -119,13 +120,13 @@ class Segment:
             self.mm.close()
 
 
-def views(seg: Segment, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(table [N_ROWS * cap] float32, flags [cap] uint32, slot [cap] int32) of a segment laid out for ``cap``."""
+def words(seg: Segment, cap: int) -> np.ndarray:
+    """The [(N_ROWS + 2) * cap] float32 words of a segment laid out as a batch buffer for ``cap`` photons
+    (scheduler/batcher.py HostBuffer: a batch of n as [N_ROWS + 1, n] rows from word 0, table then flags)."""
     if segment_bytes(cap) > seg.nbytes:
         raise ValueError(f"a batch buffer of {cap} photons needs {segment_bytes(cap)} bytes; "
                          f"segment {seg.name} has {seg.nbytes}")  # fmt: skip
-    return (seg.array(np.float32, 0, N_ROWS * cap), seg.array(np.uint32, N_ROWS * cap * 4, cap),
-            seg.array(np.int32, (N_ROWS + 1) * cap * 4, cap))  # fmt: skip
+    return seg.array(np.float32, 0, buffer_words(cap))
 
 
 class SharedHostBuffer(HostBuffer):
@@ -151,12 +152,7 @@ class SharedHostBuffer(HostBuffer):
             log.warning("no shared memory for a batch of %d photons (%s); this buffer's photons go over the "
                         "socket", cap, exc)  # fmt: skip
             seg = None
-        if seg is None:
-            self.table = np.empty(N_ROWS * cap, np.float32)
-            self.flags = np.empty(cap, np.uint32)
-            self.slot = np.empty(cap, np.int32)
-        else:
-            self.table, self.flags, self.slot = views(seg, cap)
+        self.words = np.empty(buffer_words(cap), np.float32) if seg is None else words(seg, cap)
         self.segment, self.capacity = seg, cap
         if old is not None:
             old.close()

@@ -87,6 +87,9 @@ class Metrics:
         self.handoff_batches = Counter("charon_handoff_batches", "Shared engine (--procs): front-end batches "
                                        "received, by how their photons came (shm or socket)", ["path"],
                                        registry=r)  # fmt: skip
+        self.engine_thread_seconds = Counter(
+            "charon_engine_thread_seconds", "Shared engine (--procs): time its thread spent receiving, merging, "
+            "launching, collecting and answering batches (the rest it waited or polled the GPU)", registry=r)
         self.engine_residence_seconds = Histogram(
             "charon_engine_residence_seconds", "Shared engine (--procs): a front end's batch received to its hits "
             "sent", buckets=_SECOND_BUCKETS, registry=r)  # fmt: skip

@@ -9,6 +9,7 @@ are gathered with a single fancy index.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,6 +37,15 @@ SCINTILLATION = 0x800
 NAN_ABORT = 0x80000000
 
 
+class Piece(NamedTuple):
+    """A column range of a merged batch, where its photons really are (PhotonBatch.pieces)."""
+
+    first: int  # first column of the merged batch
+    table: np.ndarray  # [N_ROWS, k] float32 view
+    flags: np.ndarray  # [k] uint32 view
+    rows: np.ndarray | None  # [N_ROWS + 1, k] float32: table and flags' bits as one block (PhotonBatch.rows)
+
+
 @dataclass
 class PhotonBatch:
     """Photons of many events, grouped contiguously by event slot (awkward-style offsets).
@@ -51,10 +61,14 @@ class PhotonBatch:
     event_id: np.ndarray  # [E] uint32, RNG key per slot
     first_index: np.ndarray  # [E] uint32, index within its event of the slot's first photon
     # The shared engine's merged batch for an engine that gathers (CUDA): where each column range
-    # of the table really is, [(first column, [N_ROWS, k] float32 view, [k] uint32 flags view)],
-    # so that photons in front ends' shared memory go to the device without a host copy.
+    # of the table really is (a list of Piece), so that photons in front ends' shared memory go
+    # to the device without a host copy.
     # Such a batch's ``slot`` is empty: that engine numbers slots from ``offsets`` itself.
     pieces: list | None = None
+    # [N_ROWS + 1, n] float32 when table and flags lie in one block of equal-stride rows (the
+    # flags' bits as the last row: scheduler/batcher.py HostBuffer), else None. An engine copies
+    # it to the device in one go.
+    rows: np.ndarray | None = None
 
     @property
     def n_photons(self) -> int:

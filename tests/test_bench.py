@@ -45,6 +45,7 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         # The server's share of the latency: positive, and within what the clients saw (it is part of it).
         assert 0 < r["server_latency_ms_mean"] <= r["latency_ms"]["p99"]
         assert r["engine_residence_ms_mean"] is None  # one process: no shared engine
+        assert r["engine_thread_busy_fraction"] is None
         assert r["events_by_endpoint"] == [60]  # one endpoint answered every event
         assert r["handoff_shm_fraction"] is None  # one process: no hand-off to a shared engine
         # Per batch: the oldest event's wait for dispatch and the engine round trip, both within

@@ -175,10 +175,11 @@ def _gathered(engine, tables):
     whole = _batch(tables[1:3], [1, 2])
     n = whole.n_photons
     shared.reserve(n, n)
-    shared.table[: N_ROWS * n] = whole.table.ravel()
-    shared.flags[:n] = whole.flags
-    photons = PhotonBatch(shared.table[: N_ROWS * n].reshape(N_ROWS, n), shared.flags[:n], whole.slot,
-                          whole.offsets, whole.event_id, whole.first_index)  # fmt: skip
+    rows = shared.rows(n)  # as the batcher lays a batch out: table rows, then the flags' bits
+    rows[:N_ROWS] = whole.table
+    rows[N_ROWS].view(np.uint32)[:] = whole.flags
+    photons = PhotonBatch(rows[:N_ROWS], rows[N_ROWS].view(np.uint32), whole.slot, whole.offsets, whole.event_id,
+                          whole.first_index, rows=rows)  # fmt: skip
     seg = Segment.attach(shared.segment.name)
     mapped = MappedSegment(b"", seg, engine.register_host(np.frombuffer(seg.mm, np.uint8)))
     frames = [bytes(memoryview(f)) for f in encode_batch_shm(1, photons, shared)[1:]]
@@ -206,7 +207,7 @@ def _gathered_and_contiguous(engine, tables):
     gathered, cleanup = _gathered(engine, tables)
     try:
         first = [tables[0].shape[1], tables[0].shape[1] + tables[1].shape[1] + tables[2].shape[1]]
-        assert [a for a, _, _ in gathered.pieces] == [0, *first]
+        assert [p.first for p in gathered.pieces] == [0, *first]
         got = engine.propagate(gathered)
     finally:
         cleanup()
@@ -478,3 +479,55 @@ def test_gathered_pieces_on_a_real_gpu_use_one_2d_copy_each(gpu_pair):
     got, want = _gathered_and_contiguous(gpu, tables)
     assert want.n_hits > 100
     _assert_same_hits(got, want)
+
+
+@REAL_GPU
+def test_a_batch_laid_out_as_one_block_of_rows_goes_in_one_copy(gpu_pair, monkeypatch):
+    """A batch assembled as the batcher does (table rows, then the flags' bits: PhotonBatch.rows) is copied
+    to the device in one call, and gives the hits and histories of the same batch given as table and flags."""
+    from charon.photons import CHERENKOV
+    from charon.scheduler.batcher import HostBuffer
+
+    _, gpu, _ = gpu_pair
+    rng = np.random.default_rng(10)
+    tables = [random_event(n, rng) for n in (3000, 5000, 800)]
+    flags = [np.where(rng.random(t.shape[1]) < 0.5, CHERENKOV, 0).astype(np.uint32) for t in tables]
+    plain = PhotonBatch.from_events([t.copy() for t in tables], [4, 5, 6], flags=flags)
+    n = plain.n_photons
+    buf = HostBuffer()
+    buf.reserve(n, n)
+    rows = buf.rows(n)
+    rows[:N_ROWS] = plain.table
+    rows[N_ROWS].view(np.uint32)[:] = plain.flags
+    blocked = PhotonBatch(rows[:N_ROWS], rows[N_ROWS].view(np.uint32), plain.slot, plain.offsets, plain.event_id,
+                          plain.first_index, rows=rows)  # fmt: skip
+    calls = []
+    for lane in gpu.lanes:
+        real = lane._h2d.rows
+        monkeypatch.setattr(lane._h2d, "rows", lambda *a, _real=real: calls.append(a[3].shape) or _real(*a))
+    got = gpu.propagate(blocked, keep_photons=True)
+    assert calls == [(N_ROWS + 1, n)]
+    want = gpu.propagate(plain, keep_photons=True)
+    assert len(calls) == 1  # the plain batch went row by row, not through rows()
+    assert want.n_hits > 100
+    _assert_same_hits(got, want)
+    np.testing.assert_array_equal(blocked.flags, plain.flags)  # every photon's history, copied back in place
+    assert np.any(got.flags & CHERENKOV)  # the client's bits reached the device with the rows
+
+
+@REAL_GPU
+def test_borrowed_hits_are_the_owned_hits_in_the_lanes_pinned_buffers(gpu_pair):
+    """finish(borrow=True), as the shared engine collects: the same hits, copied into the lane's pinned
+    buffers (DMA, no driver staging) instead of fresh arrays."""
+    _, gpu, _ = gpu_pair
+    assert gpu.lends_hits
+    rng = np.random.default_rng(12)
+    tables = [random_event(n, rng) for n in (4000, 6000)]
+    want = gpu.propagate(_batch(tables, [1, 2]))
+    launch = gpu.launch(_batch(tables, [1, 2]))
+    lane = launch.lane
+    got = gpu.finish(launch, borrow=True)
+    assert want.n_hits > 100
+    _assert_same_hits(got, want)
+    assert np.shares_memory(got.table, lane.h_out_f) and np.shares_memory(got.channel, lane.h_out_u)
+    assert not np.shares_memory(want.table, lane.h_out_f)

@@ -536,6 +536,45 @@ def test_second_lane_waits_until_the_building_batch_is_as_large_as_the_running_o
         assert _answered_ids(raw, 3) == [1, 2, 3]
 
 
+class _OrderedTwoLanes(_TwoLaneStandIn):
+    """Two lanes that log the order of launches and finishes."""
+
+    def __init__(self):
+        super().__init__()
+        self.log: list[tuple[str, int]] = []
+
+    def launch(self, batch):
+        handle = super().launch(batch)
+        self.log.append(("launch", handle[0]))
+        return handle
+
+    def finish(self, handle):
+        self.log.append(("finish", handle[0]))
+        return super().finish(handle)
+
+
+def test_when_the_last_running_batch_ends_the_next_is_launched_before_it_is_collected():
+    """The GPU would idle while a batch's hits are copied out and answered: with a free lane, the building
+    batch (however small) is launched first. The thread's work time counts only passes that did something."""
+    eng = _OrderedTwoLanes()
+    with _service_and_socket(eng) as (svc, raw):
+        work = lambda: svc.metrics.registry.get_sample_value("charon_engine_thread_seconds_total")  # noqa: E731
+        _send(raw, 1, [4] * 5, list(range(5)))
+        _wait_launched(eng, 1)
+        _send(raw, 2, [4], [9])  # smaller than the running batch: it keeps filling while that one runs
+        threading.Event().wait(0.3)
+        assert eng.launched == [5]
+        busy = work()
+        threading.Event().wait(0.5)  # the thread polls the running batch: waiting, not work
+        assert busy > 0 and work() == busy
+        eng.finish_flags[0].set()
+        assert _answered_ids(raw, 1) == [1]
+        assert eng.log == [("launch", 0), ("launch", 1), ("finish", 0)]
+        eng.finish_flags[1].set()
+        assert _answered_ids(raw, 1) == [2]
+        assert eng.log[3:] == [("finish", 1)] and work() > busy
+
+
 # ------------------------------------------------------ shared-memory hand-off
 needs_shm = pytest.mark.skipif(not shm_available(), reason="needs a writable /dev/shm (Linux)")
 
@@ -545,10 +584,11 @@ def _in_shared(buf: SharedHostBuffer, tables, ids) -> PhotonBatch:
     b = PhotonBatch.from_events(tables, ids)
     n = b.n_photons
     buf.reserve(n, 1 << 20)
-    table = buf.table[: N_ROWS * n].reshape(N_ROWS, n)
-    table[:] = b.table
-    buf.flags[:n] = b.flags
-    return PhotonBatch(table, buf.flags[:n], b.slot, b.offsets, b.event_id, b.first_index)
+    rows = buf.rows(n)  # table rows, then the flags' bits
+    rows[:N_ROWS] = b.table
+    rows[N_ROWS].view(np.uint32)[:] = b.flags
+    return PhotonBatch(rows[:N_ROWS], rows[N_ROWS].view(np.uint32), b.slot, b.offsets, b.event_id, b.first_index,
+                       rows=rows)  # fmt: skip
 
 
 @needs_shm
@@ -566,13 +606,23 @@ def test_merge_buffer_gathers_shared_pieces_without_copying_them():
             gather.append(sub)
             copy.append(sub)
         g, c = gather.seal(contiguous=False).photons, copy.seal(contiguous=False).photons
-        assert c.pieces is None and [a for a, _, _ in g.pieces] == [0, 30, 90]
+        assert c.pieces is None and [p.first for p in g.pieces] == [0, 30, 90]
         # The shared photons were not copied: the piece views the engine side's mapping of the segment.
-        assert np.shares_memory(g.pieces[1][1], np.frombuffer(shm_sub.mapped.segment.mm, np.uint8))
-        assert not np.shares_memory(g.pieces[1][1], gather.table)
-        rebuilt = np.concatenate([t for _, t, _ in g.pieces], axis=1)
+        assert np.shares_memory(g.pieces[1].table, np.frombuffer(shm_sub.mapped.segment.mm, np.uint8))
+        assert not np.shares_memory(g.pieces[1].table, gather.table)
+        rebuilt = np.concatenate([p.table for p in g.pieces], axis=1)
         np.testing.assert_array_equal(rebuilt, c.table)
-        np.testing.assert_array_equal(np.concatenate([f for _, _, f in g.pieces]), c.flags)
+        np.testing.assert_array_equal(np.concatenate([p.flags for p in g.pieces]), c.flags)
+        # Each piece is also one block of N_ROWS + 1 equal-stride rows (table, then the flags' bits),
+        # which the engine copies to the device in one go; the merge buffer's own pieces too.
+        for p in g.pieces:
+            assert p.rows.shape == (N_ROWS + 1, p.table.shape[1]) and p.rows.strides[1] == 4
+            assert np.shares_memory(p.rows, p.table) and np.shares_memory(p.rows, p.flags)
+            np.testing.assert_array_equal(p.rows[:N_ROWS], p.table)
+            np.testing.assert_array_equal(p.rows[N_ROWS].view(np.uint32), p.flags)
+        # Copied in, not gathered: the rows are the merge buffer's, for one copy of the whole batch.
+        assert c.rows is not None and np.shares_memory(c.rows, copy.table)
+        np.testing.assert_array_equal(c.rows[N_ROWS].view(np.uint32), c.flags)
         # No slot numbers for an engine that gathers: it derives them from the offsets (kernels/slots.py).
         assert g.slot.shape == (0,) and c.slot.shape == (120,)
         np.testing.assert_array_equal(photon_slots_ref(g.offsets), c.slot)

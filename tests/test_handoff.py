@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from charon import handoff
-from charon.handoff import Segment, SharedHostBuffer, remove_leftovers, segment_bytes, views
+from charon.handoff import Segment, SharedHostBuffer, remove_leftovers, segment_bytes, words
 from charon.photons import N_ROWS
 
 needs_shm = pytest.mark.skipif(not handoff.available(), reason="needs a writable /dev/shm (Linux)")
@@ -24,13 +24,16 @@ def test_buffer_lives_in_a_segment_the_engine_side_can_map():
         assert seg.name.startswith(f"charon-{os.getppid()}-{os.getpid()}-")
         assert buf.capacity == 1024 and seg.nbytes == segment_bytes(1024)
         n = 100
-        table = buf.table[: N_ROWS * n].reshape(N_ROWS, n)  # as the batcher assembles a batch
-        table[:] = np.arange(N_ROWS * n, dtype=np.float32).reshape(N_ROWS, n)
-        buf.flags[:n] = np.arange(n, dtype=np.uint32) * 3
+        rows = buf.rows(n)  # as the batcher assembles a batch: table rows, then the flags' bits
+        rows[:N_ROWS] = np.arange(N_ROWS * n, dtype=np.float32).reshape(N_ROWS, n)
+        rows[N_ROWS].view(np.uint32)[:] = np.arange(n, dtype=np.uint32) * 3
         other = Segment.attach(seg.name)  # what the engine's process does
-        t, f, _ = views(other, buf.capacity)
-        np.testing.assert_array_equal(t[: N_ROWS * n].reshape(N_ROWS, n), table)
-        np.testing.assert_array_equal(f[:n], buf.flags[:n])
+        w = words(other, buf.capacity)
+        assert len(w) == (N_ROWS + 2) * buf.capacity
+        seen = w[: (N_ROWS + 1) * n].reshape(N_ROWS + 1, n)
+        np.testing.assert_array_equal(seen[:N_ROWS], np.arange(N_ROWS * n, dtype=np.float32).reshape(N_ROWS, n))
+        np.testing.assert_array_equal(seen[N_ROWS].view(np.uint32), np.arange(n, dtype=np.uint32) * 3)
+        del w, seen
         other.close()
     finally:
         buf.close()
@@ -65,7 +68,7 @@ def test_full_shm_falls_back_to_private_memory(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, "charon.handoff"):
         buf.reserve(100, 1000)
     assert buf.segment is None and buf.capacity == 1000
-    assert buf.table.shape == (N_ROWS * 1000,) and buf.flags.shape == (1000,)
+    assert buf.words.shape == ((N_ROWS + 2) * 1000,) and buf.rows(1000).shape == (N_ROWS + 1, 1000)
     assert "No space left" in caplog.text
     assert set(os.listdir(handoff.SHM_DIR)) == before  # the half-made file was removed
 
@@ -83,7 +86,7 @@ def test_attach_rejects_bad_or_missing_names(name, message):
 
 
 @needs_shm
-def test_attach_rejects_empty_segment_and_views_check_the_size():
+def test_attach_rejects_empty_segment_and_words_check_the_size():
     path = os.path.join(handoff.SHM_DIR, f"charon-{os.getppid()}-{os.getpid()}-987654")
     open(path, "wb").close()
     try:
@@ -93,9 +96,9 @@ def test_attach_rejects_empty_segment_and_views_check_the_size():
         os.unlink(path)
     seg = Segment.create(segment_bytes(100))
     try:
-        assert len(views(seg, 100)[0]) == N_ROWS * 100
+        assert len(words(seg, 100)) == (N_ROWS + 2) * 100
         with pytest.raises(ValueError, match="needs .* bytes"):
-            views(seg, 101)
+            words(seg, 101)
     finally:
         seg.close()
 

@@ -290,6 +290,7 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     # --engine-cpus (reuseport run, where at least two CPUs): the engine thread gets the first CPU to itself.
     pinned = accept == "reuseport" and len(allowed) >= 2
+    started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--procs", "2", "--engine", "cpu", "--detector",
                              "sphere", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
                              "--log-level", "WARNING", "--accept", accept]
@@ -340,6 +341,8 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
         assert sum(sample(k, "charon_event_seconds_count") for k in range(2)) >= 48
         assert sample(2, "charon_engine_residence_seconds_count") >= 1
         assert sample(2, "charon_engine_residence_seconds_sum") > 0
+        # The shared engine's thread counts the time it worked on those batches.
+        assert 0 < sample(2, "charon_engine_thread_seconds_total") < time.monotonic() - started
         if shm_available():  # photons reached the shared engine through the front ends' shared memory
             assert sample(2, 'charon_handoff_batches_total{path="shm"}') >= 1
             fronts = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()

@@ -45,10 +45,11 @@ from ..kernels.slots import photon_slots  # noqa: E402
 from ..photons import N_ROWS, HitBatch, PhotonBatch  # noqa: E402
 from .base import Engine, EngineConfig, EngineError  # noqa: E402
 from .cuda_driver import DirectCopy, TimingEvent  # noqa: E402
-from .cuda_launch import PreboundKernel, stream_handle, view  # noqa: E402
+from .cuda_launch import DeviceView, PreboundKernel, stream_handle, view  # noqa: E402
 from .tables import kernel_tables  # noqa: E402
 
 THREADS_PER_BLOCK = 128
+_U32 = np.dtype(np.uint32)
 
 
 def simulator() -> bool:
@@ -150,8 +151,9 @@ class _Lane:
             return
         cap = max(n, self.capacity * 2) if self.capacity else n
         cap = max(cap, 1)
-        self.d_table = cuda.device_array(N_ROWS * cap, np.float32)  # [11 * cap]
-        self.d_flags = cuda.device_array(cap, np.uint32)
+        # [(N_ROWS + 1) * cap] float32: a batch of n is [N_ROWS + 1, n] rows, the table's and then its
+        # flags' bits (uint32 views, _flags), as host buffers lay it out: one copy per block (PhotonBatch.rows)
+        self.d_table = cuda.device_array((N_ROWS + 1) * cap, np.float32)
         self.d_slot = cuda.device_array(cap, np.int32)
         self.d_last = cuda.device_array(cap, np.int32)
         self.d_channel = cuda.device_array(cap, np.int32)
@@ -164,6 +166,10 @@ class _Lane:
         self.d_out_f = cuda.device_array(8 * cap, np.float32)
         self.d_out_u = cuda.device_array(2 * cap, np.uint32)
         self.h_total = cuda.pinned_array(1, np.int32)
+        if not simulator():  # hits lent by finish(borrow=True): copied out by DMA, no driver staging
+            self.h_out_f = cuda.pinned_array(8 * cap, np.float32)  # [8 * cap] float32
+            self.h_out_u = cuda.pinned_array(2 * cap, np.uint32)  # [2 * cap] uint32: channel, then flags
+            self.h_hit_offsets = cuda.pinned_array(cap + 1, np.int32)  # [cap + 1] int32
         self.scan = self.k.Scan(cap + 1)
         self.capacity = cap
         if self._h2d is not None:  # its cached pointers are the old buffers'
@@ -199,17 +205,23 @@ class _Lane:
         with ``views`` the batch-sized table is a DeviceView (prebound), else a numba slice."""
         if views:
             table = view(self.d_table, (N_ROWS, n))
+            flags = DeviceView(table.ptr + 4 * N_ROWS * n, (n,), 4, _U32)
         else:
             table = self.d_table[: N_ROWS * n].reshape(N_ROWS, n)
+            flags = self._flags(n)
         seed = np.uint32(self.config.seed & 0xFFFFFFFF)
         return {
-            "propagate_kernel": (table, self.d_flags, self.d_last, self.d_channel, self.d_is_hit, self.d_slot,
+            "propagate_kernel": (table, flags, self.d_last, self.d_channel, self.d_is_hit, self.d_slot,
                                  self.d_event_id, self.d_first_index, self.d_offsets, seed, self.config.max_steps,
                                  self.d_tri_channel, *self.d_geometry),
             "photon_slots": (self.d_offsets, self.d_slot, E, n),
             "event_offsets": (self.d_pos, self.d_offsets, self.d_hit_offsets, E),
-            "scatter_hits": (table, self.d_flags, self.d_channel, self.d_pos, self.d_out_f, self.d_out_u, n),
+            "scatter_hits": (table, flags, self.d_channel, self.d_pos, self.d_out_f, self.d_out_u, n),
         }  # fmt: skip
+
+    def _flags(self, n: int):
+        """[n] uint32 device view: the flags' row of a batch of n photons, right after its table."""
+        return self.d_table[N_ROWS * n : (N_ROWS + 1) * n].view(np.uint32)
 
     def _run(self, kernel, grid: int, block: int, *args) -> None:
         pre = self._pre.get(kernel) if self._pre is not None else None
@@ -246,10 +258,12 @@ class _Lane:
                 self.d_first_index[:E].copy_to_device(batch.first_index, stream=s)
                 self.d_offsets[: E + 1].copy_to_device(batch.offsets, stream=s)
         elif h2d is not None:  # direct driver calls: the fixed cost per batch is mostly these copies' overhead
-            if n:
+            if n and batch.rows is not None:  # table and flags in one block of rows: one copy
+                h2d.rows(self.d_table, n, 0, batch.rows)
+            elif n:
                 for r in range(N_ROWS):  # device rows have stride n; host rows may be strided (merge buffer)
                     h2d(self.d_table, batch.table[r], r * n)
-                h2d(self.d_flags, batch.flags[:n])
+                h2d(self.d_table, batch.flags[:n], N_ROWS * n)
             h2d(self.d_event_id, np.ascontiguousarray(batch.event_id, np.uint32))
             h2d(self.d_first_index, np.ascontiguousarray(batch.first_index, np.uint32))
             h2d(self.d_offsets, np.ascontiguousarray(batch.offsets, np.int64))
@@ -261,7 +275,7 @@ class _Lane:
                 else:  # rows of a preallocated [11, capacity] buffer (the shared engine's merge)
                     for r in range(N_ROWS):
                         d_table[r].copy_to_device(batch.table[r], stream=s)
-                self.d_flags[:n].copy_to_device(batch.flags, stream=s)
+                self._flags(n).copy_to_device(np.ascontiguousarray(batch.flags), stream=s)
             self.d_event_id[:E].copy_to_device(batch.event_id, stream=s)
             self.d_first_index[:E].copy_to_device(batch.first_index, stream=s)
             self.d_offsets[: E + 1].copy_to_device(batch.offsets, stream=s)
@@ -277,37 +291,44 @@ class _Lane:
             if h2d is not None:
                 for r in range(N_ROWS):
                     h2d.to_host(batch.table[r], self.d_table, r * n)
-                h2d.to_host(batch.flags[:n], self.d_flags)
+                h2d.to_host(batch.flags[:n], self.d_table, N_ROWS * n)
             else:
                 args["propagate_kernel"][0].copy_to_host(batch.table, stream=s)
-                self.d_flags[:n].copy_to_host(batch.flags, stream=s)
+                self._flags(n).copy_to_host(batch.flags, stream=s)
         ev[4].record(self._rec)
         return _Launch(self, n, E, ev)
 
     def _gather(self, d_table, pieces: list, n: int) -> None:
-        """Copy each piece (first column, [N_ROWS, k] table, [k] flags) to its columns of the device batch."""
+        """Copy each piece (photons.Piece) to its columns of the device batch: table and flags as one
+        block of N_ROWS + 1 rows where the piece has them so (shared memory, the merge buffer)."""
         h2d, s = self._h2d, self.stream
-        for a, table, flags in pieces:
+        d_flags = None
+        for a, table, flags, rows in pieces:
             k = table.shape[1]
             if h2d is not None:
-                h2d.rows(self.d_table, n, a, table)
-                h2d(self.d_flags, np.ascontiguousarray(flags), a)
+                if rows is not None:
+                    h2d.rows(self.d_table, n, a, rows)
+                else:
+                    h2d.rows(self.d_table, n, a, table)
+                    h2d(self.d_table, np.ascontiguousarray(flags), N_ROWS * n + a)
             else:  # the simulator (CI)
+                d_flags = self._flags(n) if d_flags is None else d_flags
                 for r in range(N_ROWS):
                     d_table[r, a : a + k].copy_to_device(np.ascontiguousarray(table[r]), stream=s)
-                self.d_flags[a : a + k].copy_to_device(np.ascontiguousarray(flags), stream=s)
+                d_flags[a : a + k].copy_to_device(np.ascontiguousarray(flags), stream=s)
 
     def ready(self, launch: "_Launch") -> bool:
         """True once the batch's GPU work is done (never blocks)."""
         query = getattr(launch.events[4], "query", None)  # the simulator runs synchronously
         return True if query is None else bool(query())
 
-    def finish(self, launch: "_Launch") -> HitBatch:
-        """Wait for the batch, copy its hits out (sized by the hit total) and return them."""
+    def finish(self, launch: "_Launch", borrow: bool = False) -> HitBatch:
+        """Wait for the batch, copy its hits out (sized by the hit total) and return them
+        (``borrow``: in this lane's pinned buffers, valid until its next finish)."""
         ev = launch.events
         ev[4].synchronize()
         ev[5].record(self._rec)
-        hits = self._copy_out(launch.n, launch.E)
+        hits = self._copy_out(launch.n, launch.E, borrow)
         ev[6].record(self._rec)
         ev[6].synchronize()
         t = self.engine.last_times
@@ -337,13 +358,17 @@ class _Lane:
         else:
             self.d_pos[n : n + 1].copy_to_host(self.h_total, stream=s)
 
-    def _copy_out(self, n: int, E: int) -> HitBatch:
-        """The hits of a batch whose compute is done, on this lane's stream."""
+    def _copy_out(self, n: int, E: int, borrow: bool = False) -> HitBatch:
+        """The hits of a batch whose compute is done, on this lane's stream; with ``borrow`` (not in the
+        simulator) into this lane's pinned buffers, which the next finish overwrites."""
         s = self.stream
         H = int(self.h_total[0])
-        out_f = np.empty(8 * H, np.float32)
-        out_u = np.empty(2 * H, np.uint32)
-        offsets = np.empty(E + 1, np.int32)
+        if borrow and self._h2d is not None:
+            out_f, out_u, offsets = self.h_out_f[: 8 * H], self.h_out_u[: 2 * H], self.h_hit_offsets[: E + 1]
+        else:  # owned by the caller; pageable, so the driver stages the copy through its own pinned memory
+            out_f = np.empty(8 * H, np.float32)
+            out_u = np.empty(2 * H, np.uint32)
+            offsets = np.empty(E + 1, np.int32)
         d2h = self._h2d.to_host if self._h2d is not None else None
         if d2h is not None:
             d2h(out_f, self.d_out_f)
@@ -368,7 +393,7 @@ class _Lane:
         d_table = self.d_table[: N_ROWS * n].reshape(N_ROWS, n)
         if n:
             d_table.copy_to_device(np.ascontiguousarray(table, np.float32), stream=s)
-            self.d_flags[:n].copy_to_device(np.asarray(flags, np.uint32), stream=s)
+            self._flags(n).copy_to_device(np.ascontiguousarray(flags, np.uint32), stream=s)
             self.d_channel[:n].copy_to_device(np.asarray(channel, np.int32), stream=s)
         is_hit = np.zeros(n + 1, np.int32)
         is_hit[:n] = np.asarray(channel) >= 0
@@ -386,6 +411,8 @@ class CUDAEngine(Engine):
     # launch() copies a merged batch's pieces from where they are (PhotonBatch.pieces) and numbers the
     # slots from the offsets on the device (kernels/slots.py): it reads no batch.slot
     gathers_pieces = True
+    # finish(launch, borrow=True) lends the hits in pinned buffers (see finish)
+    lends_hits = True
 
     def __init__(self, detector, config: EngineConfig | None = None):
         super().__init__(detector, config or EngineConfig())
@@ -518,10 +545,15 @@ class CUDAEngine(Engine):
         """True once the batch's GPU work is done (never blocks)."""
         return launch.lane.ready(launch)
 
-    def finish(self, launch: _Launch) -> HitBatch:
-        """Wait for the batch, copy its hits out (sized by the hit total) and return them."""
+    def finish(self, launch: _Launch, borrow: bool = False) -> HitBatch:
+        """Wait for the batch, copy its hits out (sized by the hit total) and return them.
+
+        ``borrow=True`` (``lends_hits``): the hits view the lane's pinned buffers, copied
+        by DMA instead of staged through the driver, and stay valid only until the next
+        finish of any batch (lanes are reused in any order). The shared engine takes them so: it
+        encodes every front end's share before it collects another batch."""
         try:
-            hits = launch.lane.finish(launch)
+            hits = launch.lane.finish(launch, borrow)
             self._account(launch)
             return hits
         finally:

@@ -31,24 +31,47 @@ class Batch:
     dispatched: float = 0.0  # time.monotonic() when handed to the engine (latency metrics)
 
 
+def buffer_words(cap: int) -> int:
+    """4-byte words of a batch buffer for ``cap`` photons (see :class:`HostBuffer`)."""
+    return (N_ROWS + 2) * cap
+
+
+def batch_rows(words: np.ndarray, n: int) -> np.ndarray:
+    """The ``[N_ROWS + 1, n]`` float32 rows of a batch of ``n`` photons at the start of a buffer's words."""
+    return words[: (N_ROWS + 1) * n].reshape(N_ROWS + 1, n)
+
+
 class HostBuffer:
-    """Grow-only host storage for one batch; engines may supply pinned memory via ``alloc``."""
+    """Grow-only host storage for one batch; engines may supply pinned memory via ``alloc``.
+
+    One block of ``(N_ROWS + 2) * capacity`` 4-byte words. A batch of n photons is
+    laid out from word 0 as ``[N_ROWS + 1, n]``: the table's rows, then the flags'
+    bits as one more row (:func:`batch_rows`), so that an engine copies table and
+    flags to the device as one block (``PhotonBatch.rows``: one copy per batch,
+    or per front-end batch in the shared engine, instead of two). The slot numbers
+    follow at word ``(N_ROWS + 1) * capacity``. A front end's shared-memory segment
+    (handoff.py) is such a buffer, which the shared engine reads back from n alone."""
 
     def __init__(self, alloc=np.empty):
         self._alloc = alloc
         self.capacity = 0
-        self.table = np.empty(0, np.float32)  # [N_ROWS * capacity] float32, viewed as [N_ROWS, n]
-        self.flags = np.empty(0, np.uint32)  # [capacity]
-        self.slot = np.empty(0, np.int32)  # [capacity]
+        self.words = np.empty(0, np.float32)  # [(N_ROWS + 2) * capacity] float32 (flags and slots as bits)
 
     def reserve(self, n: int, limit: int) -> None:
         if n <= self.capacity:
             return
         cap = min(max(n, 2 * self.capacity, 1024), max(limit, n))
-        self.table = self._alloc(N_ROWS * cap, np.float32)
-        self.flags = self._alloc(cap, np.uint32)
-        self.slot = self._alloc(cap, np.int32)
+        self.words = self._alloc(buffer_words(cap), np.float32)
         self.capacity = cap
+
+    def rows(self, n: int) -> np.ndarray:
+        """[N_ROWS + 1, n] float32: the table of a batch of n photons, then its flags' bits."""
+        return batch_rows(self.words, n)
+
+    def slot(self, n: int) -> np.ndarray:
+        """[n] int32: the slot numbers' region (after the rows of a full buffer)."""
+        at = (N_ROWS + 1) * self.capacity
+        return self.words[at : at + n].view(np.int32)
 
 
 class Batcher:
@@ -91,8 +114,9 @@ def assemble(slots: list[Slot], buf: HostBuffer, limit: int) -> Batch:
     np.cumsum(counts, out=offsets[1:])
     n = int(offsets[-1])
     buf.reserve(n, limit)
-    table = buf.table[: N_ROWS * n].reshape(N_ROWS, n)
-    flags = buf.flags[:n]
+    rows_block = buf.rows(n)  # [N_ROWS + 1, n]: the table, then the flags' bits
+    table = rows_block[:N_ROWS]
+    flags = rows_block[N_ROWS].view(np.uint32)
     for s, a, b in zip(slots, offsets[:-1].tolist(), offsets[1:].tolist()):
         req = s.request
         rows = req.rows
@@ -104,7 +128,7 @@ def assemble(slots: list[Slot], buf: HostBuffer, limit: int) -> Batch:
             flags[a:b] = 0
         else:
             flags[a:b] = req.flags[s.start : s.start + s.count]
-    slot = buf.slot[:n]
+    slot = buf.slot(n)
     slot[:] = np.repeat(np.arange(len(slots), dtype=np.int32), counts)
     photons = PhotonBatch(
         table=table,
@@ -113,5 +137,6 @@ def assemble(slots: list[Slot], buf: HostBuffer, limit: int) -> Batch:
         offsets=offsets,
         event_id=np.fromiter((s.request.event_id for s in slots), np.uint32, len(slots)),
         first_index=np.fromiter((s.start for s in slots), np.uint32, len(slots)),
+        rows=rows_block,
     )
     return Batch(slots, photons, buf)
