@@ -107,8 +107,23 @@ class Batcher:
         return assemble(slots, buf, self.max_batch_photons)
 
 
+_zeros = np.zeros(1 << 16, np.uint32)  # the flags of requests that carry none (dialect A); grown, never written
+_zeros.flags.writeable = False
+
+
+def _no_flags(k: int) -> np.ndarray:
+    global _zeros
+    if k > len(_zeros):
+        _zeros = np.zeros(max(k, 2 * len(_zeros)), np.uint32)
+        _zeros.flags.writeable = False
+    return _zeros[:k]
+
+
 def assemble(slots: list[Slot], buf: HostBuffer, limit: int) -> Batch:
-    """Copy the slots' photons into ``buf``: one row copy per slot and frame, no per-photon loop."""
+    """Copy the slots' photons into ``buf``: one concatenation per row over all slots.
+
+    Not one copy per slot and row: at 1000-photon events numpy's per-call overhead
+    (~1 us) was most of the cost, twelve calls per event; now it is twelve per batch."""
     counts = np.fromiter((s.count for s in slots), np.int64, len(slots))
     offsets = np.zeros(len(slots) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -117,17 +132,21 @@ def assemble(slots: list[Slot], buf: HostBuffer, limit: int) -> Batch:
     rows_block = buf.rows(n)  # [N_ROWS + 1, n]: the table, then the flags' bits
     table = rows_block[:N_ROWS]
     flags = rows_block[N_ROWS].view(np.uint32)
-    for s, a, b in zip(slots, offsets[:-1].tolist(), offsets[1:].tolist()):
+    columns, flag_parts = [], []  # per slot: its N_ROWS row arrays (views of the request's frames), its flags
+    for s in slots:
         req = s.request
-        rows = req.rows
-        if s.count != req.n:  # a piece of a split event
-            rows = [row[s.start : s.start + s.count] for row in rows]
-        for r in range(N_ROWS):
-            table[r, a:b] = rows[r]
-        if req.flags is None:
-            flags[a:b] = 0
-        else:
-            flags[a:b] = req.flags[s.start : s.start + s.count]
+        if s.count == req.n:
+            columns.append(req.rows)
+            f = req.flags
+        else:  # a piece of a split event
+            a, b = s.start, s.start + s.count
+            columns.append([row[a:b] for row in req.rows])
+            f = None if req.flags is None else req.flags[a:b]
+        flag_parts.append(_no_flags(s.count) if f is None else f)
+    if slots:
+        for r, parts in enumerate(zip(*columns)):
+            np.concatenate(parts, out=table[r])
+        np.concatenate(flag_parts, out=flags)
     slot = buf.slot(n)
     slot[:] = np.repeat(np.arange(len(slots), dtype=np.int32), counts)
     photons = PhotonBatch(
