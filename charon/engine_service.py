@@ -342,12 +342,12 @@ class MergeBuffer:
     def append(self, sub: SubBatch) -> None:
         a, n = self.n, sub.n_photons
         if self.gather and sub.mapped is not None:
-            self.pieces.append(Piece(a, sub.table, sub.flags, sub.rows))
+            self.pieces.append(Piece(a, sub.rows))  # BATCHSHM always has its rows
         else:
             self.table[:, a : a + n] = sub.table
             self.flags[a : a + n] = sub.flags
             if self.gather:
-                self.pieces.append(Piece(a, self.table[:, a : a + n], self.flags[a : a + n], self.rows[:, a : a + n]))
+                self.pieces.append(Piece(a, self.rows[:, a : a + n]))
         if not self.gather:  # an engine that gathers numbers the slots itself, from the offsets
             self.slot[a : a + n] = np.repeat(np.arange(self.n_events, self.n_events + sub.n_events, dtype=np.int32),
                                              sub.counts)  # fmt: skip

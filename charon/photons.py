@@ -41,9 +41,15 @@ class Piece(NamedTuple):
     """A column range of a merged batch, where its photons really are (PhotonBatch.pieces)."""
 
     first: int  # first column of the merged batch
-    table: np.ndarray  # [N_ROWS, k] float32 view
-    flags: np.ndarray  # [k] uint32 view
-    rows: np.ndarray | None  # [N_ROWS + 1, k] float32: table and flags' bits as one block (PhotonBatch.rows)
+    rows: np.ndarray  # [N_ROWS + 1, k] float32 view: the table's rows, then the flags' bits (PhotonBatch.rows)
+
+    @property
+    def table(self) -> np.ndarray:  # [N_ROWS, k] float32
+        return self.rows[:N_ROWS]
+
+    @property
+    def flags(self) -> np.ndarray:  # [k] uint32
+        return self.rows[N_ROWS].view(np.uint32)
 
 
 @dataclass

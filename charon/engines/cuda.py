@@ -248,7 +248,7 @@ class _Lane:
             raise EngineError("internal: keep_photons needs the photons in one table, not gathered pieces")
         if pieces is not None:  # the shared engine's merge: pieces in front ends' shared memory or its buffer
             if n:
-                self._gather(args["propagate_kernel"][0], pieces, n)
+                self._gather(pieces, n)
             if h2d is not None:
                 h2d(self.d_event_id, np.ascontiguousarray(batch.event_id, np.uint32))
                 h2d(self.d_first_index, np.ascontiguousarray(batch.first_index, np.uint32))
@@ -298,24 +298,19 @@ class _Lane:
         ev[4].record(self._rec)
         return _Launch(self, n, E, ev)
 
-    def _gather(self, d_table, pieces: list, n: int) -> None:
-        """Copy each piece (photons.Piece) to its columns of the device batch: table and flags as one
-        block of N_ROWS + 1 rows where the piece has them so (shared memory, the merge buffer)."""
+    def _gather(self, pieces: list, n: int) -> None:
+        """Copy each piece (photons.Piece: table rows and flags' bits as one block of N_ROWS + 1 rows)
+        to its columns of the device batch, laid out the same way: one 2D copy per piece."""
         h2d, s = self._h2d, self.stream
-        d_flags = None
-        for a, table, flags, rows in pieces:
-            k = table.shape[1]
-            if h2d is not None:
-                if rows is not None:
-                    h2d.rows(self.d_table, n, a, rows)
-                else:
-                    h2d.rows(self.d_table, n, a, table)
-                    h2d(self.d_table, np.ascontiguousarray(flags), N_ROWS * n + a)
-            else:  # the simulator (CI)
-                d_flags = self._flags(n) if d_flags is None else d_flags
-                for r in range(N_ROWS):
-                    d_table[r, a : a + k].copy_to_device(np.ascontiguousarray(table[r]), stream=s)
-                d_flags[a : a + k].copy_to_device(np.ascontiguousarray(flags), stream=s)
+        if h2d is not None:
+            for p in pieces:
+                h2d.rows(self.d_table, n, p.first, p.rows)
+            return
+        d_rows = self.d_table[: (N_ROWS + 1) * n].reshape(N_ROWS + 1, n)  # the simulator (CI): row by row
+        for p in pieces:
+            k = p.rows.shape[1]
+            for r in range(N_ROWS + 1):
+                d_rows[r, p.first : p.first + k].copy_to_device(np.ascontiguousarray(p.rows[r]), stream=s)
 
     def ready(self, launch: "_Launch") -> bool:
         """True once the batch's GPU work is done (never blocks)."""
