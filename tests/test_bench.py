@@ -47,6 +47,10 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         assert r["engine_residence_ms_mean"] is None  # one process: no shared engine
         assert r["engine_thread_busy_fraction"] is None
         assert r["events_by_endpoint"] == [60]  # one endpoint answered every event
+        # The generator's own CPU: positive, the main thread's share within it, and no more than its
+        # two processes' threads (main and one ZeroMQ I/O thread each) could use.
+        assert 0 < r["load_main_thread_us_per_event"] <= r["load_cpu_us_per_event"]
+        assert 0 < r["load_cpu_cores"] <= 2 * 2
         assert r["handoff_shm_fraction"] is None  # one process: no hand-off to a shared engine
         # Per batch: the oldest event's wait for dispatch and the engine round trip, both within
         # the server-side share (each batch's oldest event waited both).
