@@ -180,7 +180,7 @@ class Router:
         key = None
         photons = 0
         if len(meta) == 8:
-            eid, photons = (int(x) for x in np.frombuffer(meta, "<u4"))
+            eid, photons = P.META.unpack(meta)
             key = (eid, photons, len(body))
             same = self.by_key.get(key)
             # Payload bytes are compared only on such a collision (a likely Lazy-Pirate resend).

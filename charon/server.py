@@ -244,6 +244,7 @@ class BatchServer:
             log.debug("unexpected message from router: %r", kind[:20])
 
     def _open(self):
+        P.warm_up()
         if self.config.engine_service:
             # One of --procs front ends: batches go to the launcher's shared engine.
             from .engine_service import ServiceLink

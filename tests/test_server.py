@@ -481,3 +481,34 @@ def test_metrics_endpoint_serves_prometheus_text(det):
             assert name in text, name
     finally:
         s.stop()
+
+
+def test_value_check_is_compiled_before_the_first_request():
+    """A fresh server compiles the request check at start-up, for the arrays requests arrive as
+    (float32 views of zmq.Frames): the first event then finds it compiled and adds no signature."""
+    code = """
+import zmq
+from charon import protocol as P
+from charon.client import photondata_frames
+from charon.geometry.builtin import sphere_detector
+from charon.server import ServerConfig, run_in_thread
+from charon.sources import random_event
+import numpy as np
+assert not P._check_values.signatures
+srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", metrics_port=None),
+                        detector=sphere_detector(500.0, subdivisions=1))
+try:
+    compiled = list(P._check_values.signatures)
+    frames = [zmq.Frame(f) for f in photondata_frames(3, random_event(10, np.random.default_rng(1)))]
+    P.decode_photondata(frames, 100)
+    print(len(compiled), len(P._check_values.signatures))
+finally:
+    srv.stop()
+    th.join(10)
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "1"]
