@@ -181,3 +181,25 @@ def test_bench_pins_its_load_processes(tmp_path):
 def test_bench_refuses_server_cpus_without_spawn():
     with pytest.raises(SystemExit):
         main(["--address", "tcp://127.0.0.1:1", "--server-cpus", "0"])
+
+
+def test_pyspy_shares_counts_only_stacks_through_the_root(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "pyspy_shares.py"
+    spec = importlib.util.spec_from_file_location("pyspy_shares", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    raw = tmp_path / "spy.txt"
+    raw.write_text(
+        'process 1:"python3 -m charon.cli";thread (0x1);main (cli.py:3);loop (s.py:10);recv (k.py:5) 6\n'
+        'process 1:"python3 -m charon.cli";thread (0x1);main (cli.py:3);loop (s.py:11);decode (p.py:7) 3\n'
+        'process 1:"python3 -m charon.cli";thread (0x1);main (cli.py:3);loop (s.py:12) 1\n'
+        'process 2:"python3 other";thread (0x2);main (o.py:1);work (o.py:2) 90\n'
+    )
+    total, own, incl, by_line = mod.shares(str(raw), "loop")
+    assert total == 10  # the other process's 90 samples do not pass through loop
+    assert own == {"recv (k.py)": 6, "decode (p.py)": 3, "loop (s.py)": 1}
+    assert incl["loop (s.py)"] == 10 and "main (cli.py)" not in incl
+    assert by_line["recv (k.py:5)"] == 6
