@@ -293,8 +293,6 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
                 cpus=cpus, cpu_s=cpu1 - cpu0, main_cpu_s=main1 - main0)  # fmt: skip
 
 
-
-
 def _drive_star(args):
     return _drive(*args, progress=_PROGRESS)
 
