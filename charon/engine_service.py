@@ -77,7 +77,7 @@ from .engine_thread import BatchResult, SlotsResult
 from .engines.base import EngineError, StageTimes
 from .handoff import Segment, SharedHostBuffer, available as shm_available, words
 from .metrics import BusyClock, Metrics
-from .photons import N_ROWS, HitBatch, PhotonBatch, Piece, empty_hits
+from .photons import N_ROWS, HitBatch, PhotonBatch, Piece, empty_hits, split_rows
 from .scheduler.batcher import HostBuffer, batch_rows
 from .sockets import recv_message, send_message
 from .threads import set_native_thread_name
@@ -202,7 +202,7 @@ def decode_batch_shm(frames, segment_for) -> tuple[int, "SubBatch"]:
     name = bytes(_buffer(frames[1])).decode("utf-8", "replace")
     mapped = segment_for(name)
     rows = batch_rows(mapped.words(cap), n)  # [N_ROWS + 1, n]: table, then flags
-    sub = SubBatch(b"", batch_id, rows[:N_ROWS], rows[N_ROWS].view(np.uint32), offsets, event_id, first_index,
+    sub = SubBatch(b"", batch_id, *split_rows(rows), offsets, event_id, first_index,
                    counts=counts, mapped=mapped, rows=rows)  # fmt: skip
     return batch_id, sub
 
@@ -326,8 +326,7 @@ class MergeBuffer:
         host.reserve(capacity, capacity)
         # Rows of stride capacity, the flags' bits as the last: any column range is one block (Piece.rows).
         self.rows = host.rows(capacity)  # [N_ROWS + 1, capacity] float32
-        self.table = self.rows[:N_ROWS]  # [N_ROWS, capacity] float32
-        self.flags = self.rows[N_ROWS].view(np.uint32)  # [capacity] uint32
+        self.table, self.flags = split_rows(self.rows)  # [N_ROWS, capacity] float32, [capacity] uint32
         self.slot = host.slot(capacity)  # [capacity] int32
         self.subs: list[SubBatch] = []
         self.pieces: list[Piece] = []  # gather: where columns 0..n are

@@ -37,6 +37,12 @@ SCINTILLATION = 0x800
 NAN_ABORT = 0x80000000
 
 
+def split_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(table [N_ROWS, k] float32, flags [k] uint32) views of a block of N_ROWS + 1 rows whose last
+    row holds the flags' bits (scheduler/batcher.py HostBuffer, PhotonBatch.rows, Piece.rows)."""
+    return rows[:N_ROWS], rows[N_ROWS].view(np.uint32)
+
+
 class Piece(NamedTuple):
     """A column range of a merged batch, where its photons really are (PhotonBatch.pieces)."""
 
@@ -45,11 +51,11 @@ class Piece(NamedTuple):
 
     @property
     def table(self) -> np.ndarray:  # [N_ROWS, k] float32
-        return self.rows[:N_ROWS]
+        return split_rows(self.rows)[0]
 
     @property
     def flags(self) -> np.ndarray:  # [k] uint32
-        return self.rows[N_ROWS].view(np.uint32)
+        return split_rows(self.rows)[1]
 
 
 @dataclass

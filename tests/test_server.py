@@ -3,6 +3,8 @@
 Every receive has a timeout, so a broken server fails a test instead of hanging it.
 """
 
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -506,9 +508,6 @@ finally:
     srv.stop()
     th.join(10)
 """
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["1", "1"]

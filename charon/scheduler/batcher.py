@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..photons import N_ROWS, PhotonBatch
+from ..photons import N_ROWS, PhotonBatch, split_rows
 from .queue import RequestQueue
 from .request import EventRequest
 
@@ -130,8 +130,7 @@ def assemble(slots: list[Slot], buf: HostBuffer, limit: int) -> Batch:
     n = int(offsets[-1])
     buf.reserve(n, limit)
     rows_block = buf.rows(n)  # [N_ROWS + 1, n]: the table, then the flags' bits
-    table = rows_block[:N_ROWS]
-    flags = rows_block[N_ROWS].view(np.uint32)
+    table, flags = split_rows(rows_block)
     columns, flag_parts = [], []  # per slot: its N_ROWS row arrays (views of the request's frames), its flags
     for s in slots:
         req = s.request
