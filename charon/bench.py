@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import heapq
 import json
 import os
 import selectors
@@ -57,6 +58,7 @@ class BenchConfig:
     load_procs: int = 1
     server_cpus: str | None = None  # Linux CPU list ("0-15") for the spawned server, else any CPU
     load_cpus: str | None = None  # CPU list for the load processes, else any CPU
+    think_ms: str = "0"  # a client's pause between a reply and its next request: MS or exp:MEAN
 
 
 def parse_sizes(spec: str):
@@ -66,6 +68,25 @@ def parse_sizes(spec: str):
         return lambda rng, k: np.maximum(1, rng.lognormal(np.log(med), sigma, k)).astype(np.int64)
     n = count(spec)
     return lambda rng, k: np.full(k, n, np.int64)
+
+
+def parse_think(spec: str):
+    """'0' (none), 'MS' (fixed) or 'exp:MEAN' (exponential) -> function(rng, k) -> k pauses in seconds.
+
+    A ratpac-two client spends Geant4's time on the next event before it sends it, so real clients
+    leave the server idle gaps; with none, every client sends again at once (a closed loop at saturation)."""
+    try:
+        if spec.startswith("exp:"):
+            mean = float(spec[4:])
+            if mean >= 0:
+                return lambda rng, k: rng.exponential(mean / 1e3, k)
+        else:
+            ms = float(spec)
+            if ms >= 0:
+                return lambda rng, k: np.full(k, ms / 1e3)
+    except ValueError:
+        pass
+    raise ValueError(f"--think-ms {spec!r}: give MS or exp:MEAN, milliseconds >= 0")
 
 
 def scrape_each(url) -> list[dict]:
@@ -205,6 +226,9 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
     """One load process: ``n_clients`` sockets on one poller. Returns raw figures for merging."""
     rng = np.random.default_rng(seed)
     sizes = parse_sizes(cfg.event_size)(rng, n_events)
+    think = parse_think(cfg.think_ms)(rng, n_events)  # [n_events] s, a client's pause after the k-th reply
+    thinking = bool(think.any())
+    later: list = []  # heap of (when, k, socket): clients thinking before their next request
     pool = random_event(int(sizes.max()), rng)  # [11, max] float32; events are zero-copy prefixes of its rows
     rows = [memoryview(np.ascontiguousarray(pool[r])).cast("B") for r in range(11)]
     # An event's 11 row frames, by photon count: zmq.Frames over the pool, built once and sent by
@@ -253,7 +277,7 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
             if next_i < n_events:
                 send(s)
     ready = socks  # a first pass over every socket: replies may have come in while sending
-    while done < next_i and time.monotonic() < deadline:
+    while True:
         for s in ready:
             while True:
                 try:
@@ -277,11 +301,27 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
                 if progress is not None and done % 64 == 0:
                     with progress.get_lock():
                         progress.value += 64
-                if next_i < n_events and time.monotonic() < deadline:
-                    send(s)
+                if next_i + len(later) < n_events and time.monotonic() < deadline:
+                    if thinking:  # the client works on its next event first
+                        heapq.heappush(later, (time.monotonic() + think[done - 1], done, s))
+                    else:
+                        send(s)
                 if kind == zmq.REQ:
                     break
-        ready = [key.data for key, _ in selector.select(1.0)]
+        now = time.monotonic()
+        if not (done < next_i or later) or now >= deadline:
+            break  # checked before waiting: the last reply must not be followed by an idle wait in the timed span
+        wait = min(1.0, deadline - now)
+        if later:
+            wait = min(wait, max(0.0, later[0][0] - now))
+        ready = [key.data for key, _ in selector.select(wait)]
+        if later:
+            now = time.monotonic()
+            while later and later[0][0] <= now:
+                s = heapq.heappop(later)[2]
+                if now < deadline:
+                    send(s)
+                ready.append(s)  # a send can take the fd's edge: read the socket again
     t1 = time.monotonic()
     cpu1, main1 = time.process_time(), time.thread_time()
     selector.close()
@@ -471,6 +511,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--events", type=count, default=2000, help="events to send per mode (default 2000)")
     ap.add_argument("--event-size", default="1000", help="photons per event: N or lognormal:MEDIAN,SIGMA")
     ap.add_argument("--duration", type=float, help="stop sending after this many seconds")
+    ap.add_argument("--think-ms", default="0",
+                    help="each client's pause between a reply and its next request, as Geant4's time per event "
+                    "in ratpac-two: MS (fixed) or exp:MEAN (exponential); default 0, a closed loop at saturation")
     ap.add_argument("--compare-per-event", action="store_true",
                     help="also run against a server limited to one event per engine call, one call at a time "
                     "(--max-batch-events 1 --engine-lanes 1, ChAR0N's way; needs --spawn-server)")
@@ -501,7 +544,7 @@ def main(argv=None) -> int:
     if cfg.server_cpus and not cfg.spawn_server:
         parser().error("--server-cpus pins a spawned server: add --spawn-server (or pin a running one with taskset)")
     try:
-        parse_cpus(cfg.server_cpus), parse_cpus(cfg.load_cpus)
+        parse_cpus(cfg.server_cpus), parse_cpus(cfg.load_cpus), parse_think(cfg.think_ms)
     except ValueError as exc:
         parser().error(str(exc))
     if cfg.address:

@@ -32,7 +32,7 @@ from .scheduler.batcher import Batcher
 from .scheduler.queue import make_queue
 from .run_output import Run, RunWriter, output_path
 from .scheduler.request import EventRequest, Route
-from .sockets import recv_message, send_message
+from .sockets import poll, recv_message, send_message
 
 log = logging.getLogger("charon.server")
 
@@ -112,17 +112,6 @@ class ServerConfig:
             split_engine_cpus(self.engine_cpus)  # ValueError naming the problem
         if self.procs > 1 and self.output_dir:
             raise ValueError("--output-dir needs one process (a run's events must reach the same writer): drop --procs")
-
-
-def zmq_poll_ms(timeout_ms: float) -> int:
-    """ZeroMQ's poll counts whole milliseconds: a batch due in ``timeout_ms`` is dispatched at most
-    1 ms late (a message or a result still wakes the loop at once).
-
-    Waiting for sub-millisecond due times in short sleeps instead was measured worse on
-    the H200 host with seven front ends (benchmarks/RESULTS.md, fifth session): the
-    spinning loops crowd the cores that the engine's replies need, and events/s fell
-    2-14 % while p99 rose."""
-    return 0 if timeout_ms <= 0 else max(1, int(timeout_ms))
 
 
 def split_envelope(frames: list) -> tuple[list, list]:
@@ -327,7 +316,7 @@ class BatchServer:
         handle = self._from_router if worker else self._handle
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(zmq_poll_ms(self._poll_timeout_ms())))
+                events = poll(poller, self._poll_timeout_ms())
                 t_busy = time.perf_counter()
                 if wake in events:
                     self.engine_thread.poll_results()

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from charon.bench import main, parse_sizes
+from charon.bench import main, parse_sizes, parse_think
 from charon.geometry.builtin import sphere_detector
 from charon.server import ServerConfig, run_in_thread
 
@@ -19,6 +19,45 @@ def test_event_size_distributions():
     assert list(parse_sizes("1e3")(rng, 3)) == [1000, 1000, 1000]
     s = parse_sizes("lognormal:1000,0.5")(rng, 20000)
     assert s.min() >= 1 and abs(np.median(s) / 1000 - 1) < 0.05
+
+
+def test_think_time_distributions_and_bad_specs():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    assert not parse_think("0")(rng, 4).any()
+    assert list(parse_think("2.5")(rng, 2)) == [0.0025, 0.0025]
+    pauses = parse_think("exp:10")(rng, 20000)
+    # The sample mean of an exponential has standard error mean / sqrt(n): 0.7 % here; allow 4 of them.
+    assert pauses.min() >= 0 and abs(pauses.mean() / 0.010 - 1) < 4 / np.sqrt(20000)
+    for bad in ("abc", "exp:", "exp:x", "-1", "exp:-2"):
+        with pytest.raises(ValueError, match="think-ms"):
+            parse_think(bad)
+    with pytest.raises(SystemExit):
+        main(["--address", "tcp://127.0.0.1:1", "--think-ms", "soon"])
+
+
+def test_bench_clients_pause_between_events(tmp_path):
+    srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu"),
+                            detector=sphere_detector(500.0, subdivisions=1))  # fmt: skip
+    try:
+        common = ["--address", srv.address, "--clients", "2", "--event-size", "50", "--load-procs", "1",
+                  "--no-progress"]  # fmt: skip
+        assert main(common + ["--events", "4"]) == 0  # the engine compiles on its first batch, not in the timed run
+        out = tmp_path / "r.json"
+        assert main(common + ["--events", "20", "--think-ms", "50", "--json", str(out)]) == 0
+        doc = json.loads(out.read_text())
+        r = doc["batched"]
+        assert r["events"] == 20 and r["failed"] == 0 and r["unanswered"] == 0
+        # Each client sent 10 events, pausing 50 ms after each of its first 9 replies: 0.45 s at least
+        # (without the pauses the warm server answers the 20 events in well under that).
+        assert r["wall_s"] >= 9 * 0.050
+        # Latency runs from a request to its reply: the pauses are not in it.
+        assert r["latency_ms"]["p50"] < 50
+        assert doc["meta"]["config"]["think_ms"] == "50"
+    finally:
+        srv.stop()
+        th.join(10)
 
 
 def test_bench_against_running_server_reports_every_figure(tmp_path):
