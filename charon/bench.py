@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import heapq
 import json
 import os
@@ -59,6 +60,7 @@ class BenchConfig:
     server_cpus: str | None = None  # Linux CPU list ("0-15") for the spawned server, else any CPU
     load_cpus: str | None = None  # CPU list for the load processes, else any CPU
     think_ms: str = "0"  # a client's pause between a reply and its next request: MS or exp:MEAN
+    warmup: float = 1.0  # s after the first replies before the measured window opens (0: the whole run)
 
 
 def parse_sizes(spec: str):
@@ -251,7 +253,14 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
         socks.append(s)
         selector.register(s.FD, selectors.EVENT_READ, s)
     sent_at: dict[int, float] = {}
-    latencies, photons_done, failed, next_i, done = [], 0, 0, 0, 0
+    sent_times, latencies, photons = [], [], []  # per answered event: monotonic send time s, round trip s, photons
+    failed, next_i, done = 0, 0, 0
+    # A collection pause in the loop below would hold replies unread and show up as the server's latency.
+    # The loop makes no reference cycles: reference counting frees everything it allocates meanwhile.
+    gc.collect()
+    gc.freeze()
+    gc_was_on = gc.isenabled()
+    gc.disable()
     t0 = time.monotonic()
     cpu0, main0 = time.process_time(), time.thread_time()  # all threads (ZeroMQ's I/O thread too); the main one
     deadline = t0 + (cfg.duration if cfg.duration else cfg.timeout_s)
@@ -294,8 +303,9 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
                 t = sent_at.pop(eid, None)
                 done += 1
                 if msg[0].bytes == P.SIM_COMPLETE and t is not None:
+                    sent_times.append(t)
                     latencies.append(time.monotonic() - t)
-                    photons_done += int(sizes[eid - first_id])
+                    photons.append(sizes[eid - first_id])
                 else:
                     failed += 1
                 if progress is not None and done % 64 == 0:
@@ -329,7 +339,11 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
         s.close(0)
     ctx.term()
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    return dict(latencies=latencies, photons=photons_done, failed=failed, unanswered=next_i - done, t0=t0, t1=t1,
+    if gc_was_on:
+        gc.enable()
+    gc.unfreeze()
+    return dict(sent=sent_times, latencies=latencies, photons=photons, failed=failed, unanswered=next_i - done,
+                t0=t0, t1=t1,
                 cpus=cpus, cpu_s=cpu1 - cpu0, main_cpu_s=main1 - main0)  # fmt: skip
 
 
@@ -367,8 +381,19 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.events, unit="ev", desc=f"{cfg.client_mode} x{cfg.clients}", leave=False)
+        # The measured window opens --warmup s after the first replies, with a scrape of the server's
+        # counters, so that client and server figures cover the same time; start-up transients
+        # (connections, first batches, buffers growing) stay out of the steady state.
+        t_first = t_window = None
         while not res.ready():
-            res.wait(0.2)
+            res.wait(0.05)
+            if t_first is None and counter.value > 0:
+                t_first = time.monotonic()
+            if t_window is None and t_first is not None and cfg.warmup > 0 and \
+                    time.monotonic() >= t_first + cfg.warmup:  # fmt: skip
+                t_window = time.monotonic()
+                each_before = scrape_each(metrics_url)
+                before = merged(each_before)
             if bar is not None:
                 bar.n = min(counter.value, cfg.events)
                 bar.refresh()
@@ -381,34 +406,40 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     def d(name):
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    latencies = np.concatenate([np.asarray(p["latencies"]) for p in parts]) * 1e3
-    lat = latencies if latencies.size else np.zeros(1)
-    n_ok = int(latencies.size)
-    photons = sum(p["photons"] for p in parts)
-    # Rates over the time the load ran, process start-up excluded.
-    span = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
-    load_cpu, answered = sum(p["cpu_s"] for p in parts), max(1, n_ok + sum(p["failed"] for p in parts))
+    def cat(key):
+        return np.concatenate([np.asarray(p[key], dtype=np.float64) for p in parts])
+
+    sent, rtt, ph = cat("sent"), cat("latencies"), cat("photons")  # [answered] s, s, photons
+    t_start, t_end = min(p["t0"] for p in parts), max(p["t1"] for p in parts)
+    whole = _window_figures(sent, rtt, ph, t_start, t_end, t_start)
+    # A run over before the warm-up was: measured whole (t_window stays None).
+    t_open = t_window if t_window is not None else t_start
+    fig = _window_figures(sent, rtt, ph, t_open, t_end, t_start)
+    load_cpu, answered = sum(p["cpu_s"] for p in parts), max(1, rtt.size + sum(p["failed"] for p in parts))
     res = dict(
-        events=n_ok,
-        failed=sum(p["failed"] for p in parts),
+        events=fig["events"],
+        failed=sum(p["failed"] for p in parts),  # over the whole run
         unanswered=sum(p["unanswered"] for p in parts),
-        wall_s=span,
+        wall_s=fig["wall_s"],
+        warmup_s=t_open - t_start,  # left out before the window; 0 when the run was measured whole
         load_processes=procs,
         load_cpus=sorted(set().union(*(p["cpus"] for p in parts))),  # where the load ran
-        events_per_s=n_ok / span,
-        photons_per_s=photons / span,
-        latency_ms=dict(p50=float(np.percentile(lat, 50)), p95=float(np.percentile(lat, 95)),
-                        p99=float(np.percentile(lat, 99))),  # fmt: skip
+        events_per_s=fig["events_per_s"],
+        photons_per_s=fig["photons_per_s"],
+        latency_ms=fig["latency_ms"],
+        whole_run=whole,
+        # p99 of the events sent in each second of the run: where in the run the slow ones were.
+        latency_p99_ms_by_second=_p99_by_second(sent - t_start, rtt),
         # What the load generator itself cost. On the server's host (no --load-cpus apart from
         # --server-cpus) it competes with the server for the same cores.
-        load_cpu_cores=load_cpu / span,
+        load_cpu_cores=load_cpu / whole["wall_s"],
         load_cpu_us_per_event=1e6 * load_cpu / answered,
         load_main_thread_us_per_event=1e6 * sum(p["main_cpu_s"] for p in parts) / answered,
     )
     if metrics_url:
         nb = d("charon_batch_photons_count")
         res.update(
-            engine_busy_fraction=d("charon_engine_seconds_total") / span,
+            engine_busy_fraction=d("charon_engine_seconds_total") / fig["wall_s"],
             batch_photons=dict(mean=d("charon_batch_photons_sum") / nb if nb else 0.0,
                                max=after.get("charon_batch_photons_max", 0.0)),  # fmt: skip
             batches=nb,
@@ -424,7 +455,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         res["server_latency_ms_mean"] = 1e3 * d("charon_event_seconds_sum") / ne if ne else None
         res["engine_residence_ms_mean"] = 1e3 * d("charon_engine_residence_seconds_sum") / nr if nr else None
         # --procs: how busy the shared engine's one thread was; near 1 it, not the GPU, sets the pace.
-        res["engine_thread_busy_fraction"] = d("charon_engine_thread_seconds_total") / span if nr else None
+        res["engine_thread_busy_fraction"] = d("charon_engine_thread_seconds_total") / fig["wall_s"] if nr else None
         # The front end's share split per batch: its oldest event's wait for dispatch, and the
         # engine round trip (submit to results back in the socket loop).
         nw, nt = d("charon_dispatch_wait_seconds_count"), d("charon_engine_roundtrip_seconds_count")
@@ -434,6 +465,26 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         shm, sock = d("charon_handoff_batches_total:shm"), d("charon_handoff_batches_total:socket")
         res["handoff_shm_fraction"] = shm / (shm + sock) if shm + sock else None
     return res
+
+
+def _window_figures(sent, rtt, photons, t_open: float, t_end: float, t_start: float) -> dict:
+    """Rates of the replies that came in within [t_open, t_end], latency of the events sent within it."""
+    got = sent + rtt >= t_open
+    lat = rtt[sent >= t_open] * 1e3
+    if not lat.size:
+        lat = np.zeros(1)
+    span = max(t_end - t_open, 1e-9)
+    n = int(got.sum())
+    return dict(events=n, wall_s=span, events_per_s=n / span, photons_per_s=float(photons[got].sum()) / span,
+                latency_ms={q: float(np.percentile(lat, int(q[1:]))) for q in ("p50", "p95", "p99")})  # fmt: skip
+
+
+def _p99_by_second(sent_rel, rtt) -> list:
+    if not rtt.size:
+        return []
+    sec = sent_rel.astype(np.int64)
+    return [round(float(np.percentile(rtt[sec == k], 99)) * 1e3, 2) if (sec == k).any() else None
+            for k in range(int(sec.max()) + 1)]  # fmt: skip
 
 
 def with_p99_bound(res: dict, server_args: list[str]) -> dict:
@@ -511,6 +562,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--events", type=count, default=2000, help="events to send per mode (default 2000)")
     ap.add_argument("--event-size", default="1000", help="photons per event: N or lognormal:MEDIAN,SIGMA")
     ap.add_argument("--duration", type=float, help="stop sending after this many seconds")
+    ap.add_argument("--warmup", type=float, default=1.0,
+                    help="seconds after the first replies before measuring, so that start-up (connections, first "
+                    "batches, buffers growing) is not counted; 0 measures everything; a shorter run is measured "
+                    "whole (default 1)")
     ap.add_argument("--think-ms", default="0",
                     help="each client's pause between a reply and its next request, as Geant4's time per event "
                     "in ratpac-two: MS (fixed) or exp:MEAN (exponential); default 0, a closed loop at saturation")

@@ -45,7 +45,7 @@ def test_bench_clients_pause_between_events(tmp_path):
                   "--no-progress"]  # fmt: skip
         assert main(common + ["--events", "4"]) == 0  # the engine compiles on its first batch, not in the timed run
         out = tmp_path / "r.json"
-        assert main(common + ["--events", "20", "--think-ms", "50", "--json", str(out)]) == 0
+        assert main(common + ["--events", "20", "--think-ms", "50", "--warmup", "0", "--json", str(out)]) == 0
         doc = json.loads(out.read_text())
         r = doc["batched"]
         assert r["events"] == 20 and r["failed"] == 0 and r["unanswered"] == 0
@@ -55,6 +55,28 @@ def test_bench_clients_pause_between_events(tmp_path):
         # Latency runs from a request to its reply: the pauses are not in it.
         assert r["latency_ms"]["p50"] < 50
         assert doc["meta"]["config"]["think_ms"] == "50"
+    finally:
+        srv.stop()
+        th.join(10)
+
+
+def test_bench_leaves_the_warm_up_out_of_the_measured_window(tmp_path):
+    srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu"),
+                            detector=sphere_detector(500.0, subdivisions=1))  # fmt: skip
+    try:
+        out = tmp_path / "r.json"
+        assert main(["--address", srv.address, "--clients", "2", "--event-size", "50", "--load-procs", "1",
+                     "--events", "1000000", "--duration", "1.6", "--warmup", "0.5", "--json", str(out),
+                     "--no-progress"]) == 0  # fmt: skip
+        r = json.loads(out.read_text())["batched"]
+        whole = r["whole_run"]
+        # The window opened once the first replies were 0.5 s old, and the run went on after it.
+        assert 0.5 <= r["warmup_s"] < whole["wall_s"]
+        assert r["wall_s"] == pytest.approx(whole["wall_s"] - r["warmup_s"])
+        assert 0 < r["events"] < whole["events"]
+        assert r["events_per_s"] == pytest.approx(r["events"] / r["wall_s"])
+        assert r["photons_per_s"] == pytest.approx(50 * r["events_per_s"])
+        assert len(r["latency_p99_ms_by_second"]) >= 2  # events were sent in the first and the second second
     finally:
         srv.stop()
         th.join(10)
@@ -72,11 +94,15 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         out = tmp_path / "r.json"
         rc = main(["--address", srv.address, "--metrics-url", f"http://127.0.0.1:{mport}/metrics", "--clients", "6",
                    "--client-mode", "dealer", "--in-flight", "3", "--events", "60", "--event-size", "200", "--load-procs", "2",
-                   "--json", str(out), "--no-progress"])  # fmt: skip
+                   "--warmup", "0", "--json", str(out), "--no-progress"])  # fmt: skip
         assert rc == 0
         r = json.loads(out.read_text())["batched"]
         assert KEYS <= set(r)
         assert r["events"] == 60 and r["failed"] == 0 and r["load_processes"] == 2
+        assert r["warmup_s"] == 0 and r["whole_run"]["events"] == 60  # --warmup 0: the window is the whole run
+        assert r["whole_run"]["latency_ms"] == r["latency_ms"]
+        by_second = r["latency_p99_ms_by_second"]
+        assert by_second and all(v is None or v > 0 for v in by_second)
         assert r["photons_per_s"] == pytest.approx(200 * r["events_per_s"])
         assert 0 < r["engine_busy_fraction"] <= 1.0
         assert r["batch_photons"]["mean"] >= 200 and r["batch_photons"]["max"] >= r["batch_photons"]["mean"]
