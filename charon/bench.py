@@ -104,6 +104,9 @@ def scrape_each(url) -> list[dict]:
                 if s.name.startswith("charon_handoff_batches"):  # kept per path: shm or socket
                     key = f"{s.name}:{s.labels.get('path', '')}"
                     one[key] = one.get(key, 0.0) + s.value
+                elif s.name == "charon_event_seconds_bucket":  # kept per bound: the server's own latency tail
+                    key = f"{s.name}:{s.labels.get('le', '')}"
+                    one[key] = one.get(key, 0.0) + s.value
                 elif not s.labels or s.name.startswith("charon_failed"):
                     one[s.name] = one.get(s.name, 0.0) + s.value
         out.append(one)
@@ -428,6 +431,9 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         photons_per_s=fig["photons_per_s"],
         latency_ms=fig["latency_ms"],
         whole_run=whole,
+        # Share of the window's events slower than 10 and 30 ms, beside the server's own (below).
+        latency_share_over_ms={ms: float(np.mean(rtt[sent >= t_open] > int(ms) / 1e3)) if (sent >= t_open).any()
+                               else 0.0 for ms in ("10", "30")},  # fmt: skip
         # p99 of the events sent in each second of the run: where in the run the slow ones were.
         latency_p99_ms_by_second=_p99_by_second(sent - t_start, rtt),
         # What the load generator itself cost. On the server's host (no --load-cpus apart from
@@ -453,6 +459,11 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         ne, nr = d("charon_event_seconds_count"), d("charon_engine_residence_seconds_count")
         # Means only: the server's share of the latency, and (--procs) the shared engine's share of that.
         res["server_latency_ms_mean"] = 1e3 * d("charon_event_seconds_sum") / ne if ne else None
+        # The server's tail beside the clients' (histogram buckets): events that spent over 10 and over
+        # 30 ms inside the server. A client-side tail that the server does not share arose outside it.
+        res["server_latency_share_over_ms"] = {
+            ms: 1.0 - d(f"charon_event_seconds_bucket:{le}") / ne for ms, le in (("10", "0.01"), ("30", "0.03"))
+        } if ne else None  # fmt: skip
         res["engine_residence_ms_mean"] = 1e3 * d("charon_engine_residence_seconds_sum") / nr if nr else None
         # --procs: how busy the shared engine's one thread was; near 1 it, not the GPU, sets the pace.
         res["engine_thread_busy_fraction"] = d("charon_engine_thread_seconds_total") / fig["wall_s"] if nr else None

@@ -109,6 +109,10 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"]
         # The server's share of the latency: positive, and within what the clients saw (it is part of it).
         assert 0 < r["server_latency_ms_mean"] <= r["latency_ms"]["p99"]
+        # Tails over 10 and 30 ms, the clients' and the server's own (from its histogram's buckets).
+        for share in (r["latency_share_over_ms"], r["server_latency_share_over_ms"]):
+            assert set(share) == {"10", "30"} and 0 <= share["30"] <= share["10"] <= 1
+        assert r["server_latency_share_over_ms"]["30"] < 0.5  # the buckets were read (a missing one reads as 1)
         assert r["engine_residence_ms_mean"] is None  # one process: no shared engine
         assert r["engine_thread_busy_fraction"] is None
         assert r["events_by_endpoint"] == [60]  # one endpoint answered every event
