@@ -618,6 +618,7 @@ class EngineService:
         if self._per_peer[peer] >= MAX_SEGMENTS_PER_PEER:
             raise ValueError(f"a front end may have {MAX_SEGMENTS_PER_PEER} shared-memory segments mapped; "
                              "RELEASE the ones it retired")  # fmt: skip
+        t0 = time.perf_counter()
         seg = Segment.attach(name)
         token = None
         register = getattr(self.engine, "register_host", None)
@@ -628,6 +629,8 @@ class EngineService:
                 log.warning("shared engine: could not pin segment %s (%s); copying from pageable memory", name, exc)
         m = self._segments[(peer, name)] = MappedSegment(peer, seg, token)
         self._per_peer[peer] += 1
+        self.metrics.handoff_segments_mapped.inc()
+        self.metrics.handoff_pin_seconds.inc(time.perf_counter() - t0)
         return m
 
     def _release(self, peer: bytes, rest: list) -> None:
@@ -641,6 +644,7 @@ class EngineService:
             self._unmap(m)
 
     def _unmap(self, m: MappedSegment) -> None:
+        t0 = time.perf_counter()
         if self._segments.pop((m.peer, m.segment.name), None) is not None:
             self._per_peer[m.peer] -= 1
         if m.token is not None:
@@ -650,6 +654,7 @@ class EngineService:
                 log.warning("shared engine: unpinning segment %s failed: %s", m.segment.name, exc)
         m._words = None
         m.segment.close()
+        self.metrics.handoff_pin_seconds.inc(time.perf_counter() - t0)
 
     def _done_with(self, sub: SubBatch) -> None:
         m = sub.mapped

@@ -90,6 +90,13 @@ class Metrics:
         self.engine_thread_seconds = Counter(
             "charon_engine_thread_seconds", "Shared engine (--procs): time its thread spent receiving, merging, "
             "launching, collecting and answering batches (the rest it waited or polled the GPU)", registry=r)
+        self.handoff_pin_seconds = Counter(
+            "charon_handoff_pin_seconds", "Shared engine (--procs): time its thread spent mapping front ends' "
+            "shared-memory segments and pinning them for the GPU, or undoing that (it stalls every front end)",
+            registry=r)  # fmt: skip
+        self.handoff_segments_mapped = Counter(
+            "charon_handoff_segments_mapped", "Shared engine (--procs): front ends' segments mapped and pinned; "
+            "a front end's buffer that grows brings a new one", registry=r)  # fmt: skip
         self.engine_residence_seconds = Histogram(
             "charon_engine_residence_seconds", "Shared engine (--procs): a front end's batch received to its hits "
             "sent", buckets=_SECOND_BUCKETS, registry=r)  # fmt: skip

@@ -807,6 +807,10 @@ def test_front_end_buffers_grow_and_release_their_old_segments(det, ref):
         assert len(mapped) == 8  # two retired segments were released and unmapped
         live = {b.segment.name for b in sh.fronts[0][0]._buffers}
         assert set(mapped) == live
+        # Counted for operators: every segment mapped (the 8 first and the 2 regrown), and the thread's time on it.
+        reg = sh.service.metrics.registry
+        assert reg.get_sample_value("charon_handoff_segments_mapped_total") == 10
+        assert reg.get_sample_value("charon_handoff_pin_seconds_total") > 0
     finally:
         sh.stop()
 
