@@ -134,7 +134,7 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
 def test_spawned_servers_compare_per_event_and_sweep(tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(["--spawn-server", "--clients", "8", "--events", "80", "--event-size", "300", "--compare-per-event",
-               "--sweep-batch", "600,1e5", "--json", str(out), "--plot", str(png), "--no-progress",
+               "--sweep-batch", "600,1e5", "--json", str(out), "--plot", str(png), "--no-progress", "--warmup", "0",
                "--", "--engine", "cpu", "--detector", "sphere"])  # fmt: skip
     assert rc == 0
     r = json.loads(out.read_text())
