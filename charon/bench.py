@@ -227,6 +227,22 @@ def spawned_server(server_args: list[str], ready_timeout: float = 300.0, cpus: s
             proc.kill()
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """No garbage collection inside: for a loop that makes no reference cycles (reference counting frees what it
+    allocates), whose pauses would otherwise be counted as the server's latency."""
+    gc.collect()
+    gc.freeze()
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+        gc.unfreeze()
+
+
 def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clients: int, seed: int, progress=None):
     """One load process: ``n_clients`` sockets on one poller. Returns raw figures for merging."""
     rng = np.random.default_rng(seed)
@@ -259,92 +275,85 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
     sent_times, latencies, photons = [], [], []  # per answered event: monotonic send time s, round trip s, photons
     failed, next_i, done = 0, 0, 0
     # A collection pause in the loop below would hold replies unread and show up as the server's latency.
-    # The loop makes no reference cycles: reference counting frees everything it allocates meanwhile.
-    gc.collect()
-    gc.freeze()
-    gc_was_on = gc.isenabled()
-    gc.disable()
-    t0 = time.monotonic()
-    cpu0, main0 = time.process_time(), time.thread_time()  # all threads (ZeroMQ's I/O thread too); the main one
-    deadline = t0 + (cfg.duration if cfg.duration else cfg.timeout_s)
+    with _gc_paused():
+        t0 = time.monotonic()
+        cpu0, main0 = time.process_time(), time.thread_time()  # all threads (ZeroMQ's I/O thread too); the main one
+        deadline = t0 + (cfg.duration if cfg.duration else cfg.timeout_s)
 
-    def send(s):
-        nonlocal next_i
-        i = next_i
-        next_i += 1
-        n = int(sizes[i])
-        body = row_frames.get(n)
-        if body is None:
-            body = [zmq.Frame(r[: 4 * n], copy=False) for r in rows]
-            if len(row_frames) < 4096:
-                row_frames[n] = body
-        frames = [P.PHOTONDATA, P.META.pack(first_id + i, n), *body]
-        if kind == zmq.DEALER:
-            frames = [b""] + frames
-        sent_at[first_id + i] = time.monotonic()
-        send_message(s, frames, copy=False)
+        def send(s):
+            nonlocal next_i
+            i = next_i
+            next_i += 1
+            n = int(sizes[i])
+            body = row_frames.get(n)
+            if body is None:
+                body = [zmq.Frame(r[: 4 * n], copy=False) for r in rows]
+                if len(row_frames) < 4096:
+                    row_frames[n] = body
+            frames = [P.PHOTONDATA, P.META.pack(first_id + i, n), *body]
+            if kind == zmq.DEALER:
+                frames = [b""] + frames
+            sent_at[first_id + i] = time.monotonic()
+            send_message(s, frames, copy=False)
 
-    for s in socks:
-        for _ in range(depth):
-            if next_i < n_events:
-                send(s)
-    ready = socks  # a first pass over every socket: replies may have come in while sending
-    while True:
-        for s in ready:
-            while True:
-                try:
-                    msg = recv_message(s)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError as exc:  # a REQ socket with nothing asked (past the deadline)
-                    if exc.errno == zmq.EFSM:
-                        break
-                    raise
-                if msg and len(msg[0]) == 0:
-                    msg = msg[1:]
-                eid = int.from_bytes(msg[1].bytes, "little") if len(msg) > 1 and len(msg[1]) == 4 else -1
-                t = sent_at.pop(eid, None)
-                done += 1
-                if msg[0].bytes == P.SIM_COMPLETE and t is not None:
-                    sent_times.append(t)
-                    latencies.append(time.monotonic() - t)
-                    photons.append(sizes[eid - first_id])
-                else:
-                    failed += 1
-                if progress is not None and done % 64 == 0:
-                    with progress.get_lock():
-                        progress.value += 64
-                if next_i + len(later) < n_events and time.monotonic() < deadline:
-                    if thinking:  # the client works on its next event first
-                        heapq.heappush(later, (time.monotonic() + think[done - 1], done, s))
-                    else:
-                        send(s)
-                if kind == zmq.REQ:
-                    break
-        now = time.monotonic()
-        if not (done < next_i or later) or now >= deadline:
-            break  # checked before waiting: the last reply must not be followed by an idle wait in the timed span
-        wait = min(1.0, deadline - now)
-        if later:
-            wait = min(wait, max(0.0, later[0][0] - now))
-        ready = [key.data for key, _ in selector.select(wait)]
-        if later:
-            now = time.monotonic()
-            while later and later[0][0] <= now:
-                s = heapq.heappop(later)[2]
-                if now < deadline:
+        for s in socks:
+            for _ in range(depth):
+                if next_i < n_events:
                     send(s)
-                ready.append(s)  # a send can take the fd's edge: read the socket again
-    t1 = time.monotonic()
-    cpu1, main1 = time.process_time(), time.thread_time()
+        ready = socks  # a first pass over every socket: replies may have come in while sending
+        while True:
+            for s in ready:
+                while True:
+                    try:
+                        msg = recv_message(s)
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError as exc:  # a REQ socket with nothing asked (past the deadline)
+                        if exc.errno == zmq.EFSM:
+                            break
+                        raise
+                    if msg and len(msg[0]) == 0:
+                        msg = msg[1:]
+                    eid = int.from_bytes(msg[1].bytes, "little") if len(msg) > 1 and len(msg[1]) == 4 else -1
+                    t = sent_at.pop(eid, None)
+                    done += 1
+                    if msg[0].bytes == P.SIM_COMPLETE and t is not None:
+                        sent_times.append(t)
+                        latencies.append(time.monotonic() - t)
+                        photons.append(sizes[eid - first_id])
+                    else:
+                        failed += 1
+                    if progress is not None and done % 64 == 0:
+                        with progress.get_lock():
+                            progress.value += 64
+                    if next_i + len(later) < n_events and time.monotonic() < deadline:
+                        if thinking:  # the client works on its next event first
+                            heapq.heappush(later, (time.monotonic() + think[done - 1], done, s))
+                        else:
+                            send(s)
+                    if kind == zmq.REQ:
+                        break
+            now = time.monotonic()
+            if not (done < next_i or later) or now >= deadline:
+                break  # checked before waiting: the last reply must not be followed by an idle wait in the timed span
+            wait = min(1.0, deadline - now)
+            if later:
+                wait = min(wait, max(0.0, later[0][0] - now))
+            ready = [key.data for key, _ in selector.select(wait)]
+            if later:
+                now = time.monotonic()
+                while later and later[0][0] <= now:
+                    s = heapq.heappop(later)[2]
+                    if now < deadline:
+                        send(s)
+                    ready.append(s)  # a send can take the fd's edge: read the socket again
+        t1 = time.monotonic()
+        cpu1, main1 = time.process_time(), time.thread_time()
     selector.close()
     for s in socks:
         s.close(0)
     ctx.term()
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if gc_was_on:
-        gc.enable()
-    gc.unfreeze()
     return dict(sent=sent_times, latencies=latencies, photons=photons, failed=failed, unanswered=next_i - done,
                 t0=t0, t1=t1,
                 cpus=cpus, cpu_s=cpu1 - cpu0, main_cpu_s=main1 - main0)  # fmt: skip
@@ -414,10 +423,10 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
 
     sent, rtt, ph = cat("sent"), cat("latencies"), cat("photons")  # [answered] s, s, photons
     t_start, t_end = min(p["t0"] for p in parts), max(p["t1"] for p in parts)
-    whole = _window_figures(sent, rtt, ph, t_start, t_end, t_start)
-    # A run over before the warm-up was: measured whole (t_window stays None).
+    whole = _window_figures(sent, rtt, ph, t_start, t_end)
+    # A run that ended within its warm-up is measured whole (t_window stayed None).
     t_open = t_window if t_window is not None else t_start
-    fig = _window_figures(sent, rtt, ph, t_open, t_end, t_start)
+    fig = _window_figures(sent, rtt, ph, t_open, t_end)
     load_cpu, answered = sum(p["cpu_s"] for p in parts), max(1, rtt.size + sum(p["failed"] for p in parts))
     res = dict(
         events=fig["events"],
@@ -459,8 +468,9 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         ne, nr = d("charon_event_seconds_count"), d("charon_engine_residence_seconds_count")
         # Means only: the server's share of the latency, and (--procs) the shared engine's share of that.
         res["server_latency_ms_mean"] = 1e3 * d("charon_event_seconds_sum") / ne if ne else None
-        # The server's tail beside the clients' (histogram buckets): events that spent over 10 and over
-        # 30 ms inside the server. A client-side tail that the server does not share arose outside it.
+        # The server's tail beside the clients' (its histogram's 10 and 30 ms bucket bounds, metrics.py):
+        # events that spent over 10 and over 30 ms inside the server. A client-side tail that the
+        # server does not share arose outside it.
         res["server_latency_share_over_ms"] = {
             ms: 1.0 - d(f"charon_event_seconds_bucket:{le}") / ne for ms, le in (("10", "0.01"), ("30", "0.03"))
         } if ne else None  # fmt: skip
@@ -482,7 +492,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     return res
 
 
-def _window_figures(sent, rtt, photons, t_open: float, t_end: float, t_start: float) -> dict:
+def _window_figures(sent, rtt, photons, t_open: float, t_end: float) -> dict:
     """Rates of the replies that came in within [t_open, t_end], latency of the events sent within it."""
     got = sent + rtt >= t_open
     lat = rtt[sent >= t_open] * 1e3

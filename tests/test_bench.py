@@ -37,6 +37,20 @@ def test_think_time_distributions_and_bad_specs():
         main(["--address", "tcp://127.0.0.1:1", "--think-ms", "soon"])
 
 
+def test_load_loop_runs_without_garbage_collection_and_restores_it():
+    import gc
+
+    from charon.bench import _gc_paused
+
+    assert gc.isenabled()
+    with _gc_paused():
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), _gc_paused():
+        raise RuntimeError("the load loop failed")
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
 def test_bench_clients_pause_between_events(tmp_path):
     srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu"),
                             detector=sphere_detector(500.0, subdivisions=1))  # fmt: skip
