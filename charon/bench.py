@@ -441,8 +441,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         latency_ms=fig["latency_ms"],
         whole_run=whole,
         # Share of the window's events slower than 10 and 30 ms, beside the server's own (below).
-        latency_share_over_ms={ms: float(np.mean(rtt[sent >= t_open] > int(ms) / 1e3)) if (sent >= t_open).any()
-                               else 0.0 for ms in ("10", "30")},  # fmt: skip
+        latency_share_over_ms=fig["share_over_ms"],
         # p99 of the events sent in each second of the run: where in the run the slow ones were.
         latency_p99_ms_by_second=_p99_by_second(sent - t_start, rtt),
         # What the load generator itself cost. On the server's host (no --load-cpus apart from
@@ -496,12 +495,14 @@ def _window_figures(sent, rtt, photons, t_open: float, t_end: float) -> dict:
     """Rates of the replies that came in within [t_open, t_end], latency of the events sent within it."""
     got = sent + rtt >= t_open
     lat = rtt[sent >= t_open] * 1e3
+    share = {ms: float(np.mean(lat > int(ms))) if lat.size else 0.0 for ms in ("10", "30")}
     if not lat.size:
         lat = np.zeros(1)
     span = max(t_end - t_open, 1e-9)
     n = int(got.sum())
     return dict(events=n, wall_s=span, events_per_s=n / span, photons_per_s=float(photons[got].sum()) / span,
-                latency_ms={q: float(np.percentile(lat, int(q[1:]))) for q in ("p50", "p95", "p99")})  # fmt: skip
+                latency_ms={q: float(np.percentile(lat, int(q[1:]))) for q in ("p50", "p95", "p99")},
+                share_over_ms=share)  # fmt: skip
 
 
 def _p99_by_second(sent_rel, rtt) -> list:

@@ -46,12 +46,13 @@ def poll(poller: zmq.Poller, timeout_ms: float) -> dict:
     """``dict(poller.poll(timeout_ms))`` for a fractional timeout too, waiting in the kernel rather than spinning.
 
     ZeroMQ's poll counts whole milliseconds, so a batch due in 0.3 ms would wait a
-    whole one: measured on an H100, the front ends dispatched 1.1 ms after the
-    configured wait on average. For a fractional timeout the sockets are first
-    polled without waiting, which reads their ZMQ_EVENTS and so re-arms their
-    notification fds; then ``select()`` sleeps on those fds for exactly the
-    timeout, and a message arriving meanwhile makes its fd readable and ends the
-    sleep. (The fifth session's sub-millisecond wait spun through ``poll(0)`` and
+    whole one. (On the H100 hosts this changed no measured figure: the front ends'
+    lateness there came from busy or descheduled loops, benchmarks/RESULTS.md,
+    twelfth session; it applies the configured wait as given.) For a fractional
+    timeout the sockets are first polled without waiting, which reads their
+    ZMQ_EVENTS and so re-arms their notification fds; then ``select()`` sleeps
+    on those fds for exactly the timeout, and a message arriving meanwhile makes
+    its fd readable and ends the sleep. (The fifth session's sub-millisecond wait spun through ``poll(0)`` and
     short sleeps, which cost more than it saved.)
 
     It may return empty before the timeout (an fd also signals commands other than
