@@ -59,6 +59,9 @@ class BenchConfig:
     load_procs: int = 1
     server_cpus: str | None = None  # Linux CPU list ("0-15") for the spawned server, else any CPU
     load_cpus: str | None = None  # CPU list for the load processes, else any CPU
+    # Niceness added to the load processes (0-19): on the server's own host the server's threads then
+    # get the cores first, as when the clients run on other hosts; 0 shares them equally.
+    load_nice: int = 0
     think_ms: str = "0"  # a client's pause between a reply and its next request: MS or exp:MEAN
     warmup: float = 1.0  # s after the first replies before the measured window opens (0: the whole run)
 
@@ -355,8 +358,8 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
     ctx.term()
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     return dict(sent=sent_times, latencies=latencies, photons=photons, failed=failed, unanswered=next_i - done,
-                t0=t0, t1=t1,
-                cpus=cpus, cpu_s=cpu1 - cpu0, main_cpu_s=main1 - main0)  # fmt: skip
+                t0=t0, t1=t1, cpus=cpus, nice=os.nice(0) if hasattr(os, "nice") else 0,
+                cpu_s=cpu1 - cpu0, main_cpu_s=main1 - main0)  # fmt: skip
 
 
 def _drive_star(args):
@@ -366,10 +369,12 @@ def _drive_star(args):
 _PROGRESS = None
 
 
-def _init_worker(counter, cpus=None):
+def _init_worker(counter, cpus=None, nice=0):
     global _PROGRESS
     _PROGRESS = counter
     pin(cpus)
+    if nice:
+        os.nice(nice)
 
 
 def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
@@ -386,7 +391,8 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
     jobs = [(cfg, address, k * cfg.events, per_events[k], per_clients[k], cfg.seed + k) for k in range(procs)]
-    with ctx.Pool(procs, initializer=_init_worker, initargs=(counter, parse_cpus(cfg.load_cpus))) as pool:
+    init = (counter, parse_cpus(cfg.load_cpus), cfg.load_nice)
+    with ctx.Pool(procs, initializer=_init_worker, initargs=init) as pool:
         res = pool.map_async(_drive_star, jobs)
         bar = None
         if cfg.progress:
@@ -436,6 +442,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         warmup_s=t_open - t_start,  # left out before the window; 0 when the run was measured whole
         load_processes=procs,
         load_cpus=sorted(set().union(*(p["cpus"] for p in parts))),  # where the load ran
+        load_nice=max(p["nice"] for p in parts),  # the load processes' niceness (--load-nice added to the bench's)
         events_per_s=fig["events_per_s"],
         photons_per_s=fig["photons_per_s"],
         latency_ms=fig["latency_ms"],
@@ -608,6 +615,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--server-cpus", help="with --spawn-server: run the server on these CPUs only (Linux CPU list, "
                     "e.g. 0-15), so that it does not share cores with the load, as when clients run on other hosts")
     ap.add_argument("--load-cpus", help="run the load processes on these CPUs only (e.g. 16-31)")
+    ap.add_argument("--load-nice", type=int, default=0, choices=range(0, 20), metavar="0-19",
+                    help="run the load processes at this niceness, so that on a shared host the server's threads get "
+                    "the cores first, as when clients run on other hosts (default 0: equal shares)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 

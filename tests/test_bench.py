@@ -262,6 +262,24 @@ def test_bench_pins_its_load_processes(tmp_path):
         thread.join(10)
 
 
+def test_bench_lowers_its_load_processes_priority(tmp_path):
+    srv, thread = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", metrics_port=None),
+                                detector=sphere_detector(500.0, subdivisions=1))  # fmt: skip
+    try:
+        out = tmp_path / "r.json"
+        rc = main(["--address", srv.address, "--clients", "2", "--events", "6", "--event-size", "50",
+                   "--load-nice", "5", "--no-progress", "--json", str(out)])  # fmt: skip
+        assert rc == 0
+        res = json.loads(out.read_text())["batched"]
+        assert res["load_nice"] == os.nice(0) + 5  # the load ran at the lower priority; this process did not
+        assert res["events"] == 6 and res["failed"] == 0
+    finally:
+        srv.stop()
+        thread.join(10)
+    with pytest.raises(SystemExit):  # niceness beyond what the load may be given
+        main(["--address", srv.address, "--load-nice", "25"])
+
+
 def test_bench_refuses_server_cpus_without_spawn():
     with pytest.raises(SystemExit):
         main(["--address", "tcp://127.0.0.1:1", "--server-cpus", "0"])
