@@ -471,6 +471,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         # how evenly the clients' connections were spread.
         res["events_by_endpoint"] = [a.get("charon_events_total", 0.0) - b.get("charon_events_total", 0.0)
                                      for a, b in zip(each_after, each_before)]  # fmt: skip
+        res["front_end_busy_fraction"] = front_end_busy(each_before, each_after, fig["wall_s"])
         ne, nr = d("charon_event_seconds_count"), d("charon_engine_residence_seconds_count")
         # Means only: the server's share of the latency, and (--procs) the shared engine's share of that.
         res["server_latency_ms_mean"] = 1e3 * d("charon_event_seconds_sum") / ne if ne else None
@@ -496,6 +497,19 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         res["handoff_segments_mapped"] = d("charon_handoff_segments_mapped_total") if shm else None
         res["handoff_pin_ms"] = 1e3 * d("charon_handoff_pin_seconds_total") if shm else None
     return res
+
+
+def front_end_busy(each_before: list[dict], each_after: list[dict], wall_s: float) -> dict | None:
+    """{mean, max} over the endpoints that answered events (front ends, workers) of the share of the window
+    their socket loops spent working; None without such endpoints.
+
+    Near 1, the front ends set the pace. Read it beside engine_busy_fraction, which counts time with any
+    kernel running and so stays high while a GPU waits on its host. A shared engine answers no events
+    and is left out (its thread's share is engine_thread_busy_fraction)."""
+    fe = [(a.get("charon_host_seconds_total", 0.0) - b.get("charon_host_seconds_total", 0.0)) / wall_s
+          for a, b in zip(each_after, each_before)
+          if a.get("charon_events_total", 0.0) > b.get("charon_events_total", 0.0)]  # fmt: skip
+    return dict(mean=float(np.mean(fe)), max=float(max(fe))) if fe else None
 
 
 def _window_figures(sent, rtt, photons, t_open: float, t_end: float) -> dict:
@@ -561,10 +575,10 @@ def _plot(path: str, sweep: list[dict], per_event: dict | None):
 def results_table(results: dict) -> str:
     """One line per mode (or per run); the latency split (means, ms) where the server reported it:
     a batch's oldest event's dispatch wait, the engine round trip, and (--procs) the time inside
-    the shared engine."""
+    the shared engine. "busy" is the engine's, "fe busy" the busiest front end's socket loop."""
     split = any(r.get("engine_roundtrip_ms_mean") is not None for r in results.values())
     head = f"{'mode':>22} {'events/s':>10} {'Mphot/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} " \
-           f"{'busy':>6} {'batch mean':>11} {'host us/ev':>10}"  # fmt: skip
+           f"{'busy':>6} {'fe busy':>7} {'batch mean':>11} {'host us/ev':>10}"  # fmt: skip
     if split:
         head += f" {'wait':>6} {'trip':>6} {'resid':>6}"
     lines = [head]
@@ -572,6 +586,7 @@ def results_table(results: dict) -> str:
         line = (
             f"{mode:>22} {r['events_per_s']:>10.1f} {r['photons_per_s'] / 1e6:>9.3f} {r['latency_ms']['p50']:>8.1f} "
             f"{r['latency_ms']['p95']:>8.1f} {r['latency_ms']['p99']:>8.1f} {r.get('engine_busy_fraction', 0):>6.2f} "
+            f"{(r.get('front_end_busy_fraction') or {}).get('max', 0):>7.2f} "
             f"{r.get('batch_photons', {}).get('mean', 0):>11.0f} {r.get('host_us_per_event', 0):>10.1f}"
         )  # fmt: skip
         if split:

@@ -130,6 +130,8 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         assert r["engine_residence_ms_mean"] is None  # one process: no shared engine
         assert r["engine_thread_busy_fraction"] is None
         assert r["events_by_endpoint"] == [60]  # one endpoint answered every event
+        fe = r["front_end_busy_fraction"]  # its socket loop's work over the window: some, not more than all
+        assert 0 < fe["mean"] == fe["max"] < 1.0
         # The generator's own CPU: positive, the main thread's share within it, and no more than its
         # two processes' threads (main and one ZeroMQ I/O thread each) could use.
         assert 0 < r["load_main_thread_us_per_event"] <= r["load_cpu_us_per_event"]
@@ -160,6 +162,19 @@ def test_spawned_servers_compare_per_event_and_sweep(tmp_path):
         m = r[mode]
         assert m["p99_bound_ms"] == pytest.approx(1.0 + 2e3 * m["batch_seconds_mean"])
         assert m["p99_within_bound"] == (m["latency_ms"]["p99"] < m["p99_bound_ms"])
+
+
+def test_front_end_busy_counts_only_the_endpoints_that_answered_events():
+    from charon.bench import front_end_busy
+
+    before = [{"charon_host_seconds_total": 1.0, "charon_events_total": 10.0},  # front end 0
+              {"charon_host_seconds_total": 0.0, "charon_events_total": 0.0},  # front end 1
+              {"charon_host_seconds_total": 5.0}]  # a shared engine: its work, no events  # fmt: skip
+    after = [{"charon_host_seconds_total": 3.0, "charon_events_total": 50.0},
+             {"charon_host_seconds_total": 4.0, "charon_events_total": 70.0},
+             {"charon_host_seconds_total": 9.0}]  # fmt: skip
+    assert front_end_busy(before, after, 4.0) == {"mean": 0.75, "max": 1.0}  # 2/4 and 4/4; the engine left out
+    assert front_end_busy(before[2:], after[2:], 4.0) is None
 
 
 def test_p99_bound_reads_the_servers_max_wait():
@@ -210,6 +225,8 @@ def test_results_table_shows_the_latency_split_only_where_the_server_reported_it
            "engine_busy_fraction": 0.5, "batch_photons": {"mean": 5000.0}, "host_us_per_event": 40.0}
     plain = results_table({"batched": row}).splitlines()
     assert len(plain) == 2 and "trip" not in plain[0]
+    busiest = results_table({"batched": row | {"front_end_busy_fraction": {"mean": 0.5, "max": 0.93}}}).splitlines()
+    assert "fe busy" in busiest[0] and busiest[1].split()[6:8] == ["0.50", "0.93"]  # beside the engine's busy
     split = results_table({"a_1": row | {"dispatch_wait_ms_mean": 1.25, "engine_roundtrip_ms_mean": 3.5,
                                          "engine_residence_ms_mean": None}}).splitlines()
     assert split[0].split()[-3:] == ["wait", "trip", "resid"]
