@@ -631,8 +631,8 @@ def parser() -> argparse.ArgumentParser:
                     "e.g. 0-15), so that it does not share cores with the load, as when clients run on other hosts")
     ap.add_argument("--load-cpus", help="run the load processes on these CPUs only (e.g. 16-31)")
     ap.add_argument("--load-nice", type=int, default=0, choices=range(0, 20), metavar="0-19",
-                    help="run the load processes at this niceness, so that on a shared host the server's threads get "
-                    "the cores first, as when clients run on other hosts (default 0: equal shares)")
+                    help="raise the load processes' niceness by this much, so that on a shared host the server's "
+                    "threads get the cores first, as when clients run on other hosts (default 0: equal shares)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
