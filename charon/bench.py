@@ -701,7 +701,8 @@ def main(argv=None) -> int:
         save()
     print(results_table(results))
     if "per_event" in results and results["per_event"]["events_per_s"] > 0:
-        print(f"speed-up batched / per-event: {results['batched']['events_per_s'] / results['per_event']['events_per_s']:.1f}x")
+        ratio = results["batched"]["events_per_s"] / results["per_event"]["events_per_s"]
+        print(f"speed-up batched / per-event: {ratio:.1f}x")
     for mode, r in results.items():
         if "p99_bound_ms" in r:
             print(f"{mode}: p99 {r['latency_ms']['p99']:.1f} ms against --max-wait-ms + 2 batch times = "

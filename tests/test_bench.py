@@ -107,7 +107,8 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
     try:
         out = tmp_path / "r.json"
         rc = main(["--address", srv.address, "--metrics-url", f"http://127.0.0.1:{mport}/metrics", "--clients", "6",
-                   "--client-mode", "dealer", "--in-flight", "3", "--events", "60", "--event-size", "200", "--load-procs", "2",
+                   "--client-mode", "dealer", "--in-flight", "3", "--events", "60", "--event-size", "200",
+                   "--load-procs", "2",
                    "--warmup", "0", "--json", str(out), "--no-progress"])  # fmt: skip
         assert rc == 0
         r = json.loads(out.read_text())["batched"]
