@@ -471,7 +471,8 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         # how evenly the clients' connections were spread.
         res["events_by_endpoint"] = [a.get("charon_events_total", 0.0) - b.get("charon_events_total", 0.0)
                                      for a, b in zip(each_after, each_before)]  # fmt: skip
-        res["front_end_busy_fraction"] = front_end_busy(each_before, each_after, fig["wall_s"])
+        res["front_end_busy_fraction"] = front_end_busy(each_before, each_after, res["events_by_endpoint"],
+                                                        fig["wall_s"])  # fmt: skip
         ne, nr = d("charon_event_seconds_count"), d("charon_engine_residence_seconds_count")
         # Means only: the server's share of the latency, and (--procs) the shared engine's share of that.
         res["server_latency_ms_mean"] = 1e3 * d("charon_event_seconds_sum") / ne if ne else None
@@ -499,16 +500,15 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     return res
 
 
-def front_end_busy(each_before: list[dict], each_after: list[dict], wall_s: float) -> dict | None:
-    """{mean, max} over the endpoints that answered events (front ends, workers) of the share of the window
-    their socket loops spent working; None without such endpoints.
+def front_end_busy(each_before: list[dict], each_after: list[dict], events: list[float], wall_s: float) -> dict | None:
+    """{mean, max} over the endpoints that answered events in the window (``events``, per endpoint: front ends,
+    workers) of the share of it their socket loops spent working; None without such endpoints.
 
     Near 1, the front ends set the pace. Read it beside engine_busy_fraction, which counts time with any
     kernel running and so stays high while a GPU waits on its host. A shared engine answers no events
     and is left out (its thread's share is engine_thread_busy_fraction)."""
     fe = [(a.get("charon_host_seconds_total", 0.0) - b.get("charon_host_seconds_total", 0.0)) / wall_s
-          for a, b in zip(each_after, each_before)
-          if a.get("charon_events_total", 0.0) > b.get("charon_events_total", 0.0)]  # fmt: skip
+          for a, b, n in zip(each_after, each_before, events) if n > 0]  # fmt: skip
     return dict(mean=float(np.mean(fe)), max=float(max(fe))) if fe else None
 
 
