@@ -19,13 +19,16 @@ HELP = {
     "max_batch_events": "events per engine call at most (0: no limit; 1 serves one event per call, as ChAR0N)",
     "max_wait_ms": "longest the oldest queued event waits for a batch to fill while the engine is idle; "
     "while the engine is busy, events accumulate for the next batch anyway (continuous batching), "
-    "so a short wait suffices. The socket loop wakes in whole milliseconds: a batch may start up to 1 ms later",
+    "so a short wait suffices. Fractions are honoured (e.g. 0.5): the socket loop sleeps in the kernel for "
+    "exactly the time left",
     "max_queued_photons": "backpressure: photons allowed to wait; beyond it requests get a 'busy' SIM_FAILED",
     "max_event_photons": "largest event accepted; larger requests get SIM_FAILED",
     "max_steps": "propagation steps per photon before it is abandoned (Chroma's max_steps)",
     "engine_lanes": "CUDA engine behind --procs: batches on the GPU at once, each with its own device buffers "
     "and stream (2: the next batch starts while the running one finishes, once it is as large; 1: one at a "
-    "time). On the H200 2 has not yet measured faster than 1 (benchmarks/RESULTS.md)",
+    "time). Worth it only with smaller batches: on H100 hosts --engine-lanes 2 --max-batch-photons 7e4 kept "
+    "the GPU busy 0.9-0.96 of the time and served the most 1000-photon events; at large caps 2 lanes did not "
+    "beat 1 (benchmarks/RESULTS.md)",
     "ping_reply": "reply to PING: PONG (ratpac-two, seed text) or ACK (ChAR0N client branch)",
     "reply_layout": "auto (13-frame request -> compact, 14-frame -> full), compact or full",
     "queue_policy": "queue policy for choosing the next events to batch",
