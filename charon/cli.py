@@ -170,8 +170,13 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
                                                        ping_reply=config.ping_reply,
                                                        heartbeat_interval=config.heartbeat_interval,
                                                        heartbeat_liveness=config.heartbeat_liveness,
+                                                       output_dir=config.output_dir,
+                                                       output_basket_events=config.output_basket_events,
+                                                       max_event_photons=config.max_event_photons,
                                                        log_level=config.log_level))  # fmt: skip
-    base = _strip_flags(argv, ("--gpus", "--bind", "--connect", "--device", "--metrics-port"))
+    # The router writes the runs (it sees every reply of a run, whichever worker answered it).
+    base = _strip_flags(argv, ("--gpus", "--bind", "--connect", "--device", "--metrics-port", "--output-dir",
+                               "--output-basket-events"))  # fmt: skip
     engine = [] if config.engine != "auto" else ["--engine", "cuda"]
 
     def start(i):
@@ -225,15 +230,6 @@ def _supervise(name: str, start, n: int, on_exit=None) -> int:
     return 0
 
 
-def accept_mode(config: ServerConfig) -> str:
-    """How --procs front ends share --bind: 'reuseport' or 'proxy' (``--accept auto`` resolved)."""
-    from .reuseport import AVAILABLE
-
-    if config.accept != "auto":
-        return config.accept
-    return "reuseport" if AVAILABLE and config.bind.startswith("tcp://") else "proxy"
-
-
 def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
     """``--procs N``: N front-end processes on one address, sharing ONE engine in this process.
 
@@ -248,7 +244,7 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
     restarted): for failover across machines use charon-router. Metrics: front
     end i on --metrics-port + i, the shared engine on --metrics-port + N.
     """
-    if accept_mode(config) == "reuseport":
+    if config.accept_mode() == "reuseport":
         return _reuseport_main(config, argv)
     return _proxy_main(config, argv)
 
@@ -417,6 +413,12 @@ ROUTER_HELP = {
     "heartbeat_liveness": "heartbeats a worker may miss before it is presumed dead and its events re-sent",
     "ping_reply": "reply to PING: PONG or ACK",
     "hold_seconds": "how long a request waits for a worker when none is registered before NO_WORKERS",
+    "output_dir": "directory for server-side run output: PHOTONDATA between RUN_BEGIN and RUN_END is "
+    "answered SIM_COMPLETE_ASYNC and the router writes its hits, from whichever worker, to "
+    "DIR/<name>.charon.ntuple.root (off when not given: RUN_BEGIN/RUN_END are acknowledged and hits go back)",
+    "output_basket_events": "events per ROOT basket written with --output-dir",
+    "max_event_photons": "with --output-dir: largest event accepted into a run (checked here, since the client is "
+    "answered before a worker sees it)",
     "log_level": "logging level",
 }
 
@@ -429,7 +431,11 @@ def router_main(argv=None) -> int:
     add_dataclass_flags(p, RouterConfig, ROUTER_HELP, {"ping_reply": ("PONG", "ACK")})
     config = config_from_args(RouterConfig, p.parse_args(argv))
     default_log_config(config.log_level)
-    router = Router(config)
+    try:
+        router = Router(config)
+    except ValueError as exc:
+        logging.getLogger("charon").error("cannot start: %s", exc)
+        return 2
     signal.signal(signal.SIGINT, lambda *a: router.stop())
     signal.signal(signal.SIGTERM, lambda *a: router.stop())
     router.serve_forever()

@@ -186,6 +186,27 @@ def encode_hits(event_id: int, hits: HitBatch, layout: Layout) -> list:
             np.ascontiguousarray(hits.flags, dtype="<u4")]  # fmt: skip
 
 
+def decode_full_hits(frames) -> HitBatch:
+    """One event's hits from a full-layout SIM_COMPLETE (12 frames; a worker's reply to the router).
+
+    Every frame's length is checked against the channel frame's before any ``frombuffer``; raises ValueError.
+    """
+    if len(frames) != 12 or bytes(frames[0]) != SIM_COMPLETE:
+        raise ValueError(f"not a full-layout SIM_COMPLETE ({len(frames)} frames)")
+    nbytes = len(frames[2])
+    if nbytes % 4:
+        raise ValueError(f"channel frame has {nbytes} bytes, not a multiple of 4")
+    for k, f in enumerate(frames[3:], start=3):
+        if len(f) != nbytes:
+            raise ValueError(f"frame {k} has {len(f)} bytes, the channel frame {nbytes}")
+    n = nbytes // 4
+    table = np.empty((8, n), np.float32)  # [8, H] float32: dx,dy,dz; polx,poly,polz; wavelength nm; time ns
+    for r in range(8):
+        table[r] = np.frombuffer(frames[3 + r], _F4)
+    return HitBatch(np.frombuffer(frames[2], _U4).copy(), table, np.frombuffer(frames[11], _U4).copy(),
+                    np.array([0, n], np.int64))  # fmt: skip
+
+
 def encode_failed(event_id: int, reason: str) -> list:
     return [SIM_FAILED, u32(event_id), reason.encode("utf-8", "replace")]
 

@@ -8,6 +8,7 @@ ChAR0N's Paranoid Pirate (1-byte READY/HEARTBEAT, liveness in intervals)::
                       [REPLY b"\\x05", request_id u64, *reply frames]
     router -> worker  [HEARTBEAT b"\\x02"]
                       [REQUEST b"\\x04", request_id u64, *client request frames]
+                      [REQUEST_FULL b"\\x07", request_id u64, *client request frames]  (reply in the full layout)
                       [REFUSED b"\\x06", reason utf-8]          (detector differs from the first worker's)
 
 Dispatch is by capacity, not by idleness: each worker advertises a credit (the
@@ -17,6 +18,12 @@ least loaded, so each worker still forms full batches. The router keeps a copy
 of every request in flight; when a worker stops heartbeating, its requests go
 to other workers (or wait for one), and a late reply from the dead worker is
 dropped because its request id is no longer outstanding.
+
+Server-side run output (``--output-dir``, ChAR0N's asynchronous mode) is the
+router's: it is where every reply of a client's run arrives, whichever worker
+simulated the event. A PHOTONDATA inside a run is checked here, answered
+``SIM_COMPLETE_ASYNC`` at once and sent as REQUEST_FULL; the worker's full hits
+are written to the run's file (``charon.run_output``) instead of going back.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ import numpy as np
 import zmq
 
 from . import protocol as P
+from .photons import empty_hits
+from .protocol import RequestError
+from .run_output import Run, RunBook, RunOutputError
 from .server import split_envelope
 from .sockets import recv_message, send_message
 
@@ -41,6 +51,7 @@ HEARTBEAT = b"\x02"
 REQUEST = b"\x04"
 REPLY = b"\x05"
 REFUSED = b"\x06"
+REQUEST_FULL = b"\x07"
 
 
 @dataclass
@@ -53,7 +64,18 @@ class RouterConfig:
     heartbeat_liveness: int = 3
     ping_reply: str = "PONG"
     hold_seconds: float = 60.0
+    output_dir: str | None = None
+    output_basket_events: int = 1000
+    max_event_photons: int = 50_000_000
     log_level: str = "INFO"
+
+    def validate(self) -> None:
+        import os
+
+        if self.output_dir is not None and not os.path.isdir(self.output_dir):
+            raise ValueError(f"--output-dir {self.output_dir!r} is not a directory")
+        if self.output_basket_events < 1 or self.max_event_photons < 1:
+            raise ValueError("--output-basket-events and --max-event-photons must be >= 1")
 
 
 @dataclass(eq=False)
@@ -78,10 +100,13 @@ class Pending:
     key: tuple | None
     arrival: float
     worker: Worker | None = None
+    run: Run | None = None  # the client's open run: the reply is written there, not sent back
+    event_id: int = P.UNKNOWN_EVENT
 
 
 class Router:
     def __init__(self, config: RouterConfig, context: zmq.Context | None = None):
+        config.validate()
         self.config = config
         self.ctx = context or zmq.Context.instance()
         self.workers: dict[bytes, Worker] = {}
@@ -98,6 +123,8 @@ class Router:
         self.frontend_address = None
         self.backend_address = None
         self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
+        self.runs = RunBook(config.output_dir, config.output_basket_events, self._to_client, self._channels) \
+            if config.output_dir else None  # fmt: skip
 
     def stop(self):
         self._stop.set()
@@ -149,8 +176,21 @@ class Router:
                 self._expire(now)
                 self._dispatch_waiting()
         finally:
+            if self.runs is not None:
+                self.runs.close_all(lambda run: [p.event_id for p in run.pending])
             fe.close(0)
             be.close(0)
+
+    def _to_client(self, envelope, frames):
+        send_message(self.frontend, list(envelope) + frames)
+
+    def _channels(self):
+        """Channel positions [C, 3] float32 (mm) and types [C] int32, from the first worker's READY."""
+        if self.detector_info is None:
+            raise RunOutputError("no worker has registered yet, so the detector is not known; begin the run "
+                                 "once DETECTOR_INFO is answered")  # fmt: skip
+        x, y, z = (np.frombuffer(f, "<f4") for f in self.detector_info[1:4])
+        return np.stack([x, y, z], axis=1), np.frombuffer(self.detector_info[4], "<i4")
 
     # ---------------------------------------------------------------- clients
     def _from_client(self, msg):
@@ -165,7 +205,13 @@ class Router:
                 send_message(self.frontend, envelope + [P.NO_WORKERS])
             else:
                 send_message(self.frontend, envelope + self.detector_info)
-        elif header in (P.RUN_BEGIN, P.RUN_END):
+        elif self.runs is not None and header == P.RUN_BEGIN and len(body) == 2:
+            self.runs.begin(envelope, bytes(body[1]))
+        elif self.runs is not None and header == P.RUN_END and len(body) == 1:
+            reason = self.runs.end(envelope)
+            if reason is not None:
+                self._to_client(envelope, P.encode_failed(P.UNKNOWN_EVENT, reason))
+        elif header in (P.RUN_BEGIN, P.RUN_END):  # no --output-dir: hits go back to the client, as without a run
             send_message(self.frontend, envelope + [P.ACK])
         elif header == P.PHOTONDATA:
             self._photondata(envelope, body)
@@ -173,8 +219,12 @@ class Router:
             send_message(self.frontend, envelope + [P.UNKNOWN_REQUEST])
 
     def _photondata(self, envelope, body):
+        run = self.runs.run_of(envelope) if self.runs is not None else None
         if not self.workers:
             send_message(self.frontend, envelope + [P.NO_WORKERS])
+            return
+        if run is not None:
+            self._run_photondata(envelope, body, run)
             return
         meta = bytes(body[1]) if len(body) > 1 else b""
         key = None
@@ -184,7 +234,7 @@ class Router:
             key = (eid, photons, len(body))
             same = self.by_key.get(key)
             # Payload bytes are compared only on such a collision (a likely Lazy-Pirate resend).
-            if same is not None and _same_payload(same.body, body):
+            if same is not None and same.run is None and _same_payload(same.body, body):
                 same.envelope = envelope  # the newest requester gets the reply
                 self.duplicates += 1
                 return
@@ -193,6 +243,34 @@ class Router:
         if key is not None:
             self.by_key[key] = p
         self._assign(p)
+
+    def _run_photondata(self, envelope, body, run: Run):
+        """An event of a run: checked here, since the client is answered before any worker sees it."""
+        try:
+            pd = P.decode_photondata(body, self.config.max_event_photons)
+        except RequestError as exc:
+            self._to_client(envelope, P.encode_failed(exc.event_id, exc.reason))
+            return
+        if run.error is not None:
+            self._to_client(envelope, P.encode_failed(pd.event_id, f"run output unavailable: {run.error}"))
+            return
+        ack = [P.SIM_COMPLETE_ASYNC, P.u32(pd.event_id)]
+        if pd.n == 0:
+            self.runs.write_now(run, pd.event_id, empty_hits(1).event(0))
+            self._to_client(envelope, ack)
+            return
+        key = (pd.event_id, pd.n, len(body))
+        same = self.by_key.get(key)
+        if same is not None and same.run is run and _same_payload(same.body, body):
+            self.duplicates += 1  # resent within the run: written once, acknowledged again
+            self._to_client(envelope, ack)
+            return
+        p = Pending(self._next_rid, envelope, body, pd.n, key, time.monotonic(), run=run, event_id=pd.event_id)
+        self._next_rid += 1
+        self.by_key[key] = p
+        self.runs.accepted(run, p)
+        self._assign(p)
+        self._to_client(envelope, ack)
 
     def _pick(self, photons: int) -> Worker | None:
         """The least-loaded worker with room for ``photons``; a worker holding nothing takes any size."""
@@ -215,7 +293,8 @@ class Router:
         w.outstanding += p.photons
         w.requests.add(p.rid)
         self.inflight[p.rid] = p
-        send_message(self.backend, [w.identity, REQUEST, p.rid.to_bytes(8, "little"), *p.body])
+        kind = REQUEST if p.run is None else REQUEST_FULL
+        send_message(self.backend, [w.identity, kind, p.rid.to_bytes(8, "little"), *p.body])
 
     def _dispatch_waiting(self):
         now = time.monotonic()
@@ -226,7 +305,10 @@ class Router:
                     return
                 self.waiting.popleft()
                 self._drop_key(p)
-                send_message(self.frontend, p.envelope + [P.NO_WORKERS])
+                if p.run is not None:  # already acknowledged: the run loses it, and says so when it ends
+                    self.runs.finished(p.run, p, p.event_id, None, f"no worker within {self.config.hold_seconds} s")
+                else:
+                    send_message(self.frontend, p.envelope + [P.NO_WORKERS])
                 continue
             w = self._pick(p.photons)
             if w is None:  # nobody has room yet: keep FIFO order
@@ -262,7 +344,25 @@ class Router:
             w.requests.discard(rid)
             w.outstanding -= p.photons
             self._drop_key(p)
-            send_message(self.frontend, p.envelope + list(msg[3:]))
+            if p.run is not None:
+                self._write_reply(p, msg[3:])
+            else:
+                send_message(self.frontend, p.envelope + list(msg[3:]))
+
+    def _write_reply(self, p: Pending, frames):
+        """A worker's answer to an event of a run: its hits go to the run's file."""
+        kind = bytes(frames[0]) if frames else b""
+        if kind == P.SIM_COMPLETE:
+            try:
+                hits = P.decode_full_hits(frames)
+            except ValueError as exc:
+                self.runs.finished(p.run, p, p.event_id, None, f"unreadable worker reply: {exc}")
+                return
+            self.runs.finished(p.run, p, p.event_id, hits)
+            return
+        reason = bytes(frames[2]).decode("utf-8", "replace") if kind == P.SIM_FAILED and len(frames) > 2 else \
+            f"worker answered {kind[:40]!r}"  # fmt: skip
+        self.runs.finished(p.run, p, p.event_id, None, reason)
 
     def _register(self, identity: bytes, frames):
         credit = int(np.frombuffer(bytes(frames[0]), "<u4")[0])

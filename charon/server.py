@@ -30,7 +30,7 @@ from .photons import HitBatch, empty_hits
 from .protocol import Layout, RequestError
 from .scheduler.batcher import Batcher
 from .scheduler.queue import make_queue
-from .run_output import Run, RunWriter, output_path
+from .run_output import Run, RunBook
 from .scheduler.request import EventRequest, Route
 from .sockets import poll, recv_message, send_message
 
@@ -110,8 +110,19 @@ class ServerConfig:
             from .cpus import split_engine_cpus
 
             split_engine_cpus(self.engine_cpus)  # ValueError naming the problem
-        if self.procs > 1 and self.output_dir:
-            raise ValueError("--output-dir needs one process (a run's events must reach the same writer): drop --procs")
+        if self.connect and self.output_dir:
+            raise ValueError("--output-dir goes on charon-router when workers --connect: the router writes the runs")
+        if self.procs > 1 and self.output_dir and self.accept_mode() != "reuseport":
+            raise ValueError("--output-dir with --procs needs --accept reuseport (tcp:// on Linux), where each client "
+                             "stays with one front end: the proxy spreads a run's events over all of them")
+
+    def accept_mode(self) -> str:
+        """How --procs front ends share --bind: 'reuseport' or 'proxy' (``--accept auto`` resolved)."""
+        from .reuseport import AVAILABLE
+
+        if self.accept != "auto":
+            return self.accept
+        return "reuseport" if AVAILABLE and self.bind.startswith("tcp://") else "proxy"
 
 
 def split_envelope(frames: list) -> tuple[list, list]:
@@ -165,8 +176,9 @@ class BatchServer:
         self.batcher = Batcher(make_queue(config.queue_policy), config.max_batch_photons, config.max_batch_events)
         # Queued or in-flight requests by (event_id, n), for resend de-duplication.
         self.by_key: dict[tuple, list[EventRequest]] = {}
-        self.runs: dict[bytes, Run] = {}  # open run of each client identity (--output-dir)
-        self.closing: list[Run] = []  # runs whose RUN_END waits for their last events
+        self.runs = RunBook(config.output_dir, config.output_basket_events, self._reply,
+                            lambda: (self.detector.channel_position, self.detector.channel_type)) \
+            if config.output_dir else None  # open runs of client identities (--output-dir)  # fmt: skip
         self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
         self._detector_info = P.encode_detector_info(self.detector.channel_position, self.detector.channel_type)
         self._fingerprint = self.detector.fingerprint() if config.connect else b""
@@ -213,12 +225,14 @@ class BatchServer:
             self._poller.register(self.socket, zmq.POLLIN)
 
     def _from_router(self, msg):
-        from .router import HEARTBEAT, REFUSED, REPLY, REQUEST
+        from .router import HEARTBEAT, REFUSED, REPLY, REQUEST, REQUEST_FULL
 
         self._router_expiry = time.monotonic() + self.config.heartbeat_interval * self.config.heartbeat_liveness
         kind = bytes(msg[0])
         if kind == REQUEST:
             self._handle_body([REPLY, msg[1]], msg[2:])
+        elif kind == REQUEST_FULL:  # the router writes this event to a run file: every hit field is needed
+            self._handle_body([REPLY, msg[1]], msg[2:], Layout.FULL)
         elif kind == REFUSED:
             reason = bytes(msg[1]).decode("utf-8", "replace") if len(msg) > 1 else ""
             if reason.startswith("unknown worker"):  # the router restarted: register again
@@ -368,10 +382,10 @@ class BatchServer:
         if body:
             self._handle_body(envelope, body)
 
-    def _handle_body(self, envelope, body):
+    def _handle_body(self, envelope, body, layout: Layout | None = None):
         header = bytes(body[0])
         if header == P.PHOTONDATA:
-            self._handle_photondata(envelope, body)
+            self._handle_photondata(envelope, body, layout)
         elif header == P.PING and len(body) == 1:
             self._reply(envelope, [self._ping])
         elif header == P.DETECTOR_INFO and len(body) == 1:
@@ -390,25 +404,26 @@ class BatchServer:
             return requested
         return Layout(self.config.reply_layout)
 
-    def _handle_photondata(self, envelope, body):
+    def _handle_photondata(self, envelope, body, layout: Layout | None = None):
+        """``layout``: the reply layout whatever the request's dialect and --reply-layout (the router's runs)."""
         try:
             pd = P.decode_photondata(body, self.config.max_event_photons)
         except RequestError as exc:
             self._fail(envelope, exc.event_id, exc.reason, "bad_request")
             return
-        run = self.runs.get(bytes(envelope[0])) if self.config.output_dir else None
+        run = self.runs.run_of(envelope) if self.runs is not None else None
         if run is not None and run.error is not None:
             self._fail(envelope, pd.event_id, f"run output unavailable: {run.error}", "run_output")
             return
         # In a run (asynchronous mode) the client is acknowledged only once the event is
         # accepted or joined, so a refused event gets its SIM_FAILED and nothing else.
-        route = None if run is not None else Route(envelope, self._layout(pd.layout))
+        route = None if run is not None else Route(envelope, layout or self._layout(pd.layout))
         if pd.n == 0:  # a valid event with no photons has no hits
             self.metrics.events.inc()
             if run is None:
                 self._reply(envelope, P.encode_hits(pd.event_id, empty_hits(1).event(0), route.layout))
             else:
-                run.writer.add(pd.event_id, empty_hits(1).event(0))
+                self.runs.write_now(run, pd.event_id, empty_hits(1).event(0))
                 self._ack_async(envelope, pd.event_id)
             return
         candidates = self.by_key.get(pd.key)
@@ -440,7 +455,7 @@ class BatchServer:
         self.batcher.add(req)
         self.metrics.queued_photons.set(self.batcher.queued_photons)
         if run is not None:
-            run.pending.add(req)
+            self.runs.accepted(run, req)
             self._ack_async(envelope, pd.event_id)
 
     def _ack_async(self, envelope, event_id):
@@ -542,85 +557,30 @@ class BatchServer:
     # ------------------------------------------------------------ run output
     def _finish_async(self, req: EventRequest):
         run: Run = req.tag
-        run.pending.discard(req)
         if req.error is not None:
-            run.lost.append(req.event_id)
-            log.warning("run %s: event %d lost: %s", run.name, req.event_id, req.error)
-        else:
-            run.writer.add(req.event_id, req.hits())
-            run.written += 1
-            self.metrics.events.inc()
-        if not run.pending and run.end_envelope is not None:
-            self._close_run(run)
+            self.runs.finished(run, req, req.event_id, None, req.error)
+            return
+        self.runs.finished(run, req, req.event_id, req.hits())
+        self.metrics.events.inc()
 
     def _run_begin(self, envelope, filename: bytes):
-        identity = bytes(envelope[0])
-        if not self.config.output_dir:
+        if self.runs is None:
             self._reply(envelope, [P.ACK])
             return
-        previous = self.runs.pop(identity, None)
-        if previous is not None:  # a second RUN_BEGIN ends the first run without a reply
-            previous.end_envelope = []
-            self._end_or_wait(previous)
-        name = filename.decode("utf-8", "replace")
-        run = Run(name=name, path="")
-        try:
-            run.path = output_path(self.config.output_dir, name)
-            run.writer = RunWriter(run.path, self.detector.channel_position, self.detector.channel_type,
-                                   self.config.output_basket_events)  # fmt: skip
-            log.info("run %s: writing %s", name, run.path)
-        except Exception as exc:  # reported on this run's PHOTONDATA and RUN_END
-            run.error = f"cannot create the output file for {name!r}: {exc}"
-            log.warning("run %s: %s", name, run.error)
-        self.runs[identity] = run
-        self._reply(envelope, [P.ACK])
+        self.runs.begin(envelope, filename)
 
     def _run_end(self, envelope):
-        if not self.config.output_dir:
+        if self.runs is None:
             self._reply(envelope, [P.ACK])
             return
-        run = self.runs.pop(bytes(envelope[0]), None)
-        if run is None:
-            waiting = [r for r in self.closing if r.end_envelope]
-            if len(waiting) == 1:  # a Lazy-Pirate resend of the RUN_END we are still completing
-                waiting[0].end_envelope = envelope
-                return
-            self._fail(envelope, P.UNKNOWN_EVENT, "RUN_END without an open run: no RUN_BEGIN from this client",
-                       "run_output")  # fmt: skip
-            return
-        if run.error is not None:
-            self._fail(envelope, P.UNKNOWN_EVENT, run.error, "run_output")
-            return
-        run.end_envelope = envelope
-        self._end_or_wait(run)
-
-    def _end_or_wait(self, run: Run):
-        if run.pending:
-            self.closing.append(run)
-        else:
-            self._close_run(run)
-
-    def _close_run(self, run: Run):
-        if run in self.closing:
-            self.closing.remove(run)
-        if run.writer is not None:
-            run.writer.close()
-        log.info("run %s: %d events written to %s%s", run.name, run.written, run.path,
-                 f", {len(run.lost)} lost: {run.lost[:20]}" if run.lost else "")  # fmt: skip
-        if run.end_envelope:
-            self._reply(run.end_envelope, [P.ACK])
+        reason = self.runs.end(envelope)
+        if reason is not None:
+            self._fail(envelope, P.UNKNOWN_EVENT, reason, "run_output")
 
     def _close_all_runs(self):
         """Server stop: keep what was written readable and say which events were lost."""
-        for run in list(self.runs.values()) + list(self.closing):
-            if run.writer is None:
-                continue
-            unwritten = sorted(r.event_id for r in run.pending)
-            run.writer.close()
-            log.warning("run %s: server stopping with the run open: %d events written to %s; lost (not simulated "
-                        "or not written): %s", run.name, run.written, run.path, unwritten + run.lost)  # fmt: skip
-        self.runs.clear()
-        self.closing.clear()
+        if self.runs is not None:
+            self.runs.close_all(lambda run: [r.event_id for r in run.pending])
 
 
 def run_in_thread(config: ServerConfig, **kw) -> tuple[BatchServer, threading.Thread]:

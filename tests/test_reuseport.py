@@ -94,11 +94,11 @@ def test_accept_flag_is_validated():
 
 
 def test_procs_launcher_refuses_a_taken_port_before_starting_anything():
-    from charon.cli import accept_mode, batch_main
+    from charon.cli import batch_main
 
-    assert accept_mode(ServerConfig(procs=2, bind="tcp://127.0.0.1:5555")) == "reuseport"
-    assert accept_mode(ServerConfig(procs=2, bind="ipc:///tmp/x")) == "proxy"
-    assert accept_mode(ServerConfig(procs=2, accept="proxy")) == "proxy"
+    assert ServerConfig(procs=2, bind="tcp://127.0.0.1:5555").accept_mode() == "reuseport"
+    assert ServerConfig(procs=2, bind="ipc:///tmp/x").accept_mode() == "proxy"
+    assert ServerConfig(procs=2, accept="proxy").accept_mode() == "proxy"
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)

@@ -365,10 +365,14 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
         assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"charon-{proc.pid}-")]
 
 
-def test_procs_refuses_output_dir(tmp_path):
+def test_procs_refuses_output_dir_behind_the_proxy(tmp_path, caplog):
+    """The proxy spreads one client's messages over the front ends, so a run's events would reach several writers."""
     from charon.cli import batch_main
 
-    assert batch_main(["--procs", "2", "--output-dir", str(tmp_path), "--engine", "cpu"]) == 2
+    with caplog.at_level("ERROR", logger="charon"):
+        rc = batch_main(["--procs", "2", "--accept", "proxy", "--output-dir", str(tmp_path), "--engine", "cpu"])
+    assert rc == 2
+    assert any("--accept reuseport" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("argv, problem", [

@@ -191,13 +191,13 @@ def test_server_stop_with_run_open_leaves_a_readable_file(det, tmp_path, caplog)
     deadline = time.monotonic() + 10
     while srv.metrics.registry.get_sample_value("charon_events_total") < 5 and time.monotonic() < deadline:
         time.sleep(0.02)
-    with caplog.at_level("WARNING", logger="charon.server"):
+    with caplog.at_level("WARNING", logger="charon.output"):
         srv.stop()
         th.join(10)
     d.close()
     with uproot.open(out / "crash.charon.ntuple.root") as f:
         assert f["output"].num_entries == 5
-    assert any("server stopping with the run open" in r.getMessage() for r in caplog.records)
+    assert any("stopping with the run open" in r.getMessage() for r in caplog.records)
 
 
 def test_async_events_refused_at_admission_get_one_failure_reply_not_an_ack(det, tmp_path):
@@ -231,3 +231,321 @@ def test_async_events_refused_at_admission_get_one_failure_reply_not_an_ack(det,
         d.close()
         srv.stop()
         th.join(10)
+
+
+# ----------------------------------------------------------------- one name, two runs
+def test_a_name_in_use_refuses_the_later_run_and_spares_the_file(server):
+    """ratpac-two jobs often share a file name (``out.root`` in their own directories): never one file for two."""
+    srv, out, dealer = server
+    a, b = dealer(), dealer()
+    assert ask(a, [P.RUN_BEGIN, b"job1/out.root"]).kind == b"ACK"
+    evs = events(3, 5)
+    for eid, t in evs.items():
+        assert ask(a, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
+    assert ask(b, [P.RUN_BEGIN, b"job2/out.root"]).kind == b"ACK"  # always acknowledged ...
+    r = ask(b, photondata_frames(7, random_event(50, np.random.default_rng(3), radius=100.0)))
+    assert r.kind == P.SIM_FAILED and r.event_id == 7 and "being written by another open run" in r.reason
+    r = ask(b, [P.RUN_END])
+    assert r.kind == P.SIM_FAILED and "being written by another open run" in r.reason
+    assert ask(a, [P.RUN_END]).kind == b"ACK"
+    with uproot.open(out / "out.charon.ntuple.root") as f:
+        assert sorted(f["output"]["event_id"].array(library="np").tolist()) == sorted(evs)
+    # once the first run has ended the name is free again
+    assert ask(b, [P.RUN_BEGIN, b"job2/out.root"]).kind == b"ACK"
+    r = ask(b, photondata_frames(8, random_event(50, np.random.default_rng(4), radius=100.0)))
+    assert r.kind == P.SIM_COMPLETE_ASYNC
+    assert ask(b, [P.RUN_END]).kind == b"ACK"
+    with uproot.open(out / "out.charon.ntuple.root") as f:
+        assert f["output"]["event_id"].array(library="np").tolist() == [8]
+
+
+def test_an_idle_run_gives_its_file_to_a_resent_run_begin(server):
+    """Lazy Pirate: RUN_BEGIN times out, the client resends it from a new socket; the first socket's run is idle."""
+    srv, out, dealer = server
+    old, new = dealer(), dealer()
+    assert ask(old, [P.RUN_BEGIN, b"resent.root"]).kind == b"ACK"
+    assert ask(new, [P.RUN_BEGIN, b"resent.root"]).kind == b"ACK"
+    evs = events(4, 6)
+    for eid, t in evs.items():
+        assert ask(new, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
+    r = ask(old, photondata_frames(99, random_event(50, np.random.default_rng(5), radius=100.0)))
+    assert r.kind == P.SIM_FAILED and "given to a later RUN_BEGIN" in r.reason  # not silently elsewhere
+    assert ask(new, [P.RUN_END]).kind == b"ACK"
+    with uproot.open(out / "resent.charon.ntuple.root") as f:
+        assert sorted(f["output"]["event_id"].array(library="np").tolist()) == sorted(evs)
+
+
+def test_a_file_locked_by_another_process_is_refused(server):
+    import subprocess
+    import sys
+
+    srv, out, dealer = server
+    path = out / "held.charon.ntuple.root"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               "f = open(sys.argv[1], 'ab'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True); time.sleep(60)", str(path)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        d = dealer()
+        assert ask(d, [P.RUN_BEGIN, b"held.root"]).kind == b"ACK"
+        r = ask(d, photondata_frames(1, random_event(20, np.random.default_rng(0), radius=100.0)))
+        assert r.kind == P.SIM_FAILED and "being written by another open run" in r.reason
+    finally:
+        holder.kill()
+        holder.wait(10)
+        holder.stdout.close()
+    assert path.stat().st_size == 0  # the refused run truncated and wrote nothing
+
+
+# ----------------------------------------------------------------- the router writes the runs
+@pytest.fixture
+def routed(det, tmp_path):
+    from charon.router import RouterConfig, run_router_in_thread
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    router, rth = run_router_in_thread(RouterConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0",
+                                                    heartbeat_interval=0.1, heartbeat_liveness=8, output_dir=str(out),
+                                                    output_basket_events=4, max_event_photons=5000))  # fmt: skip
+    workers, clients = [], []
+
+    def add_worker(engine_factory=None, **kw):
+        cfg = ServerConfig(connect=router.backend_address, engine="cpu", seed=SEED, heartbeat_interval=0.1,
+                           heartbeat_liveness=8, **kw)  # fmt: skip
+        workers.append(run_in_thread(cfg, detector=det, engine_factory=engine_factory))
+        return workers[-1][0]
+
+    def wait_workers(n):
+        deadline = time.monotonic() + 10
+        while len(router.workers) != n:
+            assert time.monotonic() < deadline, f"{len(router.workers)} workers registered, want {n}"
+            time.sleep(0.02)
+
+    def dealer():
+        clients.append(DealerClient(router.frontend_address))
+        return clients[-1]
+
+    yield router, out, add_worker, wait_workers, dealer
+    for c in clients:
+        c.close()
+    for srv, th in workers:
+        srv.stop()
+        th.join(10)
+    router.stop()
+    rth.join(10)
+
+
+def reference_hits(det, eid, t, flags=None):
+    from charon.photons import PhotonBatch
+
+    ref = CPUEngine(det, EngineConfig(seed=SEED))
+    return ref.propagate(PhotonBatch.from_events([t.copy()], [eid], flags=None if flags is None else [flags])).event(0)
+
+
+def assert_file_matches(path, det, evs, flags):
+    rows = {"u": 0, "v": 1, "w": 2, "pol_x": 3, "pol_y": 4, "pol_z": 5, "wavelength": 6, "time": 7}
+    with uproot.open(path) as f:
+        np.testing.assert_array_equal(f["detinfo"]["pmt_y"].array(library="np"), det.channel_position[:, 1])
+        arr = f["output"].arrays(library="ak")
+    assert sorted(arr["event_id"].tolist()) == sorted(evs)  # each exactly once
+    for k, eid in enumerate(arr["event_id"].tolist()):
+        want = reference_hits(det, eid, evs[eid], flags.get(eid))
+        np.testing.assert_array_equal(np.asarray(arr["channel_id"][k]), want.channel)
+        np.testing.assert_array_equal(np.asarray(arr["flag"][k]), want.flags)
+        for name, row in rows.items():
+            np.testing.assert_array_equal(np.asarray(arr[name][k]), want.table[row])
+
+
+def test_router_writes_each_run_whichever_worker_simulated_its_events(routed, det):
+    router, out, add_worker, wait_workers, dealer = routed
+    # One worker forced to the compact layout: the router still gets every field (REQUEST_FULL).
+    compact = add_worker(max_batch_photons=2000, reply_layout="compact")
+    full = add_worker(max_batch_photons=2000)
+    wait_workers(2)
+    a, sync = dealer(), dealer()
+    assert ask(a, [P.RUN_BEGIN, b"/farm/job7/routed.root"]).kind == b"ACK"
+    evs = events(10, 7)
+    evs[1004] = np.zeros((11, 0), np.float32)
+    flags = {eid: np.full(t.shape[1], CHERENKOV, np.uint32) for eid, t in evs.items() if eid % 2}  # both dialects
+    for eid, t in evs.items():
+        a.send(photondata_frames(eid, t, flags.get(eid)))
+    acks = [a.recv(10_000) for _ in evs]
+    assert sorted(r.event_id for r in acks) == sorted(evs)
+    assert all(r.kind == P.SIM_COMPLETE_ASYNC and len(r.frames) == 2 for r in acks)
+    t = random_event(80, np.random.default_rng(8), radius=100.0)
+    r = ask(sync, photondata_frames(3, t))  # a client without a run is answered with hits, as before
+    assert r.kind == P.SIM_COMPLETE and r.event_id == 3
+    np.testing.assert_array_equal(r.hits["channel"], reference_hits(det, 3, t).channel)
+    assert ask(a, [P.RUN_END]).kind == b"ACK"
+    assert_file_matches(out / "routed.charon.ntuple.root", det, evs, flags)
+    served = [w.metrics.registry.get_sample_value("charon_events_total") for w in (compact, full)]
+    assert all(s > 0 for s in served)  # both workers' hits reached the one file
+
+
+def test_router_run_loses_nothing_when_a_worker_hangs(routed, det):
+    import threading
+
+    router, out, add_worker, wait_workers, dealer = routed
+    stuck = threading.Event()
+    dead = add_worker(engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), stuck),
+                      max_batch_photons=100_000)  # fmt: skip
+    wait_workers(1)
+    d = dealer()
+    assert ask(d, [P.RUN_BEGIN, b"failover.root"]).kind == b"ACK"
+    evs = events(6, 9)
+    for eid, t in evs.items():
+        assert ask(d, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
+    d.send([P.RUN_END])
+    with pytest.raises(TimeoutError):
+        d.recv(300)  # RUN_END waits for the run's events, which sit at the stuck worker
+    add_worker()
+    wait_workers(2)
+    dead._reply = lambda *a, **k: None  # it hangs: no heartbeats, no replies (a dead process looks the same)
+    dead._worker_housekeeping = lambda: None
+    assert d.recv(20_000).kind == b"ACK"
+    stuck.set()
+    assert router.reassigned >= 1
+    assert_file_matches(out / "failover.charon.ntuple.root", det, evs, {})
+
+
+def test_router_run_rejections_name_the_problem(routed):
+    router, out, add_worker, wait_workers, dealer = routed
+    d = dealer()
+    r = ask(d, [P.RUN_END])
+    assert r.kind == P.SIM_FAILED and "without an open run" in r.reason
+    assert ask(d, [P.RUN_BEGIN, b"early.root"]).kind == b"ACK"  # no worker yet: the detector is unknown
+    add_worker()
+    wait_workers(1)
+    r = ask(d, photondata_frames(1, random_event(20, np.random.default_rng(0), radius=100.0)))
+    assert r.kind == P.SIM_FAILED and "no worker has registered yet" in r.reason
+    assert ask(d, [P.RUN_END]).kind == P.SIM_FAILED
+    assert ask(d, [P.RUN_BEGIN, b"checked.root"]).kind == b"ACK"
+    r = ask(d, photondata_frames(2, random_event(20, np.random.default_rng(0), radius=100.0))[:-1])
+    assert r.kind == P.SIM_FAILED and r.event_id == 2 and "13 or 14 frames" in r.reason
+    r = ask(d, photondata_frames(3, random_event(5001, np.random.default_rng(0), radius=100.0)))
+    assert r.kind == P.SIM_FAILED and r.event_id == 3 and "over the limit" in r.reason
+    bad = random_event(20, np.random.default_rng(0), radius=100.0)
+    bad[6, 4] = -1.0  # polarization row ... and a wavelength below zero
+    bad[9, 4] = -5.0
+    r = ask(d, photondata_frames(4, bad))
+    assert r.kind == P.SIM_FAILED and r.event_id == 4 and "wavelength" in r.reason
+    t = random_event(30, np.random.default_rng(1), radius=100.0)
+    assert ask(d, photondata_frames(5, t)).kind == P.SIM_COMPLETE_ASYNC  # the run goes on
+    assert ask(d, [P.RUN_END]).kind == b"ACK"
+    with uproot.open(out / "checked.charon.ntuple.root") as f:
+        assert f["output"]["event_id"].array(library="np").tolist() == [5]
+
+
+def test_run_output_placement_is_refused_where_it_cannot_work(tmp_path, caplog):
+    from charon.cli import batch_main, router_main
+
+    with caplog.at_level("ERROR", logger="charon"):
+        assert router_main(["--output-dir", str(tmp_path / "missing")]) == 2
+        assert batch_main(["--connect", "tcp://127.0.0.1:1", "--output-dir", str(tmp_path), "--engine", "cpu"]) == 2
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "is not a directory" in text and "goes on charon-router" in text
+
+
+# ----------------------------------------------------------------- --procs and --gpus
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--procs", "2"], ["--gpus", "0,1"]])
+def test_runs_behind_front_ends_and_local_workers(tmp_path, layout):
+    """--procs: each front end writes the runs of its own clients; --gpus: the in-process router writes them."""
+    import socket
+    import subprocess
+    import sys
+
+    from charon.geometry import resolve_detector
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "runs"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "charon.cli", *layout, "--engine", "cpu", "--detector", "sphere",
+                             "--seed", str(SEED), "--bind", f"tcp://127.0.0.1:{port}", "--output-dir", str(out),
+                             "--log-level", "WARNING"])  # fmt: skip
+    address = f"tcp://127.0.0.1:{port}"
+    clients = []
+    try:
+        probe = ReqClient(address, timeout_ms=2000, retries=0)
+        clients.append(probe)
+        deadline = time.monotonic() + 120
+        while True:  # workers and front ends compile at start
+            try:
+                if probe.simulate(1, random_event(50, np.random.default_rng(0), radius=100.0)).kind == P.SIM_COMPLETE:
+                    break
+            except TimeoutError:
+                pass
+            assert time.monotonic() < deadline, "no answer"
+            probe.close()
+            probe = ReqClient(address, timeout_ms=2000, retries=0)
+            clients.append(probe)
+        runs = {f"job{k}/run{k}.root": events(4, 20 + k) for k in range(4)}  # several connections, several files
+        for name, evs in runs.items():
+            d = DealerClient(address)
+            clients.append(d)
+            assert ask(d, [P.RUN_BEGIN, name.encode()]).kind == b"ACK"
+            for eid, t in evs.items():
+                assert ask(d, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
+            assert ask(d, [P.RUN_END], 60_000).kind == b"ACK"
+        det = resolve_detector("sphere")
+        for k, (name, evs) in enumerate(runs.items()):
+            assert_file_matches(out / f"run{k}.charon.ntuple.root", det, evs, {})
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_baskets_are_written_off_the_socket_loop_and_a_failed_write_is_reported(server, monkeypatch):
+    import threading
+
+    from charon import run_output
+
+    srv, out, dealer = server
+    real, threads, fail = run_output._basket_arrays, [], threading.Event()
+
+    def basket_arrays(ids, parts):
+        threads.append(threading.current_thread().name)
+        if fail.is_set():
+            raise OSError(28, "No space left on device")
+        return real(ids, parts)
+
+    monkeypatch.setattr(run_output, "_basket_arrays", basket_arrays)
+    d = dealer()
+    assert ask(d, [P.RUN_BEGIN, b"ok.root"]).kind == b"ACK"
+    for eid, t in events(4, 11).items():
+        assert ask(d, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
+    assert ask(d, [P.RUN_END]).kind == b"ACK"
+    assert threads and set(threads) == {"charon-run-writer"}  # compression never holds up the clients
+    fail.set()
+    assert ask(d, [P.RUN_BEGIN, b"full_disk.root"]).kind == b"ACK"
+    for eid, t in events(7, 12).items():  # baskets of 3: the first write fails, the rest are dropped
+        assert ask(d, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
+    r = ask(d, [P.RUN_END])
+    assert r.kind == P.SIM_FAILED and "No space left on device" in r.reason and "7 of 7 events" in r.reason
+    c = ReqClient(srv.address, timeout_ms=5000, retries=0)
+    try:
+        assert c.ping() == b"PONG"  # still serving
+    finally:
+        c.close()
+    with uproot.open(out / "full_disk.charon.ntuple.root") as f:  # closed readable, without the lost baskets
+        assert f["output"].num_entries == 0
+
+
+def test_run_output_loop_cost_benchmark_runs(capsys):
+    """benchmarks/run_output_loop_cost.py on a tiny input (its figures are in RESULTS.md, never asserted)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "run_output_loop_cost.py"
+    spec = importlib.util.spec_from_file_location("run_output_loop_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--events", "20", "--rounds", "1", "--hits", "5", "--pause", "0"])
+    assert [r["mode"] for r in rows] == ["inline", "thread", "uncompressed"]
+    assert all(np.isfinite(r["loop_us_per_event"]) and r["loop_us_per_event"] >= 0 for r in rows)
+    assert "hits/event" in capsys.readouterr().out

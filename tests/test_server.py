@@ -19,7 +19,7 @@ from charon.engines.base import EngineConfig
 from charon.engines.cpu import CPUEngine
 from charon.geometry.builtin import sphere_detector
 from charon.geometry.optics import constant_surface
-from charon.photons import CHERENKOV, SURFACE_DETECT, PhotonBatch
+from charon.photons import CHERENKOV, SURFACE_DETECT, HitBatch, PhotonBatch
 from charon.server import ServerConfig, run_in_thread
 from charon.sources import point_source, random_event
 from standins import GatedEngine
@@ -507,3 +507,22 @@ finally:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["1", "1"]
+
+
+def test_full_hits_round_trip_and_malformed_replies_are_named():
+    """decode_full_hits (the router reading a worker's reply for a run file) against encode_hits."""
+    rng = np.random.default_rng(3)
+    n = 7
+    hits = HitBatch(rng.integers(0, 50, n).astype(np.uint32), rng.random((8, n), dtype=np.float32),
+                    rng.integers(0, 1 << 12, n).astype(np.uint32), np.array([0, n], np.int64))  # fmt: skip
+    frames = [bytes(memoryview(f)) for f in P.encode_hits(9, hits, P.Layout.FULL)]
+    got = P.decode_full_hits(frames)
+    np.testing.assert_array_equal(got.channel, hits.channel)
+    np.testing.assert_array_equal(got.table, hits.table)
+    np.testing.assert_array_equal(got.flags, hits.flags)
+    np.testing.assert_array_equal(got.offsets, [0, n])
+    compact = [bytes(memoryview(f)) for f in P.encode_hits(9, hits, P.Layout.COMPACT)]
+    for bad, problem in [(compact, "not a full-layout"), (frames[:2] + [b"abc"] + frames[3:], "not a multiple of 4"),
+                         (frames[:5] + [frames[5][:-4]] + frames[6:], "frame 5 has 24 bytes")]:  # fmt: skip
+        with pytest.raises(ValueError, match=problem):
+            P.decode_full_hits(bad)
