@@ -166,14 +166,17 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
 
     log = logging.getLogger("charon")
     gpus = [int(g) for g in config.gpus.split(",") if g.strip()]
-    router, thread = run_router_in_thread(RouterConfig(frontend=config.bind, backend="tcp://127.0.0.1:0",
-                                                       ping_reply=config.ping_reply,
-                                                       heartbeat_interval=config.heartbeat_interval,
-                                                       heartbeat_liveness=config.heartbeat_liveness,
-                                                       output_dir=config.output_dir,
-                                                       output_basket_events=config.output_basket_events,
-                                                       max_event_photons=config.max_event_photons,
-                                                       log_level=config.log_level))  # fmt: skip
+    router_config = RouterConfig(frontend=config.bind, backend="tcp://127.0.0.1:0", ping_reply=config.ping_reply,
+                                 heartbeat_interval=config.heartbeat_interval,
+                                 heartbeat_liveness=config.heartbeat_liveness, output_dir=config.output_dir,
+                                 output_basket_events=config.output_basket_events,
+                                 max_event_photons=config.max_event_photons, log_level=config.log_level)  # fmt: skip
+    try:
+        router_config.validate()
+    except ValueError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    router, thread = run_router_in_thread(router_config)
     # The router writes the runs (it sees every reply of a run, whichever worker answered it).
     base = _strip_flags(argv, ("--gpus", "--bind", "--connect", "--device", "--metrics-port", "--output-dir",
                                "--output-basket-events"))  # fmt: skip

@@ -234,8 +234,8 @@ class RunBook:
         run = Run(name=name, path="")
         try:
             run.path = output_path(self.directory, name)
-            self._take_over_idle(run.path, name)
             position, kind = self._channels()
+            self._take_over_idle(run.path, name)
             run.writer = RunWriter(run.path, position, kind, self.basket_events)
             log.info("run %s: writing %s", name, run.path)
         except Exception as exc:  # reported on this run's PHOTONDATA and RUN_END

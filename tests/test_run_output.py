@@ -443,6 +443,7 @@ def test_run_output_placement_is_refused_where_it_cannot_work(tmp_path, caplog):
     with caplog.at_level("ERROR", logger="charon"):
         assert router_main(["--output-dir", str(tmp_path / "missing")]) == 2
         assert batch_main(["--connect", "tcp://127.0.0.1:1", "--output-dir", str(tmp_path), "--engine", "cpu"]) == 2
+        assert batch_main(["--gpus", "0", "--output-dir", str(tmp_path / "missing"), "--engine", "cpu"]) == 2
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "is not a directory" in text and "goes on charon-router" in text
 
