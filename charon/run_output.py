@@ -104,6 +104,7 @@ class RunWriter:
     short queue, which makes the loop wait only when the disk falls behind by more than
     ``queue_baskets`` baskets. A failed write is kept in ``error`` and later baskets are dropped
     (their events are counted in ``unwritten``), so the run can report what its file lacks.
+    ``close`` waits for the thread, so the loop that ends a run does pay for its last basket.
     """
 
     def __init__(self, path: str, channel_position: np.ndarray, channel_type: np.ndarray, basket_events: int,
