@@ -125,6 +125,8 @@ class Router:
         self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
         self.runs = RunBook(config.output_dir, config.output_basket_events, self._to_client, self._channels) \
             if config.output_dir else None  # fmt: skip
+        if self.runs is not None:
+            P.warm_up()  # runs' events are checked here: compile the check before the first one waits for numba
 
     def stop(self):
         self._stop.set()
