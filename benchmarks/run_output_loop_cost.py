@@ -45,7 +45,7 @@ def main(argv=None) -> list[dict]:
                 if mode == "uncompressed":  # a stand-in file without compression: the GIL-held part of a write
                     w._file.close()
                     w._file = uproot.recreate(w.path, compression=None)
-                    w._file.mktree("output", {k: v for k, v in _types().items()})
+                    w._file.mktree("output", run_output.OUTPUT_TYPES)
                 cpu = 0.0
                 for _ in range(args.rounds):
                     t = time.thread_time()
@@ -61,15 +61,6 @@ def main(argv=None) -> list[dict]:
                 rows.append(dict(hits=mean, mode=mode, loop_us_per_event=us))
                 print(f"{mean:4d} hits/event  {mode:12s}: {us:7.1f} us of the calling thread's CPU per event")
     return rows
-
-
-def _types() -> dict:
-    from charon.run_output import JAGGED_F32
-
-    types = {"event_id": "uint32", "channel_id": "var * uint32"}
-    types.update({k: "var * float32" for k in JAGGED_F32})
-    types["flag"] = "var * uint32"
-    return types
 
 
 if __name__ == "__main__":

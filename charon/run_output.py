@@ -47,6 +47,9 @@ log = logging.getLogger("charon.output")
 
 SUFFIX = ".charon.ntuple.root"
 JAGGED_F32 = ("time", "wavelength", "u", "v", "w", "pol_x", "pol_y", "pol_z")
+# branch types of the ``output`` tree, as uproot's mktree takes them
+OUTPUT_TYPES = {"event_id": "uint32", "channel_id": "var * uint32", **{k: "var * float32" for k in JAGGED_F32},
+                "flag": "var * uint32"}  # fmt: skip
 # hit-table row of each float branch (see charon.photons: dx,dy,dz,polx,poly,polz,wavelength,time)
 _ROW = {"u": 0, "v": 1, "w": 2, "pol_x": 3, "pol_y": 4, "pol_z": 5, "wavelength": 6, "time": 7}
 
@@ -128,10 +131,7 @@ class RunWriter:
             "pmt_z": pos[:, 2].copy(),
             "pmt_type": np.asarray(channel_type, np.int32),
         }
-        types = {"event_id": "uint32", "channel_id": "var * uint32"}
-        types.update({k: "var * float32" for k in JAGGED_F32})
-        types["flag"] = "var * uint32"
-        self._file.mktree("output", types)
+        self._file.mktree("output", OUTPUT_TYPES)
         self._ids: list[int] = []
         self._hits: list[HitBatch] = []  # owned by the batch results they view, never reused
         self._baskets: queue.Queue = queue.Queue(maxsize=queue_baskets)

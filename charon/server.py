@@ -30,7 +30,7 @@ from .photons import HitBatch, empty_hits
 from .protocol import Layout, RequestError
 from .scheduler.batcher import Batcher
 from .scheduler.queue import make_queue
-from .run_output import Run, RunBook
+from .run_output import RunBook
 from .scheduler.request import EventRequest, Route
 from .sockets import poll, recv_message, send_message
 
@@ -556,12 +556,9 @@ class BatchServer:
 
     # ------------------------------------------------------------ run output
     def _finish_async(self, req: EventRequest):
-        run: Run = req.tag
-        if req.error is not None:
-            self.runs.finished(run, req, req.event_id, None, req.error)
-            return
-        self.runs.finished(run, req, req.event_id, req.hits())
-        self.metrics.events.inc()
+        self.runs.finished(req.tag, req, req.event_id, None if req.error else req.hits(), req.error)
+        if req.error is None:
+            self.metrics.events.inc()
 
     def _run_begin(self, envelope, filename: bytes):
         if self.runs is None:
