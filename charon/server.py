@@ -37,6 +37,14 @@ from .sockets import poll, recv_message, send_message
 log = logging.getLogger("charon.server")
 
 
+# When a batch that is not full goes to the engine (--dispatch). "wait": once its oldest event has waited
+# --max-wait-ms and the engine can take it, so that at low load batches gather company (fewer, larger
+# engine calls). "idle": also at once whenever the engine has none of this process's batches, so that an
+# event on an idle server is not held back for company; under load the engine is never idle and
+# batches still grow while it runs (continuous batching), so only latency below saturation changes.
+DISPATCH_RULES = ("wait", "idle")
+
+
 @dataclass
 class ServerConfig:
     """Settings of charon-batch; each field is the CLI flag of the same name."""
@@ -48,6 +56,7 @@ class ServerConfig:
     max_batch_photons: int = 5_000_000
     max_batch_events: int = 0
     max_wait_ms: float = 1.0
+    dispatch: str = "wait"
     max_queued_photons: int = 50_000_000
     max_event_photons: int = 50_000_000
     max_steps: int = 100
@@ -80,6 +89,8 @@ class ServerConfig:
             raise ValueError("--max-queued-photons and --max-event-photons must be >= 1")
         if self.max_wait_ms < 0:
             raise ValueError("--max-wait-ms must be >= 0")
+        if self.dispatch not in DISPATCH_RULES:
+            raise ValueError(f"--dispatch must be one of {', '.join(DISPATCH_RULES)}")
         if self.ping_reply not in ("PONG", "ACK"):
             raise ValueError("--ping-reply must be PONG or ACK")
         if self.reply_layout not in ("auto", "compact", "full"):
@@ -174,6 +185,7 @@ class BatchServer:
         self.busy = BusyClock()
         self.metrics = Metrics(self.busy)
         self.batcher = Batcher(make_queue(config.queue_policy), config.max_batch_photons, config.max_batch_events)
+        self._dispatch_idle = config.dispatch == "idle"
         # Queued or in-flight requests by (event_id, n), for resend de-duplication.
         self.by_key: dict[tuple, list[EventRequest]] = {}
         self.runs = RunBook(config.output_dir, config.output_basket_events, self._reply,
@@ -370,6 +382,8 @@ class BatchServer:
         et = self.engine_thread
         if oldest is None or (et.in_flight and not et.pipelined) or et.in_flight >= et.max_in_flight:
             return cap  # a result wakes the loop
+        if self._dispatch_idle and et.in_flight == 0:
+            return 0.0
         left = oldest + self.config.max_wait_ms / 1e3 - time.monotonic()
         return max(0.0, min(cap, left * 1e3))
 
@@ -468,7 +482,8 @@ class BatchServer:
 
     # ------------------------------------------------------------- batching
     def _maybe_dispatch(self):
-        """Dispatch when the engine can take a batch and it is full, or its oldest event waited long enough.
+        """Dispatch when the engine can take a batch and it is full, or its oldest event waited long enough
+        (``--dispatch wait``), or at once when the engine has nothing of this process's (``--dispatch idle``).
 
         At most one batch waits behind the running one (double buffering): it is
         assembled while the engine runs, but only when full, so that a partial
@@ -483,7 +498,8 @@ class BatchServer:
             waited = oldest is not None and time.monotonic() - oldest >= self.config.max_wait_ms / 1e3
             # A shared engine (pipelined) coalesces what every front end sends while it
             # runs, so a front end hands over what waited long enough at once.
-            if not (full or (waited and (et.in_flight == 0 or et.pipelined))):
+            due = waited and (et.in_flight == 0 or et.pipelined)
+            if not (full or due or (self._dispatch_idle and et.in_flight == 0)):
                 return
             slots = self.batcher.take()
             buf = self._buffers.pop(0)

@@ -444,6 +444,48 @@ def test_latency_split_metrics_time_the_wait_for_a_batch_and_the_engine_round_tr
         s.stop()
 
 
+def test_dispatch_idle_sends_a_lone_event_at_once(det):
+    """--dispatch idle: the same lone event as above goes to the idle engine without waiting the 60 ms."""
+    s = Server(det, max_wait_ms=60.0, dispatch="idle")
+    try:
+        s.req(timeout_ms=5000, retries=0).simulate(1, ev(100, 1))
+        m = s.srv.metrics.registry.get_sample_value
+        assert m("charon_dispatch_wait_seconds_count") == 1
+        assert m("charon_dispatch_wait_seconds_sum") < 0.03
+    finally:
+        s.stop()
+
+
+def test_dispatch_idle_still_coalesces_while_the_engine_runs(det, reference_engine):
+    """Under load nothing changes: what arrives while a batch runs waits for the engine and goes as one batch."""
+    gate = threading.Event()
+    s = Server(det, engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate),
+               max_batch_photons=100_000, max_wait_ms=0, dispatch="idle")  # fmt: skip
+    try:
+        d = s.dealer()
+        tables = {i: ev(100, i) for i in range(21)}
+        d.submit(0, tables[0])
+        deadline = time.monotonic() + 10  # the first event is in the engine (held by the gate) on its own
+        while s.metric("charon_dispatch_wait_seconds_count") < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for i in range(1, 21):
+            d.submit(i, tables[i])
+        deadline = time.monotonic() + 10
+        while s.metric("charon_queued_photons") < 2000 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)  # the busy engine holds them back: none may leave the queue meanwhile
+        assert s.metric("charon_queued_photons") == 2000 and s.metric("charon_dispatch_wait_seconds_count") == 1
+        gate.set()
+        replies = {r.event_id: r for r in (d.recv(20_000) for _ in range(21))}
+        for i, t in tables.items():
+            assert replies[i].kind == P.SIM_COMPLETE
+            np.testing.assert_array_equal(replies[i].hits["time"], expected_hits(reference_engine, i, t).table[7])
+        assert s.metric("charon_batches_total") == 2
+        assert s.metric("charon_batch_photons_sum") == 2100
+    finally:
+        s.stop()
+
+
 def test_poll_timeout_until_the_next_batch_is_due(det, monkeypatch):
     """Milliseconds until the oldest event's wait is over (fractions kept: charon.sockets.poll waits them)."""
     from types import SimpleNamespace
@@ -458,6 +500,14 @@ def test_poll_timeout_until_the_next_batch_is_due(det, monkeypatch):
     assert srv._poll_timeout_ms() == pytest.approx(0.3)
     monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: 100.0 - 0.002)
     assert srv._poll_timeout_ms() == 0.0  # overdue: dispatch now
+
+    # --dispatch idle: due at once while none of this process's batches is in the engine, else as before.
+    srv._dispatch_idle = True
+    monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: 100.0 - 0.0007)
+    assert srv._poll_timeout_ms() == 0.0
+    for pipelined in (False, True):
+        srv.engine_thread = SimpleNamespace(in_flight=1, pipelined=pipelined, max_in_flight=8)
+        assert srv._poll_timeout_ms() == (pytest.approx(0.3) if pipelined else 100.0)
     monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: None)
     assert srv._poll_timeout_ms() == 100.0  # nothing queued: only a message or a result can wake it
 
@@ -526,3 +576,15 @@ def test_full_hits_round_trip_and_malformed_replies_are_named():
                          (frames[:5] + [frames[5][:-4]] + frames[6:], "frame 5 has 24 bytes")]:  # fmt: skip
         with pytest.raises(ValueError, match=problem):
             P.decode_full_hits(bad)
+
+
+def test_server_config_and_cli_refuse_an_unknown_dispatch_rule():
+    from charon.cli import batch_parser
+
+    with pytest.raises(ValueError, match="--dispatch must be one of wait, idle"):
+        ServerConfig(dispatch="eager").validate()
+    for rule in ("wait", "idle"):
+        ServerConfig(dispatch=rule).validate()
+        assert batch_parser().parse_args(["--dispatch", rule]).dispatch == rule
+    with pytest.raises(SystemExit):
+        batch_parser().parse_args(["--dispatch", "eager"])
