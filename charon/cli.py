@@ -17,14 +17,16 @@ HELP = {
     "seed": "run seed; every photon's random stream is a function of (seed, event id, photon index)",
     "max_batch_photons": "photons per engine call (accepts 5e6); larger events are split across batches",
     "max_batch_events": "events per engine call at most (0: no limit; 1 serves one event per call, as ChAR0N)",
-    "max_wait_ms": "longest the oldest queued event waits for a batch to fill while the engine is idle; "
-    "while the engine is busy, events accumulate for the next batch anyway (continuous batching), "
-    "so a short wait suffices. Fractions are honoured (e.g. 0.5): the socket loop sleeps in the kernel for "
-    "exactly the time left",
-    "dispatch": "when a batch that is not full goes to the engine: wait (once its oldest event has waited "
-    "--max-wait-ms, so that batches gather company at low load) or idle (also at once whenever the engine has "
-    "no batch of this process: lower latency below saturation, unchanged batching under load; with --procs, "
-    "each front end judges by its own batches in the shared engine)",
+    "max_wait_ms": "with --dispatch wait, longest the oldest queued event waits for a batch to fill while the "
+    "engine is idle; with --procs, also how long a front end whose earlier batch is still in the shared engine "
+    "gathers the next one. While the engine is busy, events accumulate for the next batch anyway (continuous "
+    "batching), so a short wait suffices. Fractions are honoured (e.g. 0.5): the socket loop sleeps in the "
+    "kernel for exactly the time left",
+    "dispatch": "when a batch that is not full goes to the engine: idle (at once whenever the engine has no "
+    "batch of this process, so an event on a quiet server does not wait for company; under load batches still "
+    "grow while the engine runs; with --procs, each front end judges by its own batches in the shared engine) "
+    "or wait (once its oldest event has waited --max-wait-ms: fewer, larger engine calls at low load, each "
+    "event later by that wait)",
     "max_queued_photons": "backpressure: photons allowed to wait; beyond it requests get a 'busy' SIM_FAILED",
     "max_event_photons": "largest event accepted; larger requests get SIM_FAILED",
     "max_steps": "propagation steps per photon before it is abandoned (Chroma's max_steps)",

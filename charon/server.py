@@ -37,12 +37,12 @@ from .sockets import poll, recv_message, send_message
 log = logging.getLogger("charon.server")
 
 
-# When a batch that is not full goes to the engine (--dispatch). "wait": once its oldest event has waited
-# --max-wait-ms and the engine can take it, so that at low load batches gather company (fewer, larger
-# engine calls). "idle": also at once whenever the engine has none of this process's batches, so that an
-# event on an idle server is not held back for company; under load the engine is never idle and
-# batches still grow while it runs (continuous batching), so only latency below saturation changes.
-DISPATCH_RULES = ("wait", "idle")
+# When a batch that is not full goes to the engine (--dispatch). "idle" (default): at once whenever the
+# engine has none of this process's batches, so that an event on a quiet server is not held back for
+# company; under load the engine is never idle and batches still grow while it runs (continuous batching),
+# so only latency below saturation changes (benchmarks/RESULTS.md, fifteenth session). "wait": once its
+# oldest event has waited --max-wait-ms and the engine can take it: fewer, larger engine calls at low load.
+DISPATCH_RULES = ("idle", "wait")
 
 
 @dataclass
@@ -56,7 +56,7 @@ class ServerConfig:
     max_batch_photons: int = 5_000_000
     max_batch_events: int = 0
     max_wait_ms: float = 1.0
-    dispatch: str = "wait"
+    dispatch: str = "idle"
     max_queued_photons: int = 50_000_000
     max_event_photons: int = 50_000_000
     max_steps: int = 100

@@ -114,7 +114,7 @@ def test_chroma_engine_one_call_per_batch_and_hits_grouped_by_event(chroma):
 
     gp.CALLS.clear()
     srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="chroma", detector="demo_geometry:build",
-                                         max_wait_ms=200, max_batch_photons=100_000))  # fmt: skip
+                                         max_wait_ms=200, dispatch="wait", max_batch_photons=100_000))  # fmt: skip
     d = DealerClient(srv.address)
     c = ReqClient(srv.address, timeout_ms=5000, retries=0)
     try:

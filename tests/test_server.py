@@ -425,9 +425,9 @@ def test_bare_dealer_without_delimiter_is_answered(server):
 
 
 def test_latency_split_metrics_time_the_wait_for_a_batch_and_the_engine_round_trip(det):
-    """One event on an idle server with --max-wait-ms 60: its batch waits the full 60 ms for company,
-    then the engine round trip; both are observed once, and together they fit in the event's time."""
-    s = Server(det, max_wait_ms=60.0)
+    """One event on an idle server with --max-wait-ms 60 --dispatch wait: its batch waits the full 60 ms for
+    company, then the engine round trip; both are observed once, and together they fit in the event's time."""
+    s = Server(det, max_wait_ms=60.0, dispatch="wait")
     try:
         t0 = time.monotonic()
         s.req(timeout_ms=5000, retries=0).simulate(1, ev(100, 1))
@@ -445,7 +445,7 @@ def test_latency_split_metrics_time_the_wait_for_a_batch_and_the_engine_round_tr
 
 
 def test_dispatch_idle_sends_a_lone_event_at_once(det):
-    """--dispatch idle: the same lone event as above goes to the idle engine without waiting the 60 ms."""
+    """--dispatch idle (the default): the same lone event as above goes to the idle engine without waiting 60 ms."""
     s = Server(det, max_wait_ms=60.0, dispatch="idle")
     try:
         s.req(timeout_ms=5000, retries=0).simulate(1, ev(100, 1))
@@ -493,7 +493,8 @@ def test_poll_timeout_until_the_next_batch_is_due(det, monkeypatch):
     import charon.server as server_mod
     from charon.server import BatchServer
 
-    srv = BatchServer(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", max_wait_ms=1.0), detector=det)
+    srv = BatchServer(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", max_wait_ms=1.0, dispatch="wait"),
+                      detector=det)  # fmt: skip
     srv.engine_thread = SimpleNamespace(in_flight=0, pipelined=False, max_in_flight=2)
     monkeypatch.setattr(server_mod.time, "monotonic", lambda: 100.0)
     monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: 100.0 - 0.0007)
@@ -581,8 +582,9 @@ def test_full_hits_round_trip_and_malformed_replies_are_named():
 def test_server_config_and_cli_refuse_an_unknown_dispatch_rule():
     from charon.cli import batch_parser
 
-    with pytest.raises(ValueError, match="--dispatch must be one of wait, idle"):
+    with pytest.raises(ValueError, match="--dispatch must be one of idle, wait"):
         ServerConfig(dispatch="eager").validate()
+    assert ServerConfig().dispatch == "idle"
     for rule in ("wait", "idle"):
         ServerConfig(dispatch=rule).validate()
         assert batch_parser().parse_args(["--dispatch", rule]).dispatch == rule
