@@ -7,6 +7,11 @@ writer thread; "thread" is ``RunWriter.add`` as the loop calls it now. Only the 
 counted (``time.thread_time``): the writer thread's Python work (awkward arrays, uproot's bookkeeping)
 still holds the GIL, so the loop's real cost lies between the "thread" figure and the same write with
 compression off (uproot.recreate(..., compression=None)), which the script also prints.
+
+It also times what a RUN_END costs the loop when the run's last basket is nearly full
+(``--events`` - 1 events): "run_end_sync" is ``RunWriter.close`` (the loop waited for that basket
+and the file's close until the fifteenth session), "run_end_async" is ``close_async``, which
+leaves both to the writer thread. Wall time on the calling thread, in ms.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -60,6 +66,23 @@ def main(argv=None) -> list[dict]:
                 us = 1e6 * cpu / (args.rounds * args.events)
                 rows.append(dict(hits=mean, mode=mode, loop_us_per_event=us))
                 print(f"{mean:4d} hits/event  {mode:12s}: {us:7.1f} us of the calling thread's CPU per event")
+            for mode in ("run_end_sync", "run_end_async"):
+                w = run_output.RunWriter(os.path.join(d, f"{mode}{mean}.charon.ntuple.root"),
+                                         rng.random((53, 3), dtype=np.float32), np.zeros(53, np.int32), args.events)
+                for i, h in enumerate(evs[:-1]):
+                    w.add(i, h)
+                closed = threading.Event()
+                t = time.perf_counter()
+                if mode == "run_end_sync":
+                    w.close()
+                else:
+                    w.close_async(closed.set)
+                ms = 1e3 * (time.perf_counter() - t)
+                if mode == "run_end_async":
+                    closed.wait()
+                    w.close()
+                rows.append(dict(hits=mean, mode=mode, loop_ms_at_run_end=ms))
+                print(f"{mean:4d} hits/event  {mode:13s}: {ms:7.2f} ms of the calling thread at RUN_END")
     return rows
 
 

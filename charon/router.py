@@ -153,11 +153,16 @@ class Router:
         poller = zmq.Poller()
         poller.register(fe, zmq.POLLIN)
         poller.register(be, zmq.POLLIN)
+        runs_closed = self.runs.wake_fd if self.runs is not None else None  # a run's file closed off the loop
+        if runs_closed is not None:
+            poller.register(runs_closed, zmq.POLLIN)
         next_beat = time.monotonic()
         interval = self.config.heartbeat_interval
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(max(1, int(min(interval, 0.1) * 1000))))
+                if runs_closed in events:
+                    self.runs.collect_closed()
                 if be in events:
                     for _ in range(1000):
                         try:

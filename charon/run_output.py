@@ -22,6 +22,12 @@ in several sharing the directory, never write one file at once: the later one is
 refused with a reason, except that a run with no events yet gives its file up to a
 later RUN_BEGIN of the same name (a client that resent RUN_BEGIN from a new socket,
 as ratpac-two's Lazy Pirate does after a timeout, or restarted).
+
+Nothing slow runs on the loop: baskets are compressed and written on each file's
+writer thread, and so is a run's end (its last basket and the file's close). The
+writer thread then posts the run back and writes a byte to :attr:`RunBook.wake_fd`,
+which the loop polls with its sockets and answers with :meth:`RunBook.collect_closed`
+(the RUN_END reply). So one client's RUN_END never stalls the others' events.
 """
 
 from __future__ import annotations
@@ -107,7 +113,8 @@ class RunWriter:
     short queue, which makes the loop wait only when the disk falls behind by more than
     ``queue_baskets`` baskets. A failed write is kept in ``error`` and later baskets are dropped
     (their events are counted in ``unwritten``), so the run can report what its file lacks.
-    ``close`` waits for the thread, so the loop that ends a run does pay for its last basket.
+    ``close_async`` ends the run on the thread too (the last basket, then the file's close) and
+    calls ``done`` there; ``close`` waits for all of it, for a loop that is stopping.
     """
 
     def __init__(self, path: str, channel_position: np.ndarray, channel_type: np.ndarray, basket_events: int,
@@ -152,6 +159,15 @@ class RunWriter:
 
     def _write_baskets(self) -> None:
         while (basket := self._baskets.get()) is not None:
+            if callable(basket):  # close_async's last item: close here, then tell the loop
+                try:
+                    self._close_file()
+                except Exception as exc:
+                    self.error = self.error or f"closing {self.path} failed: {exc}"
+                    log.error("%s", self.error)
+                finally:
+                    basket()
+                return
             ids, hits = basket
             if self.error is not None:
                 self.unwritten += len(ids)
@@ -163,17 +179,31 @@ class RunWriter:
                 self.unwritten += len(ids)
                 log.error("%s", self.error)
 
+    def close_async(self, done: Callable[[], None]) -> None:
+        """Write what is left and close the file on the writer thread, then call ``done()`` there."""
+        self.flush()
+        self._baskets.put(done)
+
     def close(self) -> None:
-        """Write what is left and close the file (waits for the writer thread)."""
+        """Write what is left and close the file, waiting for it (also after ``close_async``)."""
+        if not self._thread.is_alive() and self._file is None:
+            return
         try:
-            self.flush()
-            self._baskets.put(None)
-            self._thread.join()
+            if self._thread.is_alive():
+                self.flush()
+                self._baskets.put(None)  # after close_async's item, never read: the thread has returned
+                self._thread.join()
         finally:
-            try:
-                self._file.close()
-            finally:
-                self._lock.close()  # releases the flock
+            self._close_file()
+
+    def _close_file(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.close()
+        finally:
+            self._file = None
+            self._lock.close()  # releases the flock
 
 
 def _basket_arrays(ids: list[int], parts: list[HitBatch]) -> dict:
@@ -210,7 +240,9 @@ class RunBook:
     ``reply(envelope, frames)`` sends on the loop's socket. ``channels()`` gives the
     detector's channel positions [C, 3] float32 (mm) and types [C] int32 for the
     ``detinfo`` tree, or raises RunOutputError when they are not known (yet).
-    Tokens are whatever the loop uses to tell its in-flight events apart.
+    Tokens are whatever the loop uses to tell its in-flight events apart. The loop polls
+    :attr:`wake_fd` (readable when a run's file has been closed on its writer thread) and
+    then calls :meth:`collect_closed`, which sends those runs' RUN_END replies.
     """
 
     def __init__(self, directory: str, basket_events: int, reply: Callable, channels: Callable):
@@ -219,7 +251,10 @@ class RunBook:
         self._reply = reply
         self._channels = channels
         self.runs: dict[bytes, Run] = {}  # open run of each client identity
-        self.closing: list[Run] = []  # runs whose RUN_END waits for their last events
+        self.closing: list[Run] = []  # ended runs not yet answered: waiting for events, or for their file's close
+        self._closed: queue.SimpleQueue = queue.SimpleQueue()  # runs whose writer thread has closed the file
+        self.wake_fd, self._wake_w = os.pipe()  # a byte per closed run; the loop polls the read end
+        os.set_blocking(self.wake_fd, False)
 
     def run_of(self, envelope) -> Run | None:
         return self.runs.get(bytes(envelope[0]))
@@ -289,17 +324,42 @@ class RunBook:
         return None
 
     def _end_or_wait(self, run: Run) -> None:
-        if run.pending:
-            self.closing.append(run)
-        else:
+        self.closing.append(run)
+        if not run.pending:
             self._close(run)
 
     def _close(self, run: Run) -> None:
+        """The run's events are all in: its file is finished on the writer thread, and answered when closed."""
+        if run.writer is None:
+            self._answer(run)
+            return
+
+        def done():  # on the writer thread
+            self._closed.put(run)
+            os.write(self._wake_w, b"\0")
+
+        run.writer.close_async(done)
+
+    def collect_closed(self) -> None:
+        """Answer the runs whose files were closed (call when :attr:`wake_fd` is readable)."""
+        try:
+            while os.read(self.wake_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                run = self._closed.get_nowait()
+            except queue.Empty:
+                return
+            run.writer.close()  # the thread has returned: this only joins it
+            self._answer(run)
+
+    def _answer(self, run: Run) -> None:
         if run in self.closing:
             self.closing.remove(run)
         failed = None
         if run.writer is not None:
-            run.writer.close()
             if run.writer.error is not None:
                 failed = f"{run.writer.error}; {run.writer.unwritten} of {run.written} events are not in the file"
                 run.written -= run.writer.unwritten
@@ -311,6 +371,10 @@ class RunBook:
     def close_all(self, unwritten: Callable[[Run], list] = lambda run: []) -> None:
         """Loop stop: keep what was written readable and say which events were lost
         (``unwritten(run)``: the event ids of its tokens still pending)."""
+        for run in list(self.closing):  # ended: wait for their files, then say so as usual
+            if run.writer is not None and not run.pending:
+                run.writer.close()
+                self._answer(run)
         for run in list(self.runs.values()) + list(self.closing):
             if run.writer is None:
                 continue
@@ -321,3 +385,7 @@ class RunBook:
                         f"; {run.writer.error}" if run.writer.error else "")  # fmt: skip
         self.runs.clear()
         self.closing.clear()
+        if self._wake_w >= 0:
+            os.close(self.wake_fd)
+            os.close(self._wake_w)
+            self.wake_fd = self._wake_w = -1

@@ -338,6 +338,9 @@ class BatchServer:
         poller.register(self.socket, zmq.POLLIN)
         wake = self.engine_thread.wake_socket
         poller.register(wake, zmq.POLLIN)
+        runs_closed = self.runs.wake_fd if self.runs is not None else None  # a run's file closed off the loop
+        if runs_closed is not None:
+            poller.register(runs_closed, zmq.POLLIN)
         worker = bool(self.config.connect)
         handle = self._from_router if worker else self._handle
         try:
@@ -347,6 +350,8 @@ class BatchServer:
                 if wake in events:
                     self.engine_thread.poll_results()
                     self._collect_results()
+                if runs_closed in events:
+                    self.runs.collect_closed()
                 if self.socket in events:
                     # Drain what is there, but bounded, so results and dispatch interleave.
                     for _ in range(1000):

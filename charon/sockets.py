@@ -55,6 +55,8 @@ def poll(poller: zmq.Poller, timeout_ms: float) -> dict:
     its fd readable and ends the sleep. (The fifth session's sub-millisecond wait spun through ``poll(0)`` and
     short sleeps, which cost more than it saved.)
 
+    Plain file descriptors registered with the poller (a pipe's read end) are waited on as they are.
+
     It may return empty before the timeout (an fd also signals commands other than
     a message); callers loop, as the server's does.
     """
@@ -66,7 +68,7 @@ def poll(poller: zmq.Poller, timeout_ms: float) -> dict:
     if events:
         return events
     try:
-        select.select([s.FD for s, _ in poller.sockets], [], [], timeout_ms / 1e3)
+        select.select([s if isinstance(s, int) else s.FD for s, _ in poller.sockets], [], [], timeout_ms / 1e3)
     except ValueError:  # an fd beyond select()'s FD_SETSIZE: ZeroMQ's poll, rounded up
         return dict(poller.poll(math.ceil(timeout_ms)))
     return dict(poller.poll(0))

@@ -537,6 +537,83 @@ def test_baskets_are_written_off_the_socket_loop_and_a_failed_write_is_reported(
         assert f["output"].num_entries == 0
 
 
+def test_run_end_is_answered_off_the_loop_and_nobody_waits_for_it(server, monkeypatch):
+    """A run's last basket and the file's close happen on its writer thread: while they take their time, other
+    clients keep being served, and RUN_END is answered once the file is closed."""
+    import threading
+
+    from charon import run_output
+
+    srv, out, dealer = server
+    real, gate, writing = run_output._basket_arrays, threading.Event(), threading.Event()
+
+    def slow_basket_arrays(ids, parts):
+        writing.set()
+        assert gate.wait(30), "the test never opened the gate"
+        return real(ids, parts)
+
+    monkeypatch.setattr(run_output, "_basket_arrays", slow_basket_arrays)
+    a = dealer()
+    assert ask(a, [P.RUN_BEGIN, b"slow.root"]).kind == b"ACK"
+    evs = events(2, 21)  # under one basket (3): all of it is written at RUN_END
+    for eid, t in evs.items():
+        assert ask(a, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
+    a.send([P.RUN_END])
+    assert writing.wait(10)
+    c = ReqClient(srv.address, timeout_ms=5000, retries=0)
+    try:
+        assert c.ping() == b"PONG"
+        r = c.simulate(5, random_event(80, np.random.default_rng(5), radius=100.0))
+        assert r.kind == P.SIM_COMPLETE and r.event_id == 5
+    finally:
+        c.close()
+    with pytest.raises(TimeoutError):
+        a.recv(200)  # not before the file is closed
+    gate.set()
+    assert a.recv(10_000).kind == b"ACK"
+    with uproot.open(out / "slow.charon.ntuple.root") as f:
+        assert sorted(f["output"]["event_id"].array(library="np").tolist()) == sorted(evs)
+
+
+def test_server_stop_waits_for_a_run_file_being_closed(det, tmp_path, monkeypatch, caplog):
+    """An ended run whose file is still being closed when the server stops is finished, not reported lost."""
+    import threading
+
+    from charon import run_output
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    real, gate, writing = run_output._basket_arrays, threading.Event(), threading.Event()
+
+    def slow_basket_arrays(ids, parts):
+        writing.set()
+        assert gate.wait(30), "the test never opened the gate"
+        return real(ids, parts)
+
+    monkeypatch.setattr(run_output, "_basket_arrays", slow_basket_arrays)
+    srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", output_dir=str(out)), detector=det)
+    d = DealerClient(srv.address)
+    try:
+        assert ask(d, [P.RUN_BEGIN, b"ending.root"]).kind == b"ACK"
+        evs = events(3, 22)
+        for eid, t in evs.items():
+            assert ask(d, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
+        d.send([P.RUN_END])
+        assert writing.wait(10)
+        threading.Timer(0.3, gate.set).start()
+        with caplog.at_level("INFO", logger="charon.output"):
+            srv.stop()
+            th.join(10)
+        assert not th.is_alive() and gate.is_set()
+        logged = [r.getMessage() for r in caplog.records]
+        assert any("run ending.root: 3 events written" in m for m in logged), logged
+        assert not any("stopping with the run open" in m for m in logged), logged
+    finally:
+        d.close()
+    with uproot.open(out / "ending.charon.ntuple.root") as f:
+        assert sorted(f["output"]["event_id"].array(library="np").tolist()) == sorted(evs)
+
+
 def test_run_output_loop_cost_benchmark_runs(capsys):
     """benchmarks/run_output_loop_cost.py on a tiny input (its figures are in RESULTS.md, never asserted)."""
     import importlib.util
@@ -547,6 +624,7 @@ def test_run_output_loop_cost_benchmark_runs(capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rows = module.main(["--events", "20", "--rounds", "1", "--hits", "5", "--pause", "0"])
-    assert [r["mode"] for r in rows] == ["inline", "thread", "uncompressed"]
-    assert all(np.isfinite(r["loop_us_per_event"]) and r["loop_us_per_event"] >= 0 for r in rows)
+    assert [r["mode"] for r in rows] == ["inline", "thread", "uncompressed", "run_end_sync", "run_end_async"]
+    assert all(np.isfinite(r["loop_us_per_event"]) and r["loop_us_per_event"] >= 0 for r in rows[:3])
+    assert all(np.isfinite(r["loop_ms_at_run_end"]) and r["loop_ms_at_run_end"] >= 0 for r in rows[3:])
     assert "hits/event" in capsys.readouterr().out

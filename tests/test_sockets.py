@@ -85,6 +85,31 @@ def test_poll_a_message_during_a_fractional_wait_ends_it(pair):
     assert [f.bytes for f in recv_message(b)] == [b"late"]
 
 
+def test_poll_a_plain_fd_during_a_fractional_wait_ends_it(pair):
+    """A pipe's read end polled with the sockets (how run output tells the loop a file was closed)."""
+    import os
+
+    a, b = pair
+    r, w = os.pipe()
+    try:
+        p = _poller(b)
+        p.register(r, zmq.POLLIN)
+        timer = threading.Timer(0.05, lambda: os.write(w, b"\0"))
+        timer.start()
+        try:
+            t0 = time.perf_counter()
+            events = {}
+            while not events and time.perf_counter() - t0 < 5:
+                events = poll(p, 10_000.5)
+            took = time.perf_counter() - t0
+        finally:
+            timer.join()
+        assert events == {r: zmq.POLLIN} and took < 5
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_poll_reports_what_is_already_there_without_waiting(pair):
     a, b = pair
     send_message(a, [b"x"])
