@@ -537,14 +537,12 @@ def test_baskets_are_written_off_the_socket_loop_and_a_failed_write_is_reported(
         assert f["output"].num_entries == 0
 
 
-def test_run_end_is_answered_off_the_loop_and_nobody_waits_for_it(server, monkeypatch):
-    """A run's last basket and the file's close happen on its writer thread: while they take their time, other
-    clients keep being served, and RUN_END is answered once the file is closed."""
+def gated_baskets(monkeypatch):
+    """Basket writes that start (``writing`` is set) and then wait until the test sets ``gate``."""
     import threading
 
     from charon import run_output
 
-    srv, out, dealer = server
     real, gate, writing = run_output._basket_arrays, threading.Event(), threading.Event()
 
     def slow_basket_arrays(ids, parts):
@@ -553,6 +551,14 @@ def test_run_end_is_answered_off_the_loop_and_nobody_waits_for_it(server, monkey
         return real(ids, parts)
 
     monkeypatch.setattr(run_output, "_basket_arrays", slow_basket_arrays)
+    return gate, writing
+
+
+def test_run_end_is_answered_off_the_loop_and_nobody_waits_for_it(server, monkeypatch):
+    """A run's last basket and the file's close happen on its writer thread: while they take their time, other
+    clients keep being served, and RUN_END is answered once the file is closed."""
+    srv, out, dealer = server
+    gate, writing = gated_baskets(monkeypatch)
     a = dealer()
     assert ask(a, [P.RUN_BEGIN, b"slow.root"]).kind == b"ACK"
     evs = events(2, 21)  # under one basket (3): all of it is written at RUN_END
@@ -579,18 +585,9 @@ def test_server_stop_waits_for_a_run_file_being_closed(det, tmp_path, monkeypatc
     """An ended run whose file is still being closed when the server stops is finished, not reported lost."""
     import threading
 
-    from charon import run_output
-
     out = tmp_path / "runs"
     out.mkdir()
-    real, gate, writing = run_output._basket_arrays, threading.Event(), threading.Event()
-
-    def slow_basket_arrays(ids, parts):
-        writing.set()
-        assert gate.wait(30), "the test never opened the gate"
-        return real(ids, parts)
-
-    monkeypatch.setattr(run_output, "_basket_arrays", slow_basket_arrays)
+    gate, writing = gated_baskets(monkeypatch)
     srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", output_dir=str(out)), detector=det)
     d = DealerClient(srv.address)
     try:
