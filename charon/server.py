@@ -317,10 +317,10 @@ class BatchServer:
             self._metrics_server = self.metrics.serve(self.config.metrics_port)
         log.info(
             "charon-batch %s %s: detector %s (%d triangles, %d channels), engine %s, "
-            "max batch %d photons, max wait %.1f ms%s",
+            "max batch %d photons, dispatch %s, max wait %g ms%s",
             "worker of router" if self.config.connect else "listening on", self.address, self.config.detector,
             self.detector.n_triangles, self.detector.n_channels, engine.name,
-            self.config.max_batch_photons, self.config.max_wait_ms,
+            self.config.max_batch_photons, self.config.dispatch, self.config.max_wait_ms,
             f", metrics on :{self.config.metrics_port}" if self.config.metrics_port is not None else "",
         )  # fmt: skip
 
