@@ -142,6 +142,7 @@ class RunWriter:
         self._ids: list[int] = []
         self._hits: list[HitBatch] = []  # owned by the batch results they view, never reused
         self._baskets: queue.Queue = queue.Queue(maxsize=queue_baskets)
+        self._closing = False
         self._thread = threading.Thread(target=self._write_baskets, name="charon-run-writer", daemon=True)
         self._thread.start()
 
@@ -158,7 +159,8 @@ class RunWriter:
             self._ids, self._hits = [], []
 
     def _write_baskets(self) -> None:
-        while (basket := self._baskets.get()) is not None:
+        while True:
+            basket = self._baskets.get()
             if callable(basket):  # close_async's last item: close here, then tell the loop
                 try:
                     self._close_file()
@@ -181,20 +183,16 @@ class RunWriter:
 
     def close_async(self, done: Callable[[], None]) -> None:
         """Write what is left and close the file on the writer thread, then call ``done()`` there."""
+        self._closing = True
         self.flush()
         self._baskets.put(done)
 
     def close(self) -> None:
         """Write what is left and close the file, waiting for it (also after ``close_async``)."""
-        if not self._thread.is_alive() and self._file is None:
-            return
-        try:
-            if self._thread.is_alive():
-                self.flush()
-                self._baskets.put(None)  # after close_async's item, never read: the thread has returned
-                self._thread.join()
-        finally:
-            self._close_file()
+        if not self._closing and self._thread.is_alive():
+            self.close_async(lambda: None)
+        self._thread.join()
+        self._close_file()  # nothing left to do once the thread has closed it
 
     def _close_file(self) -> None:
         if self._file is None:
