@@ -47,10 +47,11 @@ HELP = {
     "connect": "worker mode: connect to a charon-router backend (e.g. tcp://router-host:6667) instead of binding",
     "heartbeat_interval": "worker mode: seconds between heartbeats with the router",
     "heartbeat_liveness": "worker mode: heartbeats missed before the router is presumed dead (then reconnect)",
-    "gpus": "comma-separated GPU ordinals: start one worker process per GPU behind a local router on --bind",
+    "gpus": "comma-separated GPU ordinals: start one worker process per GPU behind a local router on --bind "
+    "(with --procs N: N front-end processes per GPU, sharing that GPU's engine)",
     "procs": "front-end processes sharing --bind, so that the per-event Python work (decode, batching, "
     "replies) runs in parallel; their batches are merged into one engine in the launcher (one CUDA context, "
-    "large batches). 1: a single process",
+    "large batches). With --connect: N workers of the router sharing one engine here. 1: a single process",
     "accept": "with --procs, how the front ends share --bind: reuseport (each listens on the same TCP port "
     "with SO_REUSEPORT and the kernel spreads client connections; no extra hop), proxy (a C-level zmq.proxy "
     "in the launcher forwards every message; any transport), auto (reuseport for tcp:// on Linux, else proxy)",
@@ -118,14 +119,14 @@ def batch_main(argv=None) -> int:
     args = batch_parser().parse_args(argv)
     config = config_from_args(ServerConfig, args)
     default_log_config(config.log_level)
-    if config.gpus:
-        return multi_gpu_main(config, argv)
-    if config.procs > 1:
+    if config.gpus or config.procs > 1:
         try:
             config.validate()
         except ValueError as exc:
             logging.getLogger("charon").error("cannot start: %s", exc)
             return 2
+        if config.gpus:
+            return multi_gpu_main(config, argv)
         return multi_proc_main(config, argv)
     try:
         import zmq
@@ -165,6 +166,12 @@ def _strip_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
+def worker_metrics_port(config: ServerConfig, i: int) -> int:
+    """--gpus: the first metrics port of worker i. With --procs N each worker uses N + 1 ports (its front
+    ends, then its shared engine), so the workers' ranges follow one another."""
+    return config.metrics_port + i * (config.procs + 1 if config.procs > 1 else 1)
+
+
 def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
     """``--gpus 0,1,..``: a router on --bind and one worker process per GPU, restarted if it dies."""
     import subprocess
@@ -193,10 +200,12 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
         cmd = [sys.executable, "-m", "charon.cli", *base, *engine, "--connect", router.backend_address,
                "--device", str(gpus[i])]  # fmt: skip
         if config.metrics_port is not None:
-            cmd += ["--metrics-port", str(config.metrics_port + i)]
+            cmd += ["--metrics-port", str(worker_metrics_port(config, i))]
         return subprocess.Popen(cmd)
 
-    log.info("charon-batch: %d workers (GPUs %s) behind %s", len(gpus), gpus, router.frontend_address)
+    log.info("charon-batch: %d workers (GPUs %s)%s behind %s", len(gpus), gpus,
+             f", each {config.procs} front-end processes sharing its GPU" if config.procs > 1 else "",
+             router.frontend_address)  # fmt: skip
     try:
         return _supervise("GPU worker", start, len(gpus))
     finally:
@@ -254,6 +263,8 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
     restarted): for failover across machines use charon-router. Metrics: front
     end i on --metrics-port + i, the shared engine on --metrics-port + N.
     """
+    if config.connect:
+        return _worker_front_ends_main(config, argv)
     if config.accept_mode() == "reuseport":
         return _reuseport_main(config, argv)
     return _proxy_main(config, argv)
@@ -319,41 +330,53 @@ _FRONT_END_FLAGS = ("--procs", "--io-threads", "--bind", "--upstream", "--metric
                     "--engine-io-threads", "--engine-cpus")
 
 
-def _reuseport_main(config: ServerConfig, argv: list[str]) -> int:
+def _front_ends_main(config: ServerConfig, argv: list[str], where: list[str], what: str) -> int:
+    """The shared engine here and ``--procs`` front-end processes started with ``where`` (how each
+    reaches its clients), restarted if they die; ``what`` names them in the log."""
     import subprocess
-
-    from .reuseport import reserve
 
     log = logging.getLogger("charon")
     try:
+        service, metrics_server, sockdir = _start_engine_service(config)
+    except Exception as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    base = _strip_flags(argv, _FRONT_END_FLAGS)
+    io = ["--io-threads", str(config.io_threads)] if config.io_threads > 0 else []
+
+    def start(i):
+        cmd = [sys.executable, "-m", "charon.cli", *base, *io, *where, "--engine-service", service.address]
+        if config.metrics_port is not None:
+            cmd += ["--metrics-port", str(config.metrics_port + i)]
+        return subprocess.Popen(cmd)
+
+    log.info("charon-batch: %d %s, one shared %s engine", config.procs, what, service.engine.name)
+    try:
+        return _supervise("front-end process", start, config.procs, on_exit=_remove_segments)
+    finally:
+        _stop_engine_service(service, metrics_server, sockdir)
+
+
+def _reuseport_main(config: ServerConfig, argv: list[str]) -> int:
+    from .reuseport import reserve
+
+    try:
         hold, bind = reserve(config.bind)  # fails at once if the port is taken (another charon-batch too)
     except (OSError, ValueError) as exc:
-        log.error("cannot start: --bind %s: %s", config.bind, exc)
+        logging.getLogger("charon").error("cannot start: --bind %s: %s", config.bind, exc)
         return 2
     try:
-        try:
-            service, metrics_server, sockdir = _start_engine_service(config)
-        except Exception as exc:
-            log.error("cannot start: %s", exc)
-            return 2
-        base = _strip_flags(argv, _FRONT_END_FLAGS)
-        io = ["--io-threads", str(config.io_threads)] if config.io_threads > 0 else []
-
-        def start(i):
-            cmd = [sys.executable, "-m", "charon.cli", *base, *io, "--bind", bind, "--accept", "reuseport",
-                   "--engine-service", service.address]  # fmt: skip
-            if config.metrics_port is not None:
-                cmd += ["--metrics-port", str(config.metrics_port + i)]
-            return subprocess.Popen(cmd)
-
-        log.info("charon-batch: %d front-end processes sharing %s (SO_REUSEPORT), one shared %s engine",
-                 config.procs, bind, service.engine.name)  # fmt: skip
-        try:
-            return _supervise("front-end process", start, config.procs, on_exit=_remove_segments)
-        finally:
-            _stop_engine_service(service, metrics_server, sockdir)
+        return _front_ends_main(config, argv, ["--bind", bind, "--accept", "reuseport"],
+                                f"front-end processes sharing {bind} (SO_REUSEPORT)")  # fmt: skip
     finally:
         hold.close()
+
+
+def _worker_front_ends_main(config: ServerConfig, argv: list[str]) -> int:
+    """``--connect ROUTER --procs N``: N workers of the router (each registers on its own and takes
+    its share of the events) that share one engine here, so that one GPU behind a router gets the
+    front ends' parallel decode and replies. --connect is passed on; nothing binds --bind."""
+    return _front_ends_main(config, argv, [], f"workers of router {config.connect}")
 
 
 def _proxy_main(config: ServerConfig, argv: list[str]) -> int:

@@ -118,12 +118,15 @@ class ServerConfig:
         if self.engine_cpus:
             if self.procs < 2:
                 raise ValueError("--engine-cpus pins the shared engine of --procs N (N >= 2): add --procs")
+            if self.gpus:
+                raise ValueError("--engine-cpus with --gpus would put every GPU's engine thread on the same CPUs: "
+                                 "start one charon-batch --connect --procs N --engine-cpus LIST per GPU instead")
             from .cpus import split_engine_cpus
 
             split_engine_cpus(self.engine_cpus)  # ValueError naming the problem
         if self.connect and self.output_dir:
             raise ValueError("--output-dir goes on charon-router when workers --connect: the router writes the runs")
-        if self.procs > 1 and self.output_dir and self.accept_mode() != "reuseport":
+        if self.procs > 1 and self.output_dir and not self.gpus and self.accept_mode() != "reuseport":
             raise ValueError("--output-dir with --procs needs --accept reuseport (tcp:// on Linux), where each client "
                              "stays with one front end: the proxy spreads a run's events over all of them")
 

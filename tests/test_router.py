@@ -16,6 +16,7 @@ from charon import protocol as P
 from charon.client import DealerClient, ReqClient, photondata_frames
 from charon.engines.base import EngineConfig
 from charon.engines.cpu import CPUEngine
+from charon.geometry import resolve_detector
 from charon.handoff import available as shm_available
 from charon.geometry.builtin import sphere_detector
 from charon.geometry.optics import constant_surface
@@ -284,6 +285,77 @@ def test_gpus_flag_starts_local_router_and_workers():
 
 
 @pytest.mark.slow
+def test_connect_with_procs_runs_workers_that_share_one_engine():
+    """--connect ROUTER --procs 2: two workers register with the router and share the launcher's engine;
+    --bind is left alone; a front end killed with events in flight loses none of them and is restarted."""
+    import urllib.request
+
+    router, rth = run_router_in_thread(RouterConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0",
+                                                    heartbeat_interval=BEAT, heartbeat_liveness=LIVENESS,
+                                                    hold_seconds=30))  # fmt: skip
+    port, mport = _free_port(), _free_port()
+    # The CPU engine seeded as `reference` on the same detector as `det`: hits can be compared exactly.
+    proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--connect", router.backend_address, "--procs", "2",
+                             "--engine", "cpu", "--detector", "sphere", "--seed", str(SEED), "--bind",
+                             f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
+                             "--heartbeat-interval", str(BEAT), "--heartbeat-liveness", str(LIVENESS),
+                             "--log-level", "WARNING"])  # fmt: skip
+    c = ReqClient(router.frontend_address, timeout_ms=2000, retries=0)
+    try:
+        deadline = wait_first_answer(c, 120)
+        while len(router.workers) < 2:
+            assert time.monotonic() < deadline, "both front ends did not register"
+            time.sleep(0.2)
+        with socket.socket() as s:  # nothing holds --bind: a worker host listens for no client
+            s.bind(("127.0.0.1", port))
+
+        def sample(k, name):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{mport + k}/metrics", timeout=5).read().decode()
+            return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(name + " ")))
+
+        d = DealerClient(router.frontend_address)
+        tables = {i: random_event(300, np.random.default_rng(i), radius=100.0) for i in range(40)}
+        for i, t in tables.items():
+            d.submit(i, t)
+        replies = {r.event_id: r for r in (d.recv(30_000) for _ in range(40))}
+        sphere = CPUEngine(resolve_detector("sphere"), EngineConfig(seed=SEED))
+        for i in (0, 17, 39):
+            assert replies[i].kind == P.SIM_COMPLETE
+            np.testing.assert_array_equal(replies[i].hits["channel"], expected(sphere, i, tables[i]).channel)
+        assert all(r.kind == P.SIM_COMPLETE for r in replies.values())
+        served = [sample(k, "charon_events_total") for k in range(2)]
+        assert min(served) > 0 and sum(served) >= 40  # the router gave both workers a share
+        assert sample(2, "charon_batches_total") >= 1 and sample(0, "charon_batches_total") == 0  # one engine
+        fronts = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(fronts) == 2
+        for i in range(100, 130):
+            d.submit(i, random_event(5000, np.random.default_rng(i), radius=100.0))
+        os.kill(int(fronts[0]), signal.SIGKILL)
+        assert sorted(d.recv(60_000).event_id for _ in range(30)) == list(range(100, 130))
+        while len(set(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                     text=True).stdout.split()) - {fronts[0]}) < 2:  # fmt: skip
+            assert time.monotonic() < deadline + 60, "killed front end was not restarted"
+            time.sleep(0.2)
+        d.close()
+    finally:
+        c.close()
+        proc.terminate()
+        proc.wait(30)
+        router.stop()
+        rth.join(10)
+
+
+def test_gpus_with_procs_give_each_worker_its_own_metrics_ports():
+    from charon.cli import worker_metrics_port
+
+    cfg = ServerConfig(gpus="0,1,2", procs=3, metrics_port=9000)
+    # worker 0: front ends 9000-9002, engine 9003; worker 1 from 9004; worker 2 from 9008
+    assert [worker_metrics_port(cfg, i) for i in range(3)] == [9000, 9004, 9008]
+    cfg = ServerConfig(gpus="0,1", metrics_port=9000)
+    assert [worker_metrics_port(cfg, i) for i in range(2)] == [9000, 9001]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("accept", ["reuseport", "proxy"])
 def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_path, accept):
     port, mport = _free_port(), _free_port()
@@ -379,6 +451,7 @@ def test_procs_refuses_output_dir_behind_the_proxy(tmp_path, caplog):
     (["--engine-cpus", "0"], "add --procs"),  # one process has no shared engine to pin
     (["--procs", "2", "--engine-cpus", "0-"], "bad CPU list"),
     (["--procs", "2", "--engine-cpus", "100000"], "may not use"),
+    (["--gpus", "0,1", "--procs", "2", "--engine-cpus", "0"], "every GPU's engine thread on the same CPUs"),
 ])  # fmt: skip
 def test_engine_cpus_refusals_name_the_problem(argv, problem, caplog):
     from charon.cli import batch_main
