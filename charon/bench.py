@@ -171,13 +171,12 @@ def popen_pinned(cmd: list[str], cpus: set[int] | None, **kw) -> subprocess.Pope
 
 def metrics_endpoints(server_args: list[str]) -> int:
     """How many metrics endpoints charon-batch started with ``server_args`` serves (on consecutive ports):
-    one per worker with --gpus; with --procs N > 1, the N front ends and then the shared engine.
+    with --procs N > 1, the N front ends and then the shared engine; with --gpus, that for each worker.
 
     Read as charon-batch itself reads its flags (a repeated flag: the last one counts)."""
     config = batch_parser().parse_args(server_args)
-    if config.gpus:
-        return len(config.gpus.split(","))
-    return config.procs + 1 if config.procs > 1 else 1
+    per_worker = config.procs + 1 if config.procs > 1 else 1
+    return per_worker * (len(config.gpus.split(",")) if config.gpus else 1)
 
 
 class ServerStartError(RuntimeError):

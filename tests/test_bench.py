@@ -197,6 +197,7 @@ def test_metrics_endpoints_read_the_flags_as_charon_batch_does():
     assert metrics_endpoints(["--procs", "7", "--procs", "8"]) == 9  # a repeated flag: the last counts
     assert metrics_endpoints(["--procs=3"]) == 4
     assert metrics_endpoints(["--gpus", "0,1,2"]) == 3
+    assert metrics_endpoints(["--gpus", "0,1", "--procs", "4"]) == 10  # per GPU: four front ends and its engine
 
 
 def test_bench_refuses_compare_without_spawn():
