@@ -56,7 +56,8 @@ HELP = {
     "with SO_REUSEPORT and the kernel spreads client connections; no extra hop), proxy (a C-level zmq.proxy "
     "in the launcher forwards every message; any transport), auto (reuseport for tcp:// on Linux, else proxy)",
     "io_threads": "ZeroMQ I/O threads: of the proxy with --accept proxy, which carries every client message "
-    "twice (0: one per front end plus one, at most 8); of each process otherwise (0: one)",
+    "twice (0: one per front end plus one, at most 8); with --gpus, of the local router and of each worker; "
+    "of each process otherwise (0: one)",
     "engine_io_threads": "with --procs: ZeroMQ I/O threads of the shared engine, which receives every photon "
     "from the front ends (0: one per front end, at most 8)",
     "engine_cpus": "with --procs: CPUs (Linux list, e.g. 0 or 0-1) for the shared engine's thread alone; the "
@@ -184,7 +185,8 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
                                  heartbeat_interval=config.heartbeat_interval,
                                  heartbeat_liveness=config.heartbeat_liveness, output_dir=config.output_dir,
                                  output_basket_events=config.output_basket_events,
-                                 max_event_photons=config.max_event_photons, log_level=config.log_level)  # fmt: skip
+                                 max_event_photons=config.max_event_photons, io_threads=config.io_threads,
+                                 log_level=config.log_level)  # fmt: skip
     try:
         router_config.validate()
     except ValueError as exc:
@@ -452,6 +454,8 @@ ROUTER_HELP = {
     "output_basket_events": "events per ROOT basket written with --output-dir",
     "max_event_photons": "with --output-dir: largest event accepted into a run (checked here, since the client is "
     "answered before a worker sees it)",
+    "io_threads": "ZeroMQ I/O threads of the router, which carry every photon twice (client to router, router "
+    "to worker); 0: the process's shared context (one thread)",
     "log_level": "logging level",
 }
 

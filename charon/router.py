@@ -67,11 +67,14 @@ class RouterConfig:
     output_dir: str | None = None
     output_basket_events: int = 1000
     max_event_photons: int = 50_000_000
+    io_threads: int = 0
     log_level: str = "INFO"
 
     def validate(self) -> None:
         import os
 
+        if self.io_threads < 0:
+            raise ValueError("--io-threads must be >= 0")
         if self.output_dir is not None and not os.path.isdir(self.output_dir):
             raise ValueError(f"--output-dir {self.output_dir!r} is not a directory")
         if self.output_basket_events < 1 or self.max_event_photons < 1:
@@ -108,7 +111,10 @@ class Router:
     def __init__(self, config: RouterConfig, context: zmq.Context | None = None):
         config.validate()
         self.config = config
-        self.ctx = context or zmq.Context.instance()
+        # Every photon crosses the router twice (client to router, router to worker), on its
+        # context's I/O threads; a context of its own when more than the shared one's single thread is asked.
+        self._own_ctx = context is None and config.io_threads > 0
+        self.ctx = context or (zmq.Context(io_threads=config.io_threads) if self._own_ctx else zmq.Context.instance())
         self.workers: dict[bytes, Worker] = {}
         self.inflight: dict[int, Pending] = {}
         self.waiting: collections.deque[Pending] = collections.deque()  # no worker had room
@@ -187,6 +193,8 @@ class Router:
                 self.runs.close_all(lambda run: [p.event_id for p in run.pending])
             fe.close(0)
             be.close(0)
+            if self._own_ctx:
+                self.ctx.term()
 
     def _to_client(self, envelope, frames):
         send_message(self.frontend, list(envelope) + frames)

@@ -47,11 +47,11 @@ def expected(ref, eid, t):
 
 
 class Cluster:
-    def __init__(self, det):
+    def __init__(self, det, **router_kw):
         self.det = det
         self.router, self.router_thread = run_router_in_thread(
             RouterConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0", heartbeat_interval=BEAT,
-                         heartbeat_liveness=LIVENESS, hold_seconds=30)  # fmt: skip
+                         heartbeat_liveness=LIVENESS, hold_seconds=30, **router_kw)  # fmt: skip
         )
         self.workers = []
         self.clients = []
@@ -282,6 +282,22 @@ def test_gpus_flag_starts_local_router_and_workers():
         c.close()
         proc.terminate()
         proc.wait(30)
+
+
+def test_router_io_threads_get_a_context_of_their_own(det, reference):
+    c = Cluster(det, io_threads=3)
+    try:
+        assert c.router.ctx is not zmq.Context.instance() and c.router.ctx.get(zmq.IO_THREADS) == 3
+        c.add_worker()
+        c.wait_workers(1)
+        t = ev(300, 5)
+        r = c.req(timeout_ms=10_000, retries=0).simulate(5, t)
+        np.testing.assert_array_equal(r.hits["channel"], expected(reference, 5, t).channel)
+    finally:
+        c.close()
+    assert c.router.ctx.closed  # terminated with the router
+    with pytest.raises(ValueError, match="--io-threads must be >= 0"):
+        RouterConfig(io_threads=-1).validate()
 
 
 @pytest.mark.slow
