@@ -263,7 +263,8 @@ def multi_proc_main(config: ServerConfig, argv: list[str]) -> int:
     hop each way). No cross-process resend de-duplication, and a dying front
     end's queued events are recovered only by the clients' retries (it is
     restarted): for failover across machines use charon-router. Metrics: front
-    end i on --metrics-port + i, the shared engine on --metrics-port + N.
+    end i on --metrics-port + i, the shared engine on --metrics-port + N. With
+    --connect the front ends are workers of that router instead, and nothing binds.
     """
     if config.connect:
         return _worker_front_ends_main(config, argv)
