@@ -254,6 +254,25 @@ def wait_first_answer(client, timeout):
         time.sleep(0.5)
 
 
+def kill_a_child_with_events_in_flight(proc, dealer, tables, n_children=2, timeout=60):
+    """SIGKILL one of ``proc``'s two child processes while ``tables`` (event id -> photons) are in flight:
+    every event is still answered, and the launcher starts a new child in its place."""
+
+    def children():
+        return subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+
+    before = children()
+    assert len(before) == n_children
+    for i, t in tables.items():
+        dealer.submit(i, t)
+    os.kill(int(before[0]), signal.SIGKILL)
+    assert sorted(dealer.recv(60_000).event_id for _ in tables) == sorted(tables)
+    deadline = time.monotonic() + timeout
+    while len(set(children()) - {before[0]}) < n_children:
+        assert time.monotonic() < deadline, "the killed process was not restarted"
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_gpus_flag_starts_local_router_and_workers():
     port = _free_port()
@@ -267,16 +286,7 @@ def test_gpus_flag_starts_local_router_and_workers():
             d.submit(i, ev(200, i))
         assert sorted(d.recv(20_000).event_id for _ in range(20)) == list(range(20))
         # SIGKILL one worker process with events in flight: nothing is lost, the launcher restarts it.
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        assert len(workers) == 2
-        for i in range(100, 140):
-            d.submit(i, ev(20_000, i))
-        os.kill(int(workers[0]), signal.SIGKILL)
-        assert sorted(d.recv(60_000).event_id for _ in range(40)) == list(range(100, 140))
-        deadline = time.monotonic() + 30
-        while len(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()) < 2:
-            assert time.monotonic() < deadline, "killed worker was not restarted"
-            time.sleep(0.2)
+        kill_a_child_with_events_in_flight(proc, d, {i: ev(20_000, i) for i in range(100, 140)})
         d.close()
     finally:
         c.close()
@@ -342,16 +352,8 @@ def test_connect_with_procs_runs_workers_that_share_one_engine():
         served = [sample(k, "charon_events_total") for k in range(2)]
         assert min(served) > 0 and sum(served) >= 40  # the router gave both workers a share
         assert sample(2, "charon_batches_total") >= 1 and sample(0, "charon_batches_total") == 0  # one engine
-        fronts = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        assert len(fronts) == 2
-        for i in range(100, 130):
-            d.submit(i, random_event(5000, np.random.default_rng(i), radius=100.0))
-        os.kill(int(fronts[0]), signal.SIGKILL)
-        assert sorted(d.recv(60_000).event_id for _ in range(30)) == list(range(100, 130))
-        while len(set(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                     text=True).stdout.split()) - {fronts[0]}) < 2:  # fmt: skip
-            assert time.monotonic() < deadline + 60, "killed front end was not restarted"
-            time.sleep(0.2)
+        kill_a_child_with_events_in_flight(
+            proc, d, {i: random_event(5000, np.random.default_rng(i), radius=100.0) for i in range(100, 130)})
         d.close()
     finally:
         c.close()
