@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from .server import DISPATCH_RULES, BatchServer, ServerConfig, default_log_config
+from .server import DISPATCH_RULES, GPUS_SHARE, BatchServer, ServerConfig, default_log_config
 
 HELP = {
     "bind": "ZeroMQ address to listen on (ROUTER); port 0 picks a free port",
@@ -49,6 +49,12 @@ HELP = {
     "heartbeat_liveness": "worker mode: heartbeats missed before the router is presumed dead (then reconnect)",
     "gpus": "comma-separated GPU ordinals: start one worker process per GPU behind a local router on --bind "
     "(with --procs N: N front-end processes per GPU, sharing that GPU's engine)",
+    "gpus_share": "with --gpus, how the GPUs share --bind: router (a local charon-router hands each event to a GPU "
+    "worker and re-sends the events of a worker that dies; its one Python loop serves ~10-12k events/s, so it "
+    "limits a host for small events) or port (each GPU gets its own server, with --procs N front ends, and "
+    "all of them listen on the --bind port with SO_REUSEPORT, the kernel spreading client connections over "
+    "them: no extra hop; a process that dies loses its in-flight events to the clients' retries, as --procs "
+    "does)",
     "procs": "front-end processes sharing --bind, so that the per-event Python work (decode, batching, "
     "replies) runs in parallel; their batches are merged into one engine in the launcher (one CUDA context, "
     "large batches). With --connect: N workers of the router sharing one engine here. 1: a single process",
@@ -67,6 +73,8 @@ HELP = {
     "its batches in shared memory that the engine maps and, on a GPU, pins and copies to the device from; "
     "the socket carries only per-event arrays), socket (every photon through the internal socket), "
     "auto (shm where /dev/shm is usable, else socket)",
+    "parent": "internal: the launcher that started this process; it stops when the launcher ends (Linux), and "
+    "with --procs its front ends join the port that launcher reserved (--gpus-share port)",
     "upstream": "internal: the proxy backend a --procs front end connects to",
     "engine_service": "internal: the shared engine a --procs front end sends its batches to",
 }
@@ -76,6 +84,7 @@ CHOICES = {
     "reply_layout": ("auto", "compact", "full"),
     "queue_policy": ("fcfs",),
     "dispatch": DISPATCH_RULES,
+    "gpus_share": GPUS_SHARE,
     "accept": ("auto", "reuseport", "proxy"),
     "handoff": ("auto", "shm", "socket"),
 }
@@ -97,7 +106,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, help_text: dict, c
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        typ = {int: count, float: float, str: str}.get(type(default), count if "port" in f.name else str)
+        # A field whose default is None takes its type from the annotation ("int | None").
+        kind = type(default) if default is not None else {"int": int, "float": float}.get(str(f.type).split()[0], str)
+        typ = {int: count, float: float, str: str}[kind]
         parser.add_argument(flag, dest=f.name, type=typ, default=default, choices=choices.get(f.name),
                             help=f"{help_text.get(f.name, '')} (default: {default})")  # fmt: skip
 
@@ -120,6 +131,10 @@ def batch_main(argv=None) -> int:
     args = batch_parser().parse_args(argv)
     config = config_from_args(ServerConfig, args)
     default_log_config(config.log_level)
+    if config.parent is not None:
+        from .lifetime import end_with_parent
+
+        end_with_parent(config.parent)
     if config.gpus or config.procs > 1:
         try:
             config.validate()
@@ -173,14 +188,24 @@ def worker_metrics_port(config: ServerConfig, i: int) -> int:
     return config.metrics_port + i * (config.procs + 1 if config.procs > 1 else 1)
 
 
+def _parent() -> list[str]:
+    """The flag that makes a child process end with this launcher (lifetime.py)."""
+    import os
+
+    return ["--parent", str(os.getpid())]
+
+
 def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
-    """``--gpus 0,1,..``: a router on --bind and one worker process per GPU, restarted if it dies."""
+    """``--gpus 0,1,..``: one worker process per GPU, restarted if it dies; behind a router on --bind
+    (``--gpus-share router``) or each listening on --bind itself (``--gpus-share port``)."""
     import subprocess
 
     from .router import RouterConfig, run_router_in_thread
 
     log = logging.getLogger("charon")
     gpus = [int(g) for g in config.gpus.split(",") if g.strip()]
+    if config.gpus_share == "port":
+        return _gpus_on_one_port_main(config, argv, gpus)
     router_config = RouterConfig(frontend=config.bind, backend="tcp://127.0.0.1:0", ping_reply=config.ping_reply,
                                  heartbeat_interval=config.heartbeat_interval,
                                  heartbeat_liveness=config.heartbeat_liveness, output_dir=config.output_dir,
@@ -195,12 +220,12 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
     router, thread = run_router_in_thread(router_config)
     # The router writes the runs (it sees every reply of a run, whichever worker answered it).
     base = _strip_flags(argv, ("--gpus", "--bind", "--connect", "--device", "--metrics-port", "--output-dir",
-                               "--output-basket-events"))  # fmt: skip
+                               "--output-basket-events", "--parent"))  # fmt: skip
     engine = [] if config.engine != "auto" else ["--engine", "cuda"]
 
     def start(i):
         cmd = [sys.executable, "-m", "charon.cli", *base, *engine, "--connect", router.backend_address,
-               "--device", str(gpus[i])]  # fmt: skip
+               "--device", str(gpus[i]), *_parent()]  # fmt: skip
         if config.metrics_port is not None:
             cmd += ["--metrics-port", str(worker_metrics_port(config, i))]
         return subprocess.Popen(cmd)
@@ -213,6 +238,40 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
     finally:
         router.stop()
         thread.join(10)
+
+
+def _gpus_on_one_port_main(config: ServerConfig, argv: list[str], gpus: list[int]) -> int:
+    """``--gpus 0,1 --gpus-share port``: one server per GPU (itself --procs N front ends sharing that GPU's
+    engine when N > 1), every front end listening on --bind with SO_REUSEPORT. This launcher reserves the
+    port, as a --procs launcher does, and restarts a GPU's server that dies. No router: an event never
+    crosses a Python loop that every event crosses."""
+    import subprocess
+
+    from .reuseport import reserve
+
+    log = logging.getLogger("charon")
+    try:
+        hold, bind = reserve(config.bind)  # fails at once if the port is taken
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: --bind %s: %s", config.bind, exc)
+        return 2
+    base = _strip_flags(argv, ("--gpus", "--gpus-share", "--bind", "--device", "--metrics-port", "--accept",
+                               "--parent"))  # fmt: skip
+    engine = [] if config.engine != "auto" else ["--engine", "cuda"]
+
+    def start(i):
+        cmd = [sys.executable, "-m", "charon.cli", *base, *engine, "--bind", bind, "--accept", "reuseport",
+               "--device", str(gpus[i]), *_parent()]  # fmt: skip
+        if config.metrics_port is not None:
+            cmd += ["--metrics-port", str(worker_metrics_port(config, i))]
+        return subprocess.Popen(cmd)
+
+    log.info("charon-batch: %d GPU servers (GPUs %s)%s, all listening on %s (SO_REUSEPORT)", len(gpus), gpus,
+             f", each {config.procs} front-end processes sharing its GPU" if config.procs > 1 else "", bind)  # fmt: skip
+    try:
+        return _supervise("GPU server", start, len(gpus))
+    finally:
+        hold.close()
 
 
 def _supervise(name: str, start, n: int, on_exit=None) -> int:
@@ -330,7 +389,7 @@ def _remove_segments(pid: int) -> None:
 
 
 _FRONT_END_FLAGS = ("--procs", "--io-threads", "--bind", "--upstream", "--metrics-port", "--engine-service", "--accept",
-                    "--engine-io-threads", "--engine-cpus")
+                    "--engine-io-threads", "--engine-cpus", "--parent")
 
 
 def _front_ends_main(config: ServerConfig, argv: list[str], where: list[str], what: str) -> int:
@@ -348,7 +407,8 @@ def _front_ends_main(config: ServerConfig, argv: list[str], where: list[str], wh
     io = ["--io-threads", str(config.io_threads)] if config.io_threads > 0 else []
 
     def start(i):
-        cmd = [sys.executable, "-m", "charon.cli", *base, *io, *where, "--engine-service", service.address]
+        cmd = [sys.executable, "-m", "charon.cli", *base, *io, *where, "--engine-service", service.address,
+               *_parent()]  # fmt: skip
         if config.metrics_port is not None:
             cmd += ["--metrics-port", str(config.metrics_port + i)]
         return subprocess.Popen(cmd)
@@ -363,6 +423,9 @@ def _front_ends_main(config: ServerConfig, argv: list[str], where: list[str], wh
 def _reuseport_main(config: ServerConfig, argv: list[str]) -> int:
     from .reuseport import reserve
 
+    if config.parent is not None:  # one GPU's server under --gpus-share port: that launcher holds the port
+        return _front_ends_main(config, argv, ["--bind", config.bind, "--accept", "reuseport"],
+                                f"front-end processes joining {config.bind} (SO_REUSEPORT, GPU {config.device})")
     try:
         hold, bind = reserve(config.bind)  # fails at once if the port is taken (another charon-batch too)
     except (OSError, ValueError) as exc:
@@ -427,7 +490,8 @@ def _proxy_main(config: ServerConfig, argv: list[str]) -> int:
     base = _strip_flags(argv, _FRONT_END_FLAGS)
 
     def start(i):
-        cmd = [sys.executable, "-m", "charon.cli", *base, "--upstream", upstream, "--engine-service", service.address]
+        cmd = [sys.executable, "-m", "charon.cli", *base, "--upstream", upstream, "--engine-service", service.address,
+               *_parent()]  # fmt: skip
         if config.metrics_port is not None:
             cmd += ["--metrics-port", str(config.metrics_port + i)]
         return subprocess.Popen(cmd)

@@ -43,6 +43,11 @@ log = logging.getLogger("charon.server")
 # so only latency below saturation changes (benchmarks/RESULTS.md, fifteenth session). "wait": once its
 # oldest event has waited --max-wait-ms and the engine can take it: fewer, larger engine calls at low load.
 DISPATCH_RULES = ("idle", "wait")
+# How the GPUs of --gpus share the client port. "router": a local charon-router hands each event to a GPU
+# worker and re-sends a dead worker's events; its one Python loop limits a host to ~10-12k events/s of
+# 1000 photons (benchmarks/RESULTS.md, fifteenth session). "port": each GPU's server listens on the port
+# itself (SO_REUSEPORT, reuseport.py) and the kernel spreads the client connections over all of them.
+GPUS_SHARE = ("router", "port")
 
 
 @dataclass
@@ -81,6 +86,8 @@ class ServerConfig:
     heartbeat_interval: float = 1.0
     heartbeat_liveness: int = 3
     gpus: str | None = None
+    gpus_share: str = "router"
+    parent: int | None = None
 
     def validate(self) -> None:
         if self.max_batch_photons < 1:
@@ -124,6 +131,18 @@ class ServerConfig:
             from .cpus import split_engine_cpus
 
             split_engine_cpus(self.engine_cpus)  # ValueError naming the problem
+        if self.gpus_share not in GPUS_SHARE:
+            raise ValueError(f"--gpus-share must be one of {', '.join(GPUS_SHARE)}")
+        if self.gpus_share == "port":
+            if not self.gpus:
+                raise ValueError("--gpus-share port says how the GPUs of --gpus share --bind: add --gpus")
+            if self.accept == "proxy":
+                raise ValueError("--gpus-share port shares --bind through SO_REUSEPORT: drop --accept proxy")
+            from .reuseport import AVAILABLE, parse_tcp
+
+            if not AVAILABLE:
+                raise ValueError("--gpus-share port needs SO_REUSEPORT (Linux); use --gpus-share router")
+            parse_tcp(self.bind)  # ValueError naming the problem
         if self.connect and self.output_dir:
             raise ValueError("--output-dir goes on charon-router when workers --connect: the router writes the runs")
         if self.procs > 1 and self.output_dir and not self.gpus and self.accept_mode() != "reuseport":

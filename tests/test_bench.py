@@ -198,6 +198,7 @@ def test_metrics_endpoints_read_the_flags_as_charon_batch_does():
     assert metrics_endpoints(["--procs=3"]) == 4
     assert metrics_endpoints(["--gpus", "0,1,2"]) == 3
     assert metrics_endpoints(["--gpus", "0,1", "--procs", "4"]) == 10  # per GPU: four front ends and its engine
+    assert metrics_endpoints(["--gpus", "0,1", "--gpus-share", "port", "--procs", "4"]) == 10  # the same ports
 
 
 def test_bench_refuses_compare_without_spawn():

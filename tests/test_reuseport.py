@@ -108,3 +108,29 @@ def test_procs_launcher_refuses_a_taken_port_before_starting_anything():
         assert rc == 2
     finally:
         taken.close()
+
+
+@pytest.mark.parametrize("kw, problem", [
+    (dict(gpus="0,1", gpus_share="magic"), "--gpus-share must be one of router, port"),
+    (dict(gpus_share="port"), "add --gpus"),
+    (dict(gpus="0,1", gpus_share="port", accept="proxy"), "drop --accept proxy"),
+    (dict(gpus="0,1", gpus_share="port", bind="ipc:///tmp/charon-x"), "tcp://"),
+])  # fmt: skip
+def test_gpus_share_port_refusals_name_the_problem(kw, problem):
+    with pytest.raises(ValueError, match=problem):
+        ServerConfig(**kw).validate()
+    ServerConfig(gpus="0,1", gpus_share="port", bind="tcp://127.0.0.1:5555").validate()
+
+
+def test_gpus_share_port_launcher_refuses_a_taken_port_before_starting_anything():
+    from charon.cli import batch_main
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        rc = batch_main(["--gpus", "0,1", "--gpus-share", "port", "--engine", "cpu", "--log-level", "ERROR",
+                         "--bind", f"tcp://127.0.0.1:{taken.getsockname()[1]}"])  # fmt: skip
+        assert rc == 2
+    finally:
+        taken.close()

@@ -273,6 +273,46 @@ def kill_a_child_with_events_in_flight(proc, dealer, tables, n_children=2, timeo
         time.sleep(0.2)
 
 
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for c in _children(pid):
+        out += [c, *_descendants(c)]
+    return out
+
+
+def _wait_gone(pids, timeout, what):
+    deadline = time.monotonic() + timeout
+    while alive := [p for p in pids if os.path.exists(f"/proc/{p}") and _state(p) != "Z"]:
+        assert time.monotonic() < deadline, f"{what} still running: {alive}"
+        time.sleep(0.2)
+
+
+def _state(pid) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "X"
+
+
+def kill_launcher_and_expect_every_child_to_end(proc, port, timeout=30):
+    """SIGKILL the launcher itself (no clean-up runs): every process it started, and theirs, ends too
+    (lifetime.py), and the client port is free again."""
+    below = _descendants(proc.pid)
+    assert below
+    proc.kill()
+    proc.wait(10)
+    _wait_gone(below, timeout, "children of a killed launcher")
+    with socket.socket() as s:  # nothing listens on the port any more (the address may be in TIME_WAIT)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen(1)
+
+
 @pytest.mark.slow
 def test_gpus_flag_starts_local_router_and_workers():
     port = _free_port()
@@ -288,10 +328,87 @@ def test_gpus_flag_starts_local_router_and_workers():
         # SIGKILL one worker process with events in flight: nothing is lost, the launcher restarts it.
         kill_a_child_with_events_in_flight(proc, d, {i: ev(20_000, i) for i in range(100, 140)})
         d.close()
+        kill_launcher_and_expect_every_child_to_end(proc, port)
     finally:
         c.close()
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.slow
+def test_gpus_share_port_gives_each_gpu_its_own_front_ends_on_the_one_port():
+    """--gpus 0,1 --gpus-share port --procs 2: no router; each GPU's server has two front ends on the client
+    port and its own engine; both engines get events; a GPU server killed outright takes its front ends
+    with it and is restarted; killing the launcher ends everything."""
+    import urllib.request
+
+    port, mport = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--gpus", "0,1", "--gpus-share", "port", "--procs",
+                             "2", "--engine", "cpu", "--detector", "sphere", "--seed", str(SEED), "--bind",
+                             f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport), "--log-level", "WARNING"])  # fmt: skip
+    c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
+
+    def sample(k, name):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport + k}/metrics", timeout=5).read().decode()
+        return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(name + " ")))
+
+    def events_through(first_id):
+        dealers = [DealerClient(f"tcp://127.0.0.1:{port}") for _ in range(24)]
+        tables = {first_id + i: random_event(300, np.random.default_rng(first_id + i), radius=100.0)
+                  for i in range(48)}  # fmt: skip
+        for k, (i, t) in enumerate(tables.items()):
+            dealers[k % 24].submit(i, t)
+        replies = {r.event_id: r for d in dealers for r in (d.recv(30_000), d.recv(30_000))}
+        for d in dealers:
+            d.close()
+        assert sorted(replies) == sorted(tables) and all(r.kind == P.SIM_COMPLETE for r in replies.values())
+        return tables, replies
+
+    try:
+        deadline = wait_first_answer(c, 180)
+        # GPU i's server: front ends on mport + 3i and + 3i + 1, its engine on + 3i + 2 (worker_metrics_port).
+        for k in (0, 1, 3, 4):
+            while True:
+                try:
+                    sample(k, "charon_events_total")
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"front end on metrics port {mport + k} did not come up"
+                    time.sleep(0.3)
+        servers = _children(proc.pid)
+        assert len(servers) == 2 and all(len(_children(s)) == 2 for s in servers)  # no router, two per GPU
+        tables, replies = events_through(0)
+        sphere = CPUEngine(resolve_detector("sphere"), EngineConfig(seed=SEED))
+        for i in (0, 23, 47):
+            np.testing.assert_array_equal(replies[i].hits["channel"], expected(sphere, i, tables[i]).channel)
+        # 24 connections over four listeners: all on one GPU's two has probability 2 * 2^-24.
+        assert sample(2, "charon_batches_total") >= 1 and sample(5, "charon_batches_total") >= 1
+        assert sum(sample(k, "charon_events_total") for k in (0, 1, 3, 4)) >= 48
+
+        victim = servers[0]
+        its_front_ends = _children(victim)
+        os.kill(victim, signal.SIGKILL)
+        _wait_gone(its_front_ends, 30, "front ends of a killed GPU server")
+        while len(set(_children(proc.pid)) - {victim}) < 2:
+            assert time.monotonic() < deadline + 60, "the killed GPU server was not restarted"
+            time.sleep(0.2)
+        # Clients connect to whichever listeners are there (the restarted server's once it is up).
+        events_through(1000)
+        kill_launcher_and_expect_every_child_to_end(proc, port)
+    finally:
+        c.close()
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_a_child_whose_launcher_is_gone_does_not_start():
+    """--parent names the launcher; a child that finds another parent (the launcher died before it asked
+    the kernel to be told) exits at once instead of serving with nothing behind it."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux-only")
+    r = subprocess.run([sys.executable, "-m", "charon.cli", "--parent", str(os.getpid() + 10**6), "--engine", "cpu",
+                        "--bind", "tcp://127.0.0.1:0"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and "is gone; not starting" in r.stderr
 
 
 def test_router_io_threads_get_a_context_of_their_own(det, reference):
