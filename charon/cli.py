@@ -266,8 +266,9 @@ def _gpus_on_one_port_main(config: ServerConfig, argv: list[str], gpus: list[int
             cmd += ["--metrics-port", str(worker_metrics_port(config, i))]
         return subprocess.Popen(cmd)
 
+    each = f", each {config.procs} front-end processes sharing its GPU" if config.procs > 1 else ""
     log.info("charon-batch: %d GPU servers (GPUs %s)%s, all listening on %s (SO_REUSEPORT)", len(gpus), gpus,
-             f", each {config.procs} front-end processes sharing its GPU" if config.procs > 1 else "", bind)  # fmt: skip
+             each, bind)  # fmt: skip
     try:
         return _supervise("GPU server", start, len(gpus))
     finally:

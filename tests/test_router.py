@@ -345,7 +345,8 @@ def test_gpus_share_port_gives_each_gpu_its_own_front_ends_on_the_one_port():
     port, mport = _free_port(), _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--gpus", "0,1", "--gpus-share", "port", "--procs",
                              "2", "--engine", "cpu", "--detector", "sphere", "--seed", str(SEED), "--bind",
-                             f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport), "--log-level", "WARNING"])  # fmt: skip
+                             f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
+                             "--log-level", "WARNING"])  # fmt: skip
     c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
 
     def sample(k, name):
