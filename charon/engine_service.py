@@ -761,6 +761,8 @@ class ServiceLink:
     remote = True  # the service records engine metrics for the merged batches
     pipelined = True  # batches are handed over as soon as they waited max_wait_ms; the service merges them
     max_in_flight = 8
+    lanes = 1  # the service fills the shared engine's lanes itself (its own size rule)
+    last_submitted = 0
 
     def __init__(self, ctx: zmq.Context, address: str, start_timeout: float = 600.0, handoff: str = "auto"):
         if handoff not in ("auto", "shm", "socket"):

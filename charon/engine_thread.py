@@ -49,7 +49,9 @@ class EngineThread:
 
     remote = False  # engine metrics are recorded by the server itself
     pipelined = False  # a second batch is queued behind the running one only when full
-    max_in_flight = 2
+    # How long the thread waits for a new batch before it looks at the GPU again, while a batch runs
+    # and a lane is free (seconds): the most a finished batch's results wait to be noticed.
+    lane_poll = 100e-6
 
     def __init__(self, ctx: zmq.Context, engine_factory, busy: BusyClock):
         self._factory = engine_factory
@@ -62,6 +64,11 @@ class EngineThread:
         self.busy = busy
         self.engine = None
         self.in_flight = 0  # batches submitted and not yet collected (main thread only)
+        # Batches the engine runs at once: the CUDA engine's lanes (--engine-lanes), each with its own
+        # stream, else 1. Set once the engine exists (start()); one more, full, may wait behind them.
+        self.lanes = 1
+        self.max_in_flight = 2
+        self.last_submitted = 0  # photons of the latest batch submitted (main thread only)
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="charon-engine", daemon=True)
@@ -75,6 +82,7 @@ class EngineThread:
 
     def submit(self, batch: Batch) -> None:
         self.in_flight += 1
+        self.last_submitted = batch.photons.n_photons
         self._inbox.put(batch)
 
     def poll_results(self) -> None:
@@ -104,21 +112,74 @@ class EngineThread:
             self._ready.set()
             notify.close(0)
             return
+        if hasattr(self.engine, "launch"):
+            self.lanes = max(1, len(getattr(self.engine, "lanes", ())))
+        self.max_in_flight = self.lanes + 1
         self._ready.set()
         try:
-            while (batch := self._inbox.get()) is not None:
-                self.busy.start()
-                t0 = time.perf_counter()
-                parts = self._run_bisect(batch.slots, batch)
-                dt = time.perf_counter() - t0
-                self.busy.stop()
-                self.results.append(BatchResult(batch, parts, dt, self.engine.last_times))
-                notify.send(b"")
+            if self.lanes > 1:
+                self._run_lanes(notify)
+            else:
+                while (batch := self._inbox.get()) is not None:
+                    self.busy.start()
+                    t0 = time.perf_counter()
+                    parts = self._run_bisect(batch.slots, batch)
+                    dt = time.perf_counter() - t0
+                    self.busy.stop()
+                    self.results.append(BatchResult(batch, parts, dt, self.engine.last_times))
+                    notify.send(b"")
         finally:
             try:
                 self.engine.close()
             finally:
                 notify.close(0)
+
+    def _run_lanes(self, notify) -> None:
+        """Several batches on the GPU at once, one per lane, finished in launch order.
+
+        A batch submitted while another runs is launched at once on a free lane
+        (the server submits it only when it is as large as the one ahead:
+        server.py), instead of waiting for the running one to finish."""
+        running: collections.deque = collections.deque()  # (batch, launch handle, t0), in launch order
+        stopping = False
+        while running or not stopping:
+            while not stopping and len(running) < self.lanes:
+                try:
+                    # Nothing on the GPU: sleep until a batch comes. Otherwise look for one briefly,
+                    # then at the GPU again.
+                    batch = self._inbox.get(timeout=None if not running else self.lane_poll)
+                except queue.Empty:
+                    break
+                if batch is None:
+                    stopping = True
+                    break
+                if not running:
+                    self.busy.start()
+                t0 = time.perf_counter()
+                try:
+                    handle = self.engine.launch(batch.photons)
+                except Exception as exc:  # run it through the bisecting path, which reports per event
+                    log.warning("engine launch failed on %d event(s): %r", len(batch.slots), exc)
+                    handle = None
+                running.append((batch, handle, t0))
+            if not running:
+                continue
+            batch, handle, t0 = running[0]
+            if handle is not None and len(running) < self.lanes and not stopping and not self.engine.ready(handle):
+                continue  # a lane is free: keep listening for a batch while this one runs
+            running.popleft()
+            parts = None
+            if handle is not None:
+                try:
+                    parts = [SlotsResult(batch.slots, self.engine.finish(handle), None)]
+                except Exception as exc:
+                    log.warning("engine error on %d event(s): %r", len(batch.slots), exc)
+            if parts is None:
+                parts = self._run_bisect(batch.slots, None)
+            if not running:
+                self.busy.stop()
+            self.results.append(BatchResult(batch, parts, time.perf_counter() - t0, self.engine.last_times))
+            notify.send(b"")
 
     def _run_bisect(self, slots, batch: Batch | None) -> list[SlotsResult]:
         """Run a batch; on an engine error, split it in halves until the failing events are isolated."""

@@ -407,9 +407,10 @@ class BatchServer:
         cap = 100.0 if not self.config.connect else max(1.0, self.config.heartbeat_interval * 500)
         oldest = self.batcher.queue.oldest_arrival()
         et = self.engine_thread
-        if oldest is None or (et.in_flight and not et.pipelined) or et.in_flight >= et.max_in_flight:
+        beside = self._lane_free_for_queue()
+        if oldest is None or (et.in_flight and not et.pipelined and not beside) or et.in_flight >= et.max_in_flight:
             return cap  # a result wakes the loop
-        if self._dispatch_idle and et.in_flight == 0:
+        if self._dispatch_idle and (et.in_flight == 0 or beside):
             return 0.0
         left = oldest + self.config.max_wait_ms / 1e3 - time.monotonic()
         return max(0.0, min(cap, left * 1e3))
@@ -514,7 +515,9 @@ class BatchServer:
 
         At most one batch waits behind the running one (double buffering): it is
         assembled while the engine runs, but only when full, so that a partial
-        batch keeps accepting events until the engine frees up.
+        batch keeps accepting events until the engine frees up. With --engine-lanes
+        L > 1 (CUDA, one process) up to L batches run at once: one that is not full
+        starts on a free lane once it is as large as the latest one submitted.
         """
         et = self.engine_thread
         while et.in_flight < et.max_in_flight and self.batcher.queued_photons > 0:
@@ -525,8 +528,9 @@ class BatchServer:
             waited = oldest is not None and time.monotonic() - oldest >= self.config.max_wait_ms / 1e3
             # A shared engine (pipelined) coalesces what every front end sends while it
             # runs, so a front end hands over what waited long enough at once.
-            due = waited and (et.in_flight == 0 or et.pipelined)
-            if not (full or due or (self._dispatch_idle and et.in_flight == 0)):
+            beside = self._lane_free_for_queue()
+            due = waited and (et.in_flight == 0 or et.pipelined or beside)
+            if not (full or due or (self._dispatch_idle and (et.in_flight == 0 or beside))):
                 return
             slots = self.batcher.take()
             buf = self._buffers.pop(0)
@@ -536,6 +540,18 @@ class BatchServer:
                 self.metrics.dispatch_wait_seconds.observe(batch.dispatched - oldest)
             et.submit(batch)
             self.metrics.queued_photons.set(self.batcher.queued_photons)
+
+    def _lane_free_for_queue(self) -> bool:
+        """With --engine-lanes L > 1 in this process: a lane is free beside the running batches, and the
+        queue holds at least as many photons as the latest batch submitted, so it may start at once.
+
+        The size condition is the shared engine's rule (engine_service.py): launching whatever had
+        arrived behind a running batch shrank the batches until per-batch host work limited the
+        server. Below saturation a lone event is as large as the lone event ahead of it, so it
+        starts at once instead of waiting for that one to finish."""
+        et = self.engine_thread
+        return (0 < et.in_flight < et.lanes
+                and min(self.batcher.queued_photons, self.config.max_batch_photons) >= et.last_submitted)  # fmt: skip
 
     def _collect_results(self):
         et = self.engine_thread

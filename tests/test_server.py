@@ -22,7 +22,7 @@ from charon.geometry.optics import constant_surface
 from charon.photons import CHERENKOV, SURFACE_DETECT, HitBatch, PhotonBatch
 from charon.server import ServerConfig, run_in_thread
 from charon.sources import point_source, random_event
-from standins import GatedEngine
+from standins import GatedEngine, LanedEngine
 
 SEED = 4242
 
@@ -486,6 +486,123 @@ def test_dispatch_idle_still_coalesces_while_the_engine_runs(det, reference_engi
         s.stop()
 
 
+def _laned_server(det, lanes=2, fail_at=None, **kw):
+    holder = {}
+
+    def factory():
+        holder["e"] = LanedEngine(CPUEngine(det, EngineConfig(seed=SEED)), lanes=lanes, fail_at=fail_at)
+        return holder["e"]
+
+    s = Server(det, engine_factory=factory, max_batch_photons=100_000, **kw)
+    return s, holder["e"]
+
+
+def _wait_for(cond, what, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_lanes_start_a_lone_event_beside_the_running_one(det, reference_engine):
+    """--engine-lanes 2 in one process: an event that arrives while another's batch runs starts on the
+    second lane at once (the GPU runs both), instead of waiting for the first to finish."""
+    s, eng = _laned_server(det, max_wait_ms=60.0)
+    try:
+        assert s.srv.engine_thread.lanes == 2 and s.srv.engine_thread.max_in_flight == 3
+        d = s.dealer()
+        tables = {i: ev(100, i) for i in range(3)}
+        d.submit(0, tables[0])
+        _wait_for(lambda: len(eng.launched) == 1, "the first event was not launched")
+        d.submit(1, tables[1])
+        _wait_for(lambda: len(eng.launched) == 2, "the second event waited for the first")
+        assert eng.running == 2 and eng.launched == [1, 1]
+        # Both lanes busy: a third waits in the queue, whatever its size.
+        d.submit(2, tables[2])
+        _wait_for(lambda: s.metric("charon_queued_photons") == 100, "the third event was not queued")
+        time.sleep(0.05)
+        assert len(eng.launched) == 2
+        eng.gates[0].set()
+        _wait_for(lambda: len(eng.launched) == 3, "the third event did not take the freed lane")
+        for g in eng.gates:
+            g.set()
+        replies = {r.event_id: r for r in (d.recv(20_000) for _ in range(3))}
+        for i, t in tables.items():
+            assert replies[i].kind == P.SIM_COMPLETE
+            np.testing.assert_array_equal(replies[i].hits["time"], expected_hits(reference_engine, i, t).table[7])
+        assert eng.max_running == 2 and s.metric("charon_batches_total") == 3
+    finally:
+        for g in eng.gates:
+            g.set()
+        s.stop()
+
+
+def test_lanes_do_not_start_a_smaller_batch_beside_a_running_one(det):
+    """Behind a running batch, a free lane takes the queue only once it is as large as the latest batch
+    submitted (the shared engine's rule): under load, batches do not shrink to whatever just arrived."""
+    s, eng = _laned_server(det, max_wait_ms=0.0)
+    try:
+        d = s.dealer()
+        d.submit(0, ev(100, 0))
+        _wait_for(lambda: len(eng.launched) == 1, "first launch")
+        d.submit(1, ev(100, 1))
+        _wait_for(lambda: len(eng.launched) == 2, "second launch")
+        for i in range(2, 8):  # both lanes busy: six events queue up
+            d.submit(i, ev(100, i))
+        _wait_for(lambda: s.metric("charon_queued_photons") == 600, "six queued")
+        eng.gates[0].set()  # a lane frees: the six go together
+        _wait_for(lambda: len(eng.launched) == 3, "the six did not take the freed lane")
+        assert eng.launched[2] == 6
+        eng.gates[1].set()
+        _wait_for(lambda: eng.running == 1, "second batch finished")
+        d.submit(8, ev(100, 8))  # one event beside a batch of six: it waits
+        _wait_for(lambda: s.metric("charon_queued_photons") == 100, "queued")
+        time.sleep(0.05)
+        assert len(eng.launched) == 3
+        for i in range(9, 14):  # now six queued, as large as the running batch: they start beside it
+            d.submit(i, ev(100, i))
+        _wait_for(lambda: len(eng.launched) == 4, "six queued events did not start beside six")
+        assert eng.launched[3] == 6 and eng.running == 2
+        for g in eng.gates:
+            g.set()
+        assert sorted(d.recv(20_000).event_id for _ in range(14)) == list(range(14))
+    finally:
+        for g in eng.gates:
+            g.set()
+        s.stop()
+
+
+@pytest.mark.parametrize("fail_at", ["launch", "finish"])
+def test_lanes_engine_error_fails_only_the_guilty_event(det, reference_engine, fail_at):
+    s, eng = _laned_server(det, fail_at=fail_at, max_wait_ms=100.0, dispatch="wait")
+    try:
+        d = s.dealer()
+        tables = {i: ev(200, i) for i in range(6)}
+        tables[4][9, 3] = 666.0
+        for i, t in tables.items():
+            d.submit(i, t)
+        for g in eng.gates:  # gates of launches made so far; later ones are opened as they come
+            g.set()
+        replies = {}
+        deadline = time.monotonic() + 20
+        while len(replies) < 6:
+            assert time.monotonic() < deadline, "not every event was answered"
+            for g in eng.gates:
+                g.set()
+            if d.sock.poll(20):
+                r = d.recv(1000)
+                replies[r.event_id] = r
+        assert replies[4].kind == P.SIM_FAILED and f"simulated {fail_at} fault" in replies[4].reason
+        for i in set(tables) - {4}:
+            assert replies[i].kind == P.SIM_COMPLETE
+            np.testing.assert_array_equal(replies[i].hits["time"], expected_hits(reference_engine, i, tables[i]).table[7])
+        assert s.metric("charon_failed_total", reason="engine_error") == 1
+    finally:
+        for g in eng.gates:
+            g.set()
+        s.stop()
+
+
 def test_poll_timeout_until_the_next_batch_is_due(det, monkeypatch):
     """Milliseconds until the oldest event's wait is over (fractions kept: charon.sockets.poll waits them)."""
     from types import SimpleNamespace
@@ -495,7 +612,7 @@ def test_poll_timeout_until_the_next_batch_is_due(det, monkeypatch):
 
     srv = BatchServer(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", max_wait_ms=1.0, dispatch="wait"),
                       detector=det)  # fmt: skip
-    srv.engine_thread = SimpleNamespace(in_flight=0, pipelined=False, max_in_flight=2)
+    srv.engine_thread = SimpleNamespace(in_flight=0, pipelined=False, max_in_flight=2, lanes=1, last_submitted=0)
     monkeypatch.setattr(server_mod.time, "monotonic", lambda: 100.0)
     monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: 100.0 - 0.0007)
     assert srv._poll_timeout_ms() == pytest.approx(0.3)
@@ -507,8 +624,17 @@ def test_poll_timeout_until_the_next_batch_is_due(det, monkeypatch):
     monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: 100.0 - 0.0007)
     assert srv._poll_timeout_ms() == 0.0
     for pipelined in (False, True):
-        srv.engine_thread = SimpleNamespace(in_flight=1, pipelined=pipelined, max_in_flight=8)
+        srv.engine_thread = SimpleNamespace(in_flight=1, pipelined=pipelined, max_in_flight=8, lanes=1,
+                                            last_submitted=0)  # fmt: skip
         assert srv._poll_timeout_ms() == (pytest.approx(0.3) if pipelined else 100.0)
+    # --engine-lanes 2 in one process: a free lane beside the running batch takes the queue at once when
+    # it holds as many photons as the batch submitted last, else the queue waits for a result.
+    monkeypatch.setattr(srv.batcher, "queued_photons", 500)
+    for last, want in ((500, 0.0), (501, 100.0)):
+        srv.engine_thread = SimpleNamespace(in_flight=1, pipelined=False, max_in_flight=3, lanes=2, last_submitted=last)
+        assert srv._poll_timeout_ms() == want
+    srv.engine_thread = SimpleNamespace(in_flight=2, pipelined=False, max_in_flight=3, lanes=2, last_submitted=1)
+    assert srv._poll_timeout_ms() == 100.0  # both lanes busy
     monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: None)
     assert srv._poll_timeout_ms() == 100.0  # nothing queued: only a message or a result can wake it
 
