@@ -531,3 +531,30 @@ def test_borrowed_hits_are_the_owned_hits_in_the_lanes_pinned_buffers(gpu_pair):
     _assert_same_hits(got, want)
     assert np.shares_memory(got.table, lane.h_out_f) and np.shares_memory(got.channel, lane.h_out_u)
     assert not np.shares_memory(want.table, lane.h_out_f)
+
+
+@pytest.mark.slow
+def test_one_process_server_with_two_lanes_answers_each_event_as_alone(tiny_det, cuda_engine_tiny):
+    """charon-batch --engine cuda --engine-lanes 2 without --procs: the engine thread uses both lanes, and
+    each event's hits are those of the event propagated alone (simulator here, the GPU on the device)."""
+    from charon.client import DealerClient
+    from charon.server import ServerConfig, run_in_thread
+
+    srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cuda", seed=5, engine_lanes=2,
+                                         max_batch_photons=4096, max_wait_ms=0.0), detector=tiny_det)  # fmt: skip
+    d = DealerClient(srv.address)
+    try:
+        assert srv.engine_thread.lanes == 2
+        rng = np.random.default_rng(17)
+        tables = {i: random_event(int(rng.integers(5, 40)), rng, radius=200.0) for i in range(6)}
+        for i, t in tables.items():
+            d.submit(i, t)
+        replies = {r.event_id: r for r in (d.recv(120_000) for _ in tables)}
+        for i, t in tables.items():
+            want = cuda_engine_tiny.propagate(_batch([t], [i])).event(0)
+            np.testing.assert_array_equal(replies[i].hits["channel"], want.channel)
+            np.testing.assert_array_equal(replies[i].hits["time"], want.table[7])
+    finally:
+        d.close()
+        srv.stop()
+        th.join(30)
