@@ -37,6 +37,7 @@ class LanedEngine:
         self.launched: list[int] = []  # events of each launch
         self.running = 0
         self.max_running = 0
+        self.ready_calls = 0
         self._event = threading.Event
 
     def warm_up(self):  # compiled before the server listens, so that no gate's wait includes compiling
@@ -60,6 +61,7 @@ class LanedEngine:
         return batch, gate
 
     def ready(self, handle):
+        self.ready_calls += 1
         return handle[1].is_set()
 
     def finish(self, handle, borrow=False):

@@ -572,6 +572,29 @@ def test_lanes_do_not_start_a_smaller_batch_beside_a_running_one(det):
         s.stop()
 
 
+def test_lanes_look_at_a_long_batch_less_often_as_it_runs(det):
+    """A batch running beside a free lane: the engine thread checks it after 50 us, then after a
+    sixteenth of its time so far, so half a second costs ~130 checks (each takes the GIL from the
+    socket loop), not one per 50 us."""
+    s, eng = _laned_server(det, max_wait_ms=0.0)
+    try:
+        d = s.dealer()
+        d.submit(0, ev(100, 0))
+        _wait_for(lambda: len(eng.launched) == 1, "first launch")
+        t0 = time.monotonic()
+        time.sleep(0.5)
+        calls = eng.ready_calls
+        eng.gates[0].set()
+        assert d.recv(10_000).event_id == 0
+        elapsed = time.monotonic() - t0
+        assert 20 < calls < 400, calls  # checked all along, but not every 50 us (10 000 in 0.5 s)
+        assert elapsed < 0.5 + 0.5 / 8 + 0.2  # noticed within about a sixteenth of its time
+    finally:
+        for g in eng.gates:
+            g.set()
+        s.stop()
+
+
 @pytest.mark.parametrize("fail_at", ["launch", "finish"])
 def test_lanes_engine_error_fails_only_the_guilty_event(det, reference_engine, fail_at):
     s, eng = _laned_server(det, fail_at=fail_at, max_wait_ms=100.0, dispatch="wait")
