@@ -30,11 +30,13 @@ HELP = {
     "max_queued_photons": "backpressure: photons allowed to wait; beyond it requests get a 'busy' SIM_FAILED",
     "max_event_photons": "largest event accepted; larger requests get SIM_FAILED",
     "max_steps": "propagation steps per photon before it is abandoned (Chroma's max_steps)",
-    "engine_lanes": "CUDA engine behind --procs: batches on the GPU at once, each with its own device buffers "
-    "and stream (2: the next batch starts while the running one finishes, once it is as large; 1: one at a "
-    "time). Worth it only with smaller batches: on H100 hosts --engine-lanes 2 --max-batch-photons 7e4 kept "
-    "the GPU busy 0.9-0.96 of the time and served the most 1000-photon events; at large caps 2 lanes did not "
-    "beat 1 (benchmarks/RESULTS.md)",
+    "engine_lanes": "CUDA engine: batches on the GPU at once, each with its own device buffers and stream. Behind "
+    "--procs, the shared engine starts the next batch while the running one finishes, once it is as large; on H100 "
+    "hosts --engine-lanes 2 --max-batch-photons 7e4 kept the GPU busy 0.9-0.96 of the time and served the most "
+    "1000-photon events, while at large caps 2 lanes did not beat 1. In one process, an event that arrives while "
+    "a batch runs starts beside it on a free lane (when the queue is as large as the latest batch): 2 lanes cut "
+    "the tail at light load (H100, ~260 events/s: p99 4.7-5.0 to 3.3-3.5 ms) and cost a saturated process 0-11 %% "
+    "of its events/s, by host; 3 measured worse than 2 (benchmarks/RESULTS.md)",
     "ping_reply": "reply to PING: PONG (ratpac-two, seed text) or ACK (ChAR0N client branch)",
     "reply_layout": "auto (13-frame request -> compact, 14-frame -> full), compact or full",
     "queue_policy": "queue policy for choosing the next events to batch",
