@@ -52,8 +52,9 @@ class EngineThread:
     # While a batch runs and a lane is free, the thread waits for a new batch and looks at the GPU in
     # between: first after lane_poll seconds, then after 1/lane_poll_share of the batch's time so far.
     # A finished batch is noticed at most that late (~6 % of its time), and a long batch costs tens of
-    # wake-ups, not one per lane_poll: each takes the GIL from the socket loop (measured on the H100:
-    # a fixed 100 us poll cost one process 11 % of its events/s at saturation, 48 ms batches).
+    # wake-ups, not one per lane_poll, each taking the GIL from the socket loop. (On the H100 a saturated
+    # process with 2 lanes served 0-11 % fewer events than with 1, by host, with either way of waking;
+    # benchmarks/RESULTS.md, sixteenth session.)
     lane_poll = 50e-6
     lane_poll_share = 16
 

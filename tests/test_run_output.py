@@ -450,9 +450,10 @@ def test_run_output_placement_is_refused_where_it_cannot_work(tmp_path, caplog):
 
 # ----------------------------------------------------------------- --procs and --gpus
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["--procs", "2"], ["--gpus", "0,1"]])
+@pytest.mark.parametrize("layout", [["--procs", "2"], ["--gpus", "0,1"], ["--gpus", "0,1", "--gpus-share", "port"]])
 def test_runs_behind_front_ends_and_local_workers(tmp_path, layout):
-    """--procs: each front end writes the runs of its own clients; --gpus: the in-process router writes them."""
+    """--procs: each front end writes the runs of its own clients; --gpus: the in-process router writes them;
+    --gpus-share port: each GPU's server writes the runs of the clients the kernel gave it."""
     import socket
     import subprocess
     import sys
