@@ -459,7 +459,8 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     if metrics_url:
         nb = d("charon_batch_photons_count")
         res.update(
-            engine_busy_fraction=d("charon_engine_seconds_total") / fig["wall_s"],
+            # Each engine's busy share (several with --gpus): the mean, and each one's beside it.
+            **engine_busy(each_before, each_after, fig["wall_s"]),
             batch_photons=dict(mean=d("charon_batch_photons_sum") / nb if nb else 0.0,
                                max=after.get("charon_batch_photons_max", 0.0)),  # fmt: skip
             batches=nb,
@@ -497,6 +498,18 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         res["handoff_segments_mapped"] = d("charon_handoff_segments_mapped_total") if shm else None
         res["handoff_pin_ms"] = 1e3 * d("charon_handoff_pin_seconds_total") if shm else None
     return res
+
+
+def engine_busy(each_before: list[dict], each_after: list[dict], wall_s: float) -> dict:
+    """The share of the window each engine was busy (device time on a GPU), over the endpoints that ran
+    batches in it: a single server, a shared engine, or each GPU's worker or engine with --gpus (front ends
+    behind a shared engine run none). ``engine_busy_fraction`` is their mean, so that it stays a fraction
+    of one engine's time however many GPUs serve; an engine that ran no batch in the window is not counted."""
+    busy = [(a.get("charon_engine_seconds_total", 0.0) - b.get("charon_engine_seconds_total", 0.0)) / wall_s
+            for a, b in zip(each_after, each_before)
+            if a.get("charon_batches_total", 0.0) > b.get("charon_batches_total", 0.0)]  # fmt: skip
+    return dict(engine_busy_fraction=float(np.mean(busy)) if busy else 0.0, engine_busy_by_engine=busy,
+                engines=len(busy))  # fmt: skip
 
 
 def front_end_busy(each_before: list[dict], each_after: list[dict], events: list[float], wall_s: float) -> dict | None:

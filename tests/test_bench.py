@@ -178,6 +178,20 @@ def test_front_end_busy_counts_only_the_endpoints_that_answered_events():
     assert front_end_busy(before[2:], after[2:], events[2:], 4.0) is None
 
 
+def test_engine_busy_is_per_engine_over_the_endpoints_that_ran_batches():
+    from charon.bench import engine_busy
+
+    def m(batches, seconds):
+        return {"charon_batches_total": batches, "charon_engine_seconds_total": seconds}
+
+    # Two GPUs' engines (busy 3 and 1 s of a 4 s window) and a front end behind one of them (no batches).
+    before = [m(10, 1.0), m(0, 0.0), m(5, 2.0)]
+    after = [m(30, 4.0), m(0, 0.0), m(9, 3.0)]
+    got = engine_busy(before, after, 4.0)
+    assert got == {"engine_busy_fraction": 0.5, "engine_busy_by_engine": [0.75, 0.25], "engines": 2}
+    assert engine_busy(before[1:2], after[1:2], 4.0)["engines"] == 0
+
+
 def test_p99_bound_reads_the_servers_max_wait():
     from charon.bench import with_p99_bound
 
