@@ -134,3 +134,15 @@ def test_gpus_share_port_launcher_refuses_a_taken_port_before_starting_anything(
         assert rc == 2
     finally:
         taken.close()
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--gpus-share", "port"], "add --gpus"),  # one process: refused by the server's own check
+    (["--gpus", "0,1", "--gpus-share", "port", "--accept", "proxy"], "drop --accept proxy"),
+])  # fmt: skip
+def test_gpus_share_refusals_reach_the_command_line(argv, problem, caplog):
+    from charon.cli import batch_main
+
+    with caplog.at_level("ERROR", logger="charon"):
+        assert batch_main([*argv, "--engine", "cpu", "--bind", "tcp://127.0.0.1:0"]) == 2
+    assert problem in caplog.text
