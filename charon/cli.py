@@ -236,7 +236,7 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
              f", each {config.procs} front-end processes sharing its GPU" if config.procs > 1 else "",
              router.frontend_address)  # fmt: skip
     try:
-        return _supervise("GPU worker", start, len(gpus))
+        return _supervise("GPU worker", start, len(gpus), needs=("the local router", thread.is_alive))
     finally:
         router.stop()
         thread.join(10)
@@ -277,10 +277,14 @@ def _gpus_on_one_port_main(config: ServerConfig, argv: list[str], gpus: list[int
         hold.close()
 
 
-def _supervise(name: str, start, n: int, on_exit=None) -> int:
+def _supervise(name: str, start, n: int, on_exit=None, needs=None) -> int:
     """Start ``n`` worker processes, restart any that dies, stop them all on SIGINT/SIGTERM.
 
-    ``on_exit(pid)`` is called for each process that died, before it is restarted."""
+    ``on_exit(pid)`` is called for each process that died, before it is restarted. ``needs``
+    ((what, is_alive)): a thread of this launcher that the processes cannot serve without (the
+    shared engine, the local router); if it ends, everything stops with exit status 1, so that
+    whoever started the launcher sees the failure instead of processes that take events and never
+    answer them (under --gpus-share port, the launcher above restarts this one)."""
     import subprocess
     import time
 
@@ -292,6 +296,9 @@ def _supervise(name: str, start, n: int, on_exit=None) -> int:
     try:
         while not stopping:
             time.sleep(0.5)
+            if needs is not None and not needs[1]():
+                log.error("%s stopped: stopping the %s processes", needs[0], name)
+                return 1
             for i, p in enumerate(procs):
                 rc = p.poll()
                 if rc is not None and not stopping:
@@ -418,7 +425,8 @@ def _front_ends_main(config: ServerConfig, argv: list[str], where: list[str], wh
 
     log.info("charon-batch: %d %s, one shared %s engine", config.procs, what, service.engine.name)
     try:
-        return _supervise("front-end process", start, config.procs, on_exit=_remove_segments)
+        return _supervise("front-end process", start, config.procs, on_exit=_remove_segments,
+                          needs=("the shared engine", service.is_alive))
     finally:
         _stop_engine_service(service, metrics_server, sockdir)
 
@@ -502,7 +510,8 @@ def _proxy_main(config: ServerConfig, argv: list[str]) -> int:
     log.info("charon-batch: %d front-end processes behind %s (%d I/O threads), one shared %s engine",
              config.procs, config.bind, io_threads, service.engine.name)  # fmt: skip
     try:
-        return _supervise("front-end process", start, config.procs, on_exit=_remove_segments)
+        return _supervise("front-end process", start, config.procs, on_exit=_remove_segments,
+                          needs=("the shared engine", service.is_alive))
     finally:
         front.close(0)
         back.close(0)

@@ -616,3 +616,31 @@ def _thread_name(pid, tid) -> str:
             return f.read().strip()
     except (FileNotFoundError, ProcessLookupError):
         return ""
+
+
+def test_launcher_stops_everything_when_a_thread_its_processes_need_ends():
+    """_supervise with needs=(what, is_alive): once the shared engine's (or the local router's) thread has
+    ended, the launcher stops its processes and exits 1, instead of keeping processes that take events
+    that nothing will answer."""
+    from charon.cli import _supervise
+
+    started, alive = [], threading.Event()
+    alive.set()
+
+    def start(i):
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        started.append(p)
+        return p
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threading.Timer(1.0, alive.clear).start()
+    # Cannot hang: should the launcher miss it, a SIGTERM ends _supervise (with 0) after 15 s.
+    guard = threading.Timer(15.0, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        guard.start()
+        assert _supervise("test process", start, 2, needs=("the test's engine", alive.is_set)) == 1
+    finally:
+        guard.cancel()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert len(started) == 2 and all(p.poll() is not None for p in started)  # stopped, not restarted
