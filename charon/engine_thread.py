@@ -1,4 +1,7 @@
-"""The engine thread: runs batches one at a time so the socket loop never blocks.
+"""The engine thread: runs batches off the socket loop, so that the loop never blocks.
+
+One batch at a time, or with the CUDA engine's ``--engine-lanes L`` up to L at
+once, each on its own stream, finished in launch order.
 
 A thread, not a process: the engines release the GIL (numba ``nogil`` on the
 CPU, asynchronous CUDA calls on the GPU), so a thread overlaps fully with the
