@@ -70,13 +70,18 @@ HELP = {
     "from the front ends (0: one per front end, at most 8)",
     "engine_cpus": "with --procs: CPUs (Linux list, e.g. 0 or 0-1) for the shared engine's thread alone; the "
     "front ends and every other thread of the server run on the remaining CPUs. The thread that launches "
-    "batches and collects results then never waits for a core behind the front ends (off when not given)",
+    "batches and collects results then never waits for a core behind the front ends. With --gpus 0,1 "
+    "--gpus-share port, the list is cut in ascending order into equal shares, one per GPU's engine thread "
+    "(e.g. 0,16: GPU 0's on CPU 0, GPU 1's on CPU 16), and every front end keeps off all of them (off when not "
+    "given)",
     "handoff": "with --procs, how front ends hand photons to the shared engine: shm (each front end assembles "
     "its batches in shared memory that the engine maps and, on a GPU, pins and copies to the device from; "
     "the socket carries only per-event arrays), socket (every photon through the internal socket), "
     "auto (shm where /dev/shm is usable, else socket)",
     "parent": "internal: the launcher that started this process; it stops when the launcher ends (Linux), and "
     "with --procs its front ends join the port that launcher reserved (--gpus-share port)",
+    "engine_cpus_all": "internal (--gpus-share port with --engine-cpus): every GPU's engine CPUs, which this GPU's "
+    "front ends keep off",
     "upstream": "internal: the proxy backend a --procs front end connects to",
     "engine_service": "internal: the shared engine a --procs front end sends its batches to",
 }
@@ -258,12 +263,18 @@ def _gpus_on_one_port_main(config: ServerConfig, argv: list[str], gpus: list[int
         log.error("cannot start: --bind %s: %s", config.bind, exc)
         return 2
     base = _strip_flags(argv, ("--gpus", "--gpus-share", "--bind", "--device", "--metrics-port", "--accept",
-                               "--parent"))  # fmt: skip
+                               "--parent", "--engine-cpus", "--engine-cpus-all"))  # fmt: skip
     engine = [] if config.engine != "auto" else ["--engine", "cuda"]
+    pinned = []  # GPU i's engine thread on its share of --engine-cpus; every front end off all of them
+    if config.engine_cpus:
+        from .cpus import engine_cpus_per_gpu
+
+        pinned = [["--engine-cpus", share, "--engine-cpus-all", config.engine_cpus]
+                  for share in engine_cpus_per_gpu(config.engine_cpus, len(gpus))]  # fmt: skip
 
     def start(i):
         cmd = [sys.executable, "-m", "charon.cli", *base, *engine, "--bind", bind, "--accept", "reuseport",
-               "--device", str(gpus[i]), *_parent()]  # fmt: skip
+               "--device", str(gpus[i]), *(pinned[i] if pinned else []), *_parent()]  # fmt: skip
         if config.metrics_port is not None:
             cmd += ["--metrics-port", str(worker_metrics_port(config, i))]
         return subprocess.Popen(cmd)
@@ -353,7 +364,7 @@ def _start_engine_service(config: ServerConfig):
     from .server import engine_setup
 
     _detector, factory = engine_setup(config)
-    split = split_engine_cpus(config.engine_cpus)
+    split = split_engine_cpus(config.engine_cpus, config.engine_cpus_all)
     if split is not None:
         # Every thread so far; those started from here on (the engine's I/O threads, the front ends,
         # the proxy) inherit the rest, and the engine's thread moves to its own CPUs once started.
@@ -399,7 +410,7 @@ def _remove_segments(pid: int) -> None:
 
 
 _FRONT_END_FLAGS = ("--procs", "--io-threads", "--bind", "--upstream", "--metrics-port", "--engine-service", "--accept",
-                    "--engine-io-threads", "--engine-cpus", "--parent")
+                    "--engine-io-threads", "--engine-cpus", "--engine-cpus-all", "--parent")
 
 
 def _front_ends_main(config: ServerConfig, argv: list[str], where: list[str], what: str) -> int:

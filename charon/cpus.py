@@ -49,14 +49,26 @@ def pin_all_threads(cpus: set[int]) -> None:
             pass
 
 
-def split_engine_cpus(spec: str | None) -> tuple[set[int], set[int]] | None:
+def split_engine_cpus(spec: str | None, keep_off: str | None = None) -> tuple[set[int], set[int]] | None:
     """``--engine-cpus``: (the shared engine thread's CPUs, the CPUs left for everything else), or None.
+    ``keep_off``: further CPUs left out of the rest (under --gpus-share port, the other GPUs' engine threads').
 
     ValueError when the list is malformed, names CPUs this process may not use, or leaves none over."""
     engine = parse_cpus(spec)
     if engine is None:
         return None
-    rest = os.sched_getaffinity(0) - engine
+    rest = os.sched_getaffinity(0) - engine - (parse_cpus(keep_off) or set())
     if not rest:
         raise ValueError(f"--engine-cpus {spec!r} leaves no CPU for the front ends")
     return engine, rest
+
+
+def engine_cpus_per_gpu(spec: str, n_gpus: int) -> list[str]:
+    """``--gpus ... --gpus-share port --engine-cpus LIST``: LIST in ascending order, cut into one equal share
+    per GPU (a CPU list each), for that GPU's shared engine thread."""
+    cpus = sorted(parse_cpus(spec) or ())
+    if not cpus or len(cpus) % n_gpus:
+        raise ValueError(f"--engine-cpus {spec!r} with {n_gpus} GPUs: list the same number of CPUs for each GPU's "
+                         f"engine thread ({len(cpus)} listed)")  # fmt: skip
+    k = len(cpus) // n_gpus
+    return [",".join(map(str, cpus[i * k:(i + 1) * k])) for i in range(n_gpus)]

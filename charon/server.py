@@ -88,6 +88,7 @@ class ServerConfig:
     gpus: str | None = None
     gpus_share: str = "router"
     parent: int | None = None
+    engine_cpus_all: str | None = None
 
     def validate(self) -> None:
         if self.max_batch_photons < 1:
@@ -125,12 +126,15 @@ class ServerConfig:
         if self.engine_cpus:
             if self.procs < 2:
                 raise ValueError("--engine-cpus pins the shared engine of --procs N (N >= 2): add --procs")
-            if self.gpus:
-                raise ValueError("--engine-cpus with --gpus would put every GPU's engine thread on the same CPUs: "
-                                 "start one charon-batch --connect --procs N --engine-cpus LIST per GPU instead")
-            from .cpus import split_engine_cpus
+            from .cpus import engine_cpus_per_gpu, split_engine_cpus
 
-            split_engine_cpus(self.engine_cpus)  # ValueError naming the problem
+            if self.gpus and self.gpus_share != "port":
+                raise ValueError("--engine-cpus with --gpus would put every GPU's engine thread on the same CPUs: "
+                                 "add --gpus-share port (each GPU's engine thread gets its share of the list), or "
+                                 "start one charon-batch --connect --procs N --engine-cpus LIST per GPU")  # fmt: skip
+            if self.gpus:
+                engine_cpus_per_gpu(self.engine_cpus, len([g for g in self.gpus.split(",") if g.strip()]))
+            split_engine_cpus(self.engine_cpus, self.engine_cpus_all)  # ValueError naming the problem
         if self.gpus_share not in GPUS_SHARE:
             raise ValueError(f"--gpus-share must be one of {', '.join(GPUS_SHARE)}")
         if self.gpus_share == "port":

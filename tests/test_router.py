@@ -588,6 +588,8 @@ def test_procs_refuses_output_dir_behind_the_proxy(tmp_path, caplog):
     (["--procs", "2", "--engine-cpus", "0-"], "bad CPU list"),
     (["--procs", "2", "--engine-cpus", "100000"], "may not use"),
     (["--gpus", "0,1", "--procs", "2", "--engine-cpus", "0"], "every GPU's engine thread on the same CPUs"),
+    (["--gpus", "0,1", "--gpus-share", "port", "--procs", "2", "--engine-cpus", "0"],
+     "the same number of CPUs for each GPU's engine thread (1 listed)"),
 ])  # fmt: skip
 def test_engine_cpus_refusals_name_the_problem(argv, problem, caplog):
     from charon.cli import batch_main
@@ -607,6 +609,28 @@ def test_engine_cpus_must_leave_cpus_for_the_front_ends():
     assert split_engine_cpus(None) is None
     if len(allowed) >= 2:
         assert split_engine_cpus(str(allowed[-1])) == ({allowed[-1]}, set(allowed[:-1]))
+
+
+def test_engine_cpus_are_shared_out_among_the_gpus_and_kept_off_by_every_front_end():
+    """--gpus-share port --engine-cpus LIST: each GPU's engine thread gets an equal share of LIST in
+    ascending order; a GPU's front ends keep off every GPU's engine CPUs, not only their own."""
+    from charon.cpus import engine_cpus_per_gpu, split_engine_cpus
+
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    a, b = allowed[0], allowed[1]
+    assert engine_cpus_per_gpu(f"{b},{a}", 2) == [str(a), str(b)]
+    assert engine_cpus_per_gpu(f"{a}-{b}", 1) == [f"{a},{b}"]
+    with pytest.raises(ValueError, match=r"same number of CPUs for each GPU's engine thread \(2 listed\)"):
+        engine_cpus_per_gpu(f"{a},{b}", 3)
+    rest = set(allowed) - {a, b}
+    if rest:
+        assert split_engine_cpus(str(a), keep_off=f"{a},{b}") == ({a}, rest)
+    else:  # two CPUs: both taken by engine threads, none left for the front ends
+        with pytest.raises(ValueError, match="leaves no CPU for the front ends"):
+            split_engine_cpus(str(a), keep_off=f"{a},{b}")
+    assert split_engine_cpus(str(a)) == ({a}, set(allowed) - {a})
 
 
 def _thread_name(pid, tid) -> str:
