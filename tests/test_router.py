@@ -633,6 +633,38 @@ def test_engine_cpus_are_shared_out_among_the_gpus_and_kept_off_by_every_front_e
     assert split_engine_cpus(str(a)) == ({a}, set(allowed) - {a})
 
 
+@pytest.mark.slow
+def test_gpus_share_port_pins_each_gpus_engine_thread_and_keeps_the_front_ends_off():
+    """The launcher hands each GPU's server its share of --engine-cpus and the whole list; that server's
+    engine thread runs on its share and its front ends on what is left (one GPU: two CPUs suffice)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs")
+    cpu = allowed[-1]
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--gpus", "0", "--gpus-share", "port", "--procs", "2",
+                             "--engine-cpus", str(cpu), "--engine", "cpu", "--detector", "sphere", "--bind",
+                             f"tcp://127.0.0.1:{port}", "--log-level", "WARNING"])  # fmt: skip
+    c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
+    try:
+        deadline = wait_first_answer(c, 120)
+        (server,) = _children(proc.pid)
+        with open(f"/proc/{server}/cmdline") as f:
+            argv = f.read().split("\0")
+        assert argv[argv.index("--engine-cpus") + 1] == str(cpu)
+        assert argv[argv.index("--engine-cpus-all") + 1] == str(cpu)
+        while len(_children(server)) < 2:
+            assert time.monotonic() < deadline, "front ends did not start"
+            time.sleep(0.2)
+        assert all(os.sched_getaffinity(f) == set(allowed) - {cpu} for f in _children(server))
+        pinned = [t for t in os.listdir(f"/proc/{server}/task") if os.sched_getaffinity(int(t)) == {cpu}]
+        assert [_thread_name(server, t) for t in pinned] == ["charon-engine"]
+    finally:
+        c.close()
+        proc.terminate()
+        proc.wait(30)
+
+
 def _thread_name(pid, tid) -> str:
     """A thread's name, or "" for one that ended since /proc was listed (other tests' threads wind down)."""
     try:
