@@ -13,6 +13,7 @@ import pytest
 import zmq
 
 from charon import protocol as P
+from charon.bench import free_port_range
 from charon.client import DealerClient, ReqClient, photondata_frames
 from charon.engines.base import EngineConfig
 from charon.engines.cpu import CPUEngine
@@ -342,7 +343,7 @@ def test_gpus_share_port_gives_each_gpu_its_own_front_ends_on_the_one_port():
     with it and is restarted; killing the launcher ends everything."""
     import urllib.request
 
-    port, mport = _free_port(), _free_port()
+    port, mport = _free_port(), free_port_range(6)  # metrics on mport + i
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--gpus", "0,1", "--gpus-share", "port", "--procs",
                              "2", "--engine", "cpu", "--detector", "sphere", "--seed", str(SEED), "--bind",
                              f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
@@ -437,7 +438,7 @@ def test_connect_with_procs_runs_workers_that_share_one_engine():
     router, rth = run_router_in_thread(RouterConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0",
                                                     heartbeat_interval=BEAT, heartbeat_liveness=LIVENESS,
                                                     hold_seconds=30))  # fmt: skip
-    port, mport = _free_port(), _free_port()
+    port, mport = _free_port(), free_port_range(6)  # metrics on mport + i
     # The CPU engine seeded as `reference` on the same detector as `det`: hits can be compared exactly.
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--connect", router.backend_address, "--procs", "2",
                              "--engine", "cpu", "--detector", "sphere", "--seed", str(SEED), "--bind",
@@ -494,7 +495,7 @@ def test_gpus_with_procs_give_each_worker_its_own_metrics_ports():
 @pytest.mark.slow
 @pytest.mark.parametrize("accept", ["reuseport", "proxy"])
 def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_path, accept):
-    port, mport = _free_port(), _free_port()
+    port, mport = _free_port(), free_port_range(6)  # metrics on mport + i
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     # --engine-cpus (reuseport run, where at least two CPUs): the engine thread gets the first CPU to itself.
     pinned = accept == "reuseport" and len(allowed) >= 2
