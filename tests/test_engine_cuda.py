@@ -538,12 +538,22 @@ def test_one_process_server_with_two_lanes_answers_each_event_as_alone(tiny_det,
     """charon-batch --engine cuda --engine-lanes 2 without --procs: the engine thread uses both lanes, and
     each event's hits are those of the event propagated alone (simulator here, the GPU on the device)."""
     from charon.client import DealerClient
+    from charon.engines.cuda import CUDAEngine, simulator
     from charon.server import ServerConfig, run_in_thread
 
+    def factory():
+        eng = CUDAEngine(tiny_det, EngineConfig(seed=5, max_batch_photons=4096, lanes=2))
+        if simulator():  # nothing to compile there, and its warm-up batch takes minutes on a loaded 2-core machine
+            eng.warm_up = lambda: None
+        return eng
+
     srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cuda", seed=5, engine_lanes=2,
-                                         max_batch_photons=4096, max_wait_ms=0.0), detector=tiny_det)  # fmt: skip
-    d = DealerClient(srv.address)
+                                         max_batch_photons=4096, max_wait_ms=0.0), detector=tiny_det,
+                            engine_factory=factory)  # fmt: skip
+    d = None
     try:
+        assert srv.address, "the server did not start"
+        d = DealerClient(srv.address)
         assert srv.engine_thread.lanes == 2
         rng = np.random.default_rng(17)
         tables = {i: random_event(int(rng.integers(5, 40)), rng, radius=200.0) for i in range(6)}
@@ -555,6 +565,7 @@ def test_one_process_server_with_two_lanes_answers_each_event_as_alone(tiny_det,
             np.testing.assert_array_equal(replies[i].hits["channel"], want.channel)
             np.testing.assert_array_equal(replies[i].hits["time"], want.table[7])
     finally:
-        d.close()
+        if d is not None:
+            d.close()
         srv.stop()
         th.join(30)
