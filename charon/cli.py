@@ -202,11 +202,25 @@ def _parent() -> list[str]:
     return ["--parent", str(os.getpid())]
 
 
+def _per_gpu_starter(config: ServerConfig, gpus: list[int], base: list[str], where):
+    """``start(i)`` for --gpus: GPU i's process, with ``base`` flags, ``where(i)`` (how it reaches its clients
+    and what else it alone gets), its device, its metrics ports, and an end with this launcher."""
+    import subprocess
+
+    engine = [] if config.engine != "auto" else ["--engine", "cuda"]  # a GPU worker does not fall back to the CPU
+
+    def start(i):
+        cmd = [sys.executable, "-m", "charon.cli", *base, *engine, *where(i), "--device", str(gpus[i]), *_parent()]
+        if config.metrics_port is not None:
+            cmd += ["--metrics-port", str(worker_metrics_port(config, i))]
+        return subprocess.Popen(cmd)
+
+    return start
+
+
 def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
     """``--gpus 0,1,..``: one worker process per GPU, restarted if it dies; behind a router on --bind
     (``--gpus-share router``) or each listening on --bind itself (``--gpus-share port``)."""
-    import subprocess
-
     from .router import RouterConfig, run_router_in_thread
 
     log = logging.getLogger("charon")
@@ -228,15 +242,7 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
     # The router writes the runs (it sees every reply of a run, whichever worker answered it).
     base = _strip_flags(argv, ("--gpus", "--bind", "--connect", "--device", "--metrics-port", "--output-dir",
                                "--output-basket-events", "--parent"))  # fmt: skip
-    engine = [] if config.engine != "auto" else ["--engine", "cuda"]
-
-    def start(i):
-        cmd = [sys.executable, "-m", "charon.cli", *base, *engine, "--connect", router.backend_address,
-               "--device", str(gpus[i]), *_parent()]  # fmt: skip
-        if config.metrics_port is not None:
-            cmd += ["--metrics-port", str(worker_metrics_port(config, i))]
-        return subprocess.Popen(cmd)
-
+    start = _per_gpu_starter(config, gpus, base, lambda i: ["--connect", router.backend_address])
     log.info("charon-batch: %d workers (GPUs %s)%s behind %s", len(gpus), gpus,
              f", each {config.procs} front-end processes sharing its GPU" if config.procs > 1 else "",
              router.frontend_address)  # fmt: skip
@@ -252,8 +258,6 @@ def _gpus_on_one_port_main(config: ServerConfig, argv: list[str], gpus: list[int
     engine when N > 1), every front end listening on --bind with SO_REUSEPORT. This launcher reserves the
     port, as a --procs launcher does, and restarts a GPU's server that dies. No router: an event never
     crosses a Python loop that every event crosses."""
-    import subprocess
-
     from .reuseport import reserve
 
     log = logging.getLogger("charon")
@@ -264,21 +268,13 @@ def _gpus_on_one_port_main(config: ServerConfig, argv: list[str], gpus: list[int
         return 2
     base = _strip_flags(argv, ("--gpus", "--gpus-share", "--bind", "--device", "--metrics-port", "--accept",
                                "--parent", "--engine-cpus", "--engine-cpus-all"))  # fmt: skip
-    engine = [] if config.engine != "auto" else ["--engine", "cuda"]
-    pinned = []  # GPU i's engine thread on its share of --engine-cpus; every front end off all of them
+    pinned = [[] for _ in gpus]  # GPU i's engine thread on its share of --engine-cpus; every front end off all
     if config.engine_cpus:
         from .cpus import engine_cpus_per_gpu
 
         pinned = [["--engine-cpus", share, "--engine-cpus-all", config.engine_cpus]
                   for share in engine_cpus_per_gpu(config.engine_cpus, len(gpus))]  # fmt: skip
-
-    def start(i):
-        cmd = [sys.executable, "-m", "charon.cli", *base, *engine, "--bind", bind, "--accept", "reuseport",
-               "--device", str(gpus[i]), *(pinned[i] if pinned else []), *_parent()]  # fmt: skip
-        if config.metrics_port is not None:
-            cmd += ["--metrics-port", str(worker_metrics_port(config, i))]
-        return subprocess.Popen(cmd)
-
+    start = _per_gpu_starter(config, gpus, base, lambda i: ["--bind", bind, "--accept", "reuseport", *pinned[i]])
     each = f", each {config.procs} front-end processes sharing its GPU" if config.procs > 1 else ""
     log.info("charon-batch: %d GPU servers (GPUs %s)%s, all listening on %s (SO_REUSEPORT)", len(gpus), gpus,
              each, bind)  # fmt: skip
