@@ -205,13 +205,29 @@ def test_worker_with_other_detector_is_refused(cluster, det):
 
 
 def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range (charon.bench.free_port_range): one from bind(0) can be given
+    to an outgoing connection before the server under test binds it."""
+    return free_port_range(1)
+
+
+def _wait_bindable(port, timeout=10):
+    """Until a listener can bind ``port`` again (a closed ZeroMQ listener lets go of it asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq's listeners do
+            try:
+                s.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                assert time.monotonic() < deadline, f"port {port} still taken"
+        time.sleep(0.05)
 
 
 def test_router_restart_workers_reconnect(det):
-    fport, bport = _free_port(), _free_port()
+    # Below the ephemeral range, so that no outgoing connection takes a port while the router is down.
+    fport = free_port_range(2)
+    bport = fport + 1
     cfg = RouterConfig(frontend=f"tcp://127.0.0.1:{fport}", backend=f"tcp://127.0.0.1:{bport}",
                        heartbeat_interval=BEAT, heartbeat_liveness=LIVENESS)  # fmt: skip
     router, rth = run_router_in_thread(cfg)
@@ -225,6 +241,8 @@ def test_router_restart_workers_reconnect(det):
             time.sleep(0.02)
         router.stop()
         rth.join(10)
+        _wait_bindable(fport)
+        _wait_bindable(bport)
         router, rth = run_router_in_thread(cfg)  # same addresses, no state
         deadline = time.monotonic() + 15
         while not router.workers:
@@ -343,7 +361,8 @@ def test_gpus_share_port_gives_each_gpu_its_own_front_ends_on_the_one_port():
     with it and is restarted; killing the launcher ends everything."""
     import urllib.request
 
-    port, mport = _free_port(), free_port_range(6)  # metrics on mport + i
+    port = free_port_range(7)
+    mport = port + 1  # metrics on mport + i
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--gpus", "0,1", "--gpus-share", "port", "--procs",
                              "2", "--engine", "cpu", "--detector", "sphere", "--seed", str(SEED), "--bind",
                              f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
@@ -438,7 +457,8 @@ def test_connect_with_procs_runs_workers_that_share_one_engine():
     router, rth = run_router_in_thread(RouterConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0",
                                                     heartbeat_interval=BEAT, heartbeat_liveness=LIVENESS,
                                                     hold_seconds=30))  # fmt: skip
-    port, mport = _free_port(), free_port_range(6)  # metrics on mport + i
+    port = free_port_range(7)
+    mport = port + 1  # metrics on mport + i
     # The CPU engine seeded as `reference` on the same detector as `det`: hits can be compared exactly.
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--connect", router.backend_address, "--procs", "2",
                              "--engine", "cpu", "--detector", "sphere", "--seed", str(SEED), "--bind",
@@ -495,7 +515,8 @@ def test_gpus_with_procs_give_each_worker_its_own_metrics_ports():
 @pytest.mark.slow
 @pytest.mark.parametrize("accept", ["reuseport", "proxy"])
 def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_path, accept):
-    port, mport = _free_port(), free_port_range(6)  # metrics on mport + i
+    port = free_port_range(7)
+    mport = port + 1  # metrics on mport + i
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     # --engine-cpus (reuseport run, where at least two CPUs): the engine thread gets the first CPU to itself.
     pinned = accept == "reuseport" and len(allowed) >= 2

@@ -454,15 +454,13 @@ def test_run_output_placement_is_refused_where_it_cannot_work(tmp_path, caplog):
 def test_runs_behind_front_ends_and_local_workers(tmp_path, layout):
     """--procs: each front end writes the runs of its own clients; --gpus: the in-process router writes them;
     --gpus-share port: each GPU's server writes the runs of the clients the kernel gave it."""
-    import socket
     import subprocess
     import sys
 
+    from charon.bench import free_port_range
     from charon.geometry import resolve_detector
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port_range(1)  # below the ephemeral range: no outgoing connection takes it before the launcher
     out = tmp_path / "runs"
     out.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", *layout, "--engine", "cpu", "--detector", "sphere",
