@@ -93,17 +93,21 @@ def test_accept_flag_is_validated():
     ServerConfig(accept="reuseport", bind="tcp://127.0.0.1:5555").validate()
 
 
-def test_procs_launcher_refuses_a_taken_port_before_starting_anything():
-    from charon.cli import batch_main
-
+def test_accept_auto_is_reuseport_for_tcp_else_proxy():
     assert ServerConfig(procs=2, bind="tcp://127.0.0.1:5555").accept_mode() == "reuseport"
     assert ServerConfig(procs=2, bind="ipc:///tmp/x").accept_mode() == "proxy"
     assert ServerConfig(procs=2, accept="proxy").accept_mode() == "proxy"
+
+
+@pytest.mark.parametrize("layout", [["--procs", "2"], ["--gpus", "0,1", "--gpus-share", "port"]])
+def test_shared_port_launchers_refuse_a_taken_port_before_starting_anything(layout):
+    from charon.cli import batch_main
+
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
     try:
-        rc = batch_main(["--procs", "2", "--engine", "cpu", "--detector", "sphere", "--log-level", "ERROR",
+        rc = batch_main([*layout, "--engine", "cpu", "--detector", "sphere", "--log-level", "ERROR",
                          "--bind", f"tcp://127.0.0.1:{taken.getsockname()[1]}"])  # fmt: skip
         assert rc == 2
     finally:
@@ -120,20 +124,6 @@ def test_gpus_share_port_refusals_name_the_problem(kw, problem):
     with pytest.raises(ValueError, match=problem):
         ServerConfig(**kw).validate()
     ServerConfig(gpus="0,1", gpus_share="port", bind="tcp://127.0.0.1:5555").validate()
-
-
-def test_gpus_share_port_launcher_refuses_a_taken_port_before_starting_anything():
-    from charon.cli import batch_main
-
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen(1)
-    try:
-        rc = batch_main(["--gpus", "0,1", "--gpus-share", "port", "--engine", "cpu", "--log-level", "ERROR",
-                         "--bind", f"tcp://127.0.0.1:{taken.getsockname()[1]}"])  # fmt: skip
-        assert rc == 2
-    finally:
-        taken.close()
 
 
 @pytest.mark.parametrize("argv, problem", [
