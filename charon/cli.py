@@ -46,7 +46,9 @@ HELP = {
     "output_basket_events": "events per ROOT basket written with --output-dir",
     "log_level": "logging level (DEBUG, INFO, WARNING, ERROR)",
     "device": "CUDA device ordinal for --engine cuda",
-    "connect": "worker mode: connect to a charon-router backend (e.g. tcp://router-host:6667) instead of binding",
+    "connect": "worker mode: connect to a charon-router backend (e.g. tcp://router-host:6667) instead of binding; "
+    "for charon-router --procs R, its R backends, comma-separated, with --procs N >= R here (front end k is a "
+    "worker of router k mod R)",
     "heartbeat_interval": "worker mode: seconds between heartbeats with the router",
     "heartbeat_liveness": "worker mode: heartbeats missed before the router is presumed dead (then reconnect)",
     "gpus": "comma-separated GPU ordinals: start one worker process per GPU behind a local router on --bind "
@@ -385,12 +387,13 @@ def _stop_engine_service(service, metrics_server, sockdir) -> None:
     import os
 
     from .handoff import remove_leftovers
+    from .metrics import stop_serving
 
     service.stop()
     service.join(30)
     remove_leftovers()  # segments of front ends that were killed before removing their own
     if metrics_server is not None:
-        metrics_server.shutdown()
+        stop_serving(metrics_server)
     for name in ("engine", "upstream"):
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(sockdir, name))
@@ -409,9 +412,9 @@ _FRONT_END_FLAGS = ("--procs", "--io-threads", "--bind", "--upstream", "--metric
                     "--engine-io-threads", "--engine-cpus", "--engine-cpus-all", "--parent")
 
 
-def _front_ends_main(config: ServerConfig, argv: list[str], where: list[str], what: str) -> int:
-    """The shared engine here and ``--procs`` front-end processes started with ``where`` (how each
-    reaches its clients), restarted if they die; ``what`` names them in the log."""
+def _front_ends_main(config: ServerConfig, argv: list[str], where, what: str) -> int:
+    """The shared engine here and ``--procs`` front-end processes, front end i started with ``where(i)``
+    (how it reaches its clients), restarted if they die; ``what`` names them in the log."""
     import subprocess
 
     log = logging.getLogger("charon")
@@ -424,7 +427,7 @@ def _front_ends_main(config: ServerConfig, argv: list[str], where: list[str], wh
     io = ["--io-threads", str(config.io_threads)] if config.io_threads > 0 else []
 
     def start(i):
-        cmd = [sys.executable, "-m", "charon.cli", *base, *io, *where, "--engine-service", service.address,
+        cmd = [sys.executable, "-m", "charon.cli", *base, *io, *where(i), "--engine-service", service.address,
                *_parent()]  # fmt: skip
         if config.metrics_port is not None:
             cmd += ["--metrics-port", str(config.metrics_port + i)]
@@ -442,7 +445,7 @@ def _reuseport_main(config: ServerConfig, argv: list[str]) -> int:
     from .reuseport import reserve
 
     if config.parent is not None:  # one GPU's server under --gpus-share port: that launcher holds the port
-        return _front_ends_main(config, argv, ["--bind", config.bind, "--accept", "reuseport"],
+        return _front_ends_main(config, argv, lambda i: ["--bind", config.bind, "--accept", "reuseport"],
                                 f"front-end processes joining {config.bind} (SO_REUSEPORT, GPU {config.device})")
     try:
         hold, bind = reserve(config.bind)  # fails at once if the port is taken (another charon-batch too)
@@ -450,7 +453,7 @@ def _reuseport_main(config: ServerConfig, argv: list[str]) -> int:
         logging.getLogger("charon").error("cannot start: --bind %s: %s", config.bind, exc)
         return 2
     try:
-        return _front_ends_main(config, argv, ["--bind", bind, "--accept", "reuseport"],
+        return _front_ends_main(config, argv, lambda i: ["--bind", bind, "--accept", "reuseport"],
                                 f"front-end processes sharing {bind} (SO_REUSEPORT)")  # fmt: skip
     finally:
         hold.close()
@@ -459,8 +462,15 @@ def _reuseport_main(config: ServerConfig, argv: list[str]) -> int:
 def _worker_front_ends_main(config: ServerConfig, argv: list[str]) -> int:
     """``--connect ROUTER --procs N``: N workers of the router (each registers on its own and takes
     its share of the events) that share one engine here, so that one GPU behind a router gets the
-    front ends' parallel decode and replies. --connect is passed on; nothing binds --bind."""
-    return _front_ends_main(config, argv, [], f"workers of router {config.connect}")
+    front ends' parallel decode and replies. Nothing binds --bind.
+
+    With the R backends of ``charon-router --procs R`` in --connect, front end i is a worker of router
+    i mod R: every router then has workers on every GPU host, and re-sends a dead host's events to the
+    others, as a single router does."""
+    routers = config.routers()
+    return _front_ends_main(config, _strip_flags(argv, ("--connect",)),
+                            lambda i: ["--connect", routers[i % len(routers)]],
+                            f"workers of router{'s' if len(routers) > 1 else ''} {', '.join(routers)}")
 
 
 def _proxy_main(config: ServerConfig, argv: list[str]) -> int:
@@ -540,28 +550,103 @@ ROUTER_HELP = {
     "answered before a worker sees it)",
     "io_threads": "ZeroMQ I/O threads of the router, which carry every photon twice (client to router, router "
     "to worker); 0: the process's shared context (one thread)",
+    "procs": "router processes sharing --frontend's port (SO_REUSEPORT: the kernel spreads client connections "
+    "over them), restarted if they die; router k takes workers on --backend's port + k, so workers connect to "
+    "all of them (charon-batch --connect tcp://HOST:P,tcp://HOST:P+1,... --procs N >= R). One router's Python "
+    "loop serves ~10k events/s of 1000 photons",
+    "metrics_port": "serve Prometheus metrics (charon_router_*) over HTTP on this port; with --procs, router k "
+    "on this port + k (off when not given)",
     "log_level": "logging level",
+    "accept": "internal (charon-router --procs): reuseport makes this router join the client port its launcher "
+    "reserved",
+    "parent": "internal: the launcher that started this router; it stops when the launcher ends (Linux)",
 }
+
+
+def router_backends(config) -> list[str]:
+    """charon-router --procs R: router k's backend, --backend's port + k (the addresses workers --connect to)."""
+    from .reuseport import parse_tcp
+
+    host, port = parse_tcp(config.backend)
+    shown = f"[{host}]" if ":" in host else host
+    return [f"tcp://{shown}:{port + k}" for k in range(config.procs)]
+
+
+def _routers_main(config, argv: list[str]) -> int:
+    """``charon-router --procs R``: R routers on one client port, each with its own backend port.
+
+    One router's loop is the limit of many GPUs serving small events (benchmarks/RESULTS.md). Each
+    router here is a whole router (its workers, its in-flight copies, its runs); a client's connection
+    stays with one of them, and a worker host's front ends spread over all of them. A router that dies
+    is restarted on the same ports; its workers register again, and its clients' in-flight events
+    come back through their retries, as with a --procs front end."""
+    from .reuseport import reserve
+
+    log = logging.getLogger("charon")
+    try:
+        hold, frontend = reserve(config.frontend)  # fails at once if the port is taken
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: --frontend %s: %s", config.frontend, exc)
+        return 2
+    import subprocess
+
+    backends = router_backends(config)
+    base = _strip_flags(argv, ("--procs", "--frontend", "--backend", "--accept", "--parent", "--metrics-port"))
+
+    def start(k):
+        cmd = [sys.executable, "-m", "charon.cli", "router", *base, "--frontend", frontend, "--accept", "reuseport",
+               "--backend", backends[k], *_parent()]  # fmt: skip
+        if config.metrics_port is not None:
+            cmd += ["--metrics-port", str(config.metrics_port + k)]
+        return subprocess.Popen(cmd)
+
+    log.info("charon-router: %d routers sharing %s (SO_REUSEPORT); workers: charon-batch --connect %s --procs N "
+             "(N >= %d)", config.procs, frontend, ",".join(backends), config.procs)  # fmt: skip
+    try:
+        return _supervise("router", start, config.procs)
+    finally:
+        hold.close()
 
 
 def router_main(argv=None) -> int:
     from .router import Router, RouterConfig
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="charon-router", description="Router in front of charon-batch workers "
                                 "(--connect), one per GPU, on any number of hosts.")  # fmt: skip
-    add_dataclass_flags(p, RouterConfig, ROUTER_HELP, {"ping_reply": ("PONG", "ACK")})
+    add_dataclass_flags(p, RouterConfig, ROUTER_HELP, {"ping_reply": ("PONG", "ACK"),
+                                                       "accept": ("bind", "reuseport")})  # fmt: skip
     config = config_from_args(RouterConfig, p.parse_args(argv))
     default_log_config(config.log_level)
+    log = logging.getLogger("charon")
+    if config.parent is not None:
+        from .lifetime import end_with_parent
+
+        end_with_parent(config.parent)
     try:
+        config.validate()
+        if config.procs > 1:
+            return _routers_main(config, argv)
         router = Router(config)
     except ValueError as exc:
-        logging.getLogger("charon").error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc)
         return 2
     signal.signal(signal.SIGINT, lambda *a: router.stop())
     signal.signal(signal.SIGTERM, lambda *a: router.stop())
-    router.serve_forever()
+    try:
+        router.serve_forever()
+    except Exception as exc:
+        if router.started.is_set():
+            log.error("router failed: %s", exc)
+            return 1
+        log.error("cannot start: %s", exc)  # an address taken or invalid: restarting would not help
+        return 2
     return 0
 
 
 if __name__ == "__main__":
+    # The launchers start their children as `python -m charon.cli ...`: charon-batch's, and
+    # charon-router --procs's with `router` first.
+    if sys.argv[1:2] == ["router"]:
+        sys.exit(router_main(sys.argv[2:]))
     sys.exit(batch_main())

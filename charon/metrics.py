@@ -1,4 +1,4 @@
-"""Prometheus metrics of the batching server (prometheus-client, own registry)."""
+"""Prometheus metrics of the batching server and of the router (prometheus-client, a registry each)."""
 
 from __future__ import annotations
 
@@ -102,6 +102,45 @@ class Metrics:
             "sent", buckets=_SECOND_BUCKETS, registry=r)  # fmt: skip
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
-        """Start the HTTP text endpoint; returns the server so it can be shut down."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        return server
+        return serve(self.registry, port, addr)
+
+
+def serve(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0"):
+    """Start the HTTP text endpoint of ``registry``; returns the server so it can be shut down."""
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return server
+
+
+def stop_serving(server) -> None:
+    """Stop an endpoint from :func:`serve` and close its listening socket."""
+    server.shutdown()
+    server.server_close()
+
+
+class RouterMetrics:
+    """charon-router's own figures (``charon_router_*``; a worker's are its server's ``charon_*``).
+
+    ``inflight`` and ``waiting`` are read when scraped, from the metrics thread: ``len()`` of the
+    router's dict and deque, which the loop never holds half-changed."""
+
+    def __init__(self, inflight, waiting, workers):
+        r = self.registry = CollectorRegistry()
+        self.events = Counter("charon_router_events", "PHOTONDATA requests taken for a worker (resends joined to "
+                              "one in flight not counted)", registry=r)  # fmt: skip
+        self.replies = Counter("charon_router_replies", "Workers' answers passed on to clients or written to runs",
+                               registry=r)  # fmt: skip
+        self.duplicates = Counter("charon_router_duplicate_requests", "Resent requests joined to one in flight",
+                                  registry=r)  # fmt: skip
+        self.reassigned = Counter("charon_router_reassigned_requests", "Requests re-sent because their worker "
+                                  "stopped heartbeating", registry=r)  # fmt: skip
+        self.no_workers = Counter("charon_router_no_workers", "Requests answered NO_WORKERS", registry=r)
+        self.host_seconds = Counter("charon_router_host_seconds", "Time the router's loop spent working (not "
+                                    "waiting for messages)", registry=r)  # fmt: skip
+        Gauge("charon_router_inflight_events", "Requests at workers, not yet answered",
+              registry=r).set_function(inflight)  # fmt: skip
+        Gauge("charon_router_waiting_events", "Requests waiting for a worker with room",
+              registry=r).set_function(waiting)  # fmt: skip
+        Gauge("charon_router_workers", "Workers registered and heartbeating", registry=r).set_function(workers)
+
+    def serve(self, port: int, addr: str = "0.0.0.0"):
+        return serve(self.registry, port, addr)

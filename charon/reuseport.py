@@ -111,3 +111,21 @@ def listener(endpoint: str, backlog: int = 1024) -> int:
         s.close()
         raise
     return s.detach()
+
+
+def bind_shared(sock, endpoint: str) -> str:
+    """Bind a ZeroMQ socket to ``endpoint``'s port, shared with the group its launcher reserved.
+
+    The socket listens on a :func:`listener` given to it through ``ZMQ_USE_FD``. Returns the bound endpoint."""
+    import os
+
+    import zmq
+
+    fd = listener(endpoint)
+    sock.setsockopt(zmq.USE_FD, fd)
+    try:
+        sock.bind(endpoint)
+    except BaseException:
+        os.close(fd)  # not yet the socket's: ours to close
+        raise
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)

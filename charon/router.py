@@ -38,6 +38,7 @@ import numpy as np
 import zmq
 
 from . import protocol as P
+from .metrics import RouterMetrics, stop_serving
 from .photons import empty_hits
 from .protocol import RequestError
 from .run_output import Run, RunBook, RunOutputError
@@ -68,13 +69,38 @@ class RouterConfig:
     output_basket_events: int = 1000
     max_event_photons: int = 50_000_000
     io_threads: int = 0
+    procs: int = 1
+    metrics_port: int | None = None
     log_level: str = "INFO"
+    accept: str = "bind"
+    parent: int | None = None
 
     def validate(self) -> None:
         import os
 
         if self.io_threads < 0:
             raise ValueError("--io-threads must be >= 0")
+        if self.procs < 1:
+            raise ValueError("--procs must be >= 1")
+        if self.accept not in ("bind", "reuseport"):
+            raise ValueError("--accept must be bind or reuseport")
+        if self.procs > 1 or self.accept == "reuseport":
+            from .reuseport import AVAILABLE, parse_tcp
+
+            if not AVAILABLE:
+                raise ValueError("several routers on one port need SO_REUSEPORT (Linux): use --procs 1")
+            parse_tcp(self.frontend)  # ValueError naming the problem
+        if self.procs > 1:
+            from .reuseport import parse_tcp
+
+            try:
+                _, port = parse_tcp(self.backend)
+            except ValueError as exc:
+                raise ValueError(f"--backend with --procs: {exc}") from None
+            if port == 0 or port + self.procs - 1 > 65535:
+                raise ValueError(f"--backend with --procs {self.procs} needs an explicit port with the next "
+                                 f"{self.procs - 1} free above it (router k takes workers on port + k), got "
+                                 f"{self.backend!r}")  # fmt: skip
         if self.output_dir is not None and not os.path.isdir(self.output_dir):
             raise ValueError(f"--output-dir {self.output_dir!r} is not a directory")
         if self.output_basket_events < 1 or self.max_event_photons < 1:
@@ -131,6 +157,7 @@ class Router:
         self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
         self.runs = RunBook(config.output_dir, config.output_basket_events, self._to_client, self._channels) \
             if config.output_dir else None  # fmt: skip
+        self.metrics = RouterMetrics(lambda: len(self.inflight), lambda: len(self.waiting), lambda: len(self.workers))
         if self.runs is not None:
             P.warm_up()  # runs' events are checked here: compile the check before the first one waits for numba
 
@@ -152,21 +179,30 @@ class Router:
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, 0)
             s.setsockopt(zmq.RCVHWM, 0)
-        self.frontend_address = self._bind(fe, self.config.frontend)
-        self.backend_address = self._bind(be, self.config.backend)
-        log.info("charon-router: clients on %s, workers on %s", self.frontend_address, self.backend_address)
-        self.started.set()
-        poller = zmq.Poller()
-        poller.register(fe, zmq.POLLIN)
-        poller.register(be, zmq.POLLIN)
-        runs_closed = self.runs.wake_fd if self.runs is not None else None  # a run's file closed off the loop
-        if runs_closed is not None:
-            poller.register(runs_closed, zmq.POLLIN)
-        next_beat = time.monotonic()
-        interval = self.config.heartbeat_interval
+        metrics_server = None
         try:
+            if self.config.accept == "reuseport":  # one of charon-router --procs N: the launcher reserved the port
+                from .reuseport import bind_shared
+
+                self.frontend_address = bind_shared(fe, self.config.frontend)
+            else:
+                self.frontend_address = self._bind(fe, self.config.frontend)
+            self.backend_address = self._bind(be, self.config.backend)
+            metrics_server = self.metrics.serve(self.config.metrics_port) if self.config.metrics_port is not None \
+                else None  # fmt: skip
+            log.info("charon-router: clients on %s, workers on %s", self.frontend_address, self.backend_address)
+            self.started.set()
+            poller = zmq.Poller()
+            poller.register(fe, zmq.POLLIN)
+            poller.register(be, zmq.POLLIN)
+            runs_closed = self.runs.wake_fd if self.runs is not None else None  # a run's file closed off the loop
+            if runs_closed is not None:
+                poller.register(runs_closed, zmq.POLLIN)
+            next_beat = time.monotonic()
+            interval = self.config.heartbeat_interval
             while not self._stop.is_set():
                 events = dict(poller.poll(max(1, int(min(interval, 0.1) * 1000))))
+                t_busy = time.perf_counter()
                 if runs_closed in events:
                     self.runs.collect_closed()
                 if be in events:
@@ -188,13 +224,20 @@ class Router:
                     next_beat = now + interval
                 self._expire(now)
                 self._dispatch_waiting()
+                self.metrics.host_seconds.inc(time.perf_counter() - t_busy)
         finally:
+            if metrics_server is not None:
+                stop_serving(metrics_server)
             if self.runs is not None:
                 self.runs.close_all(lambda run: [p.event_id for p in run.pending])
             fe.close(0)
             be.close(0)
             if self._own_ctx:
                 self.ctx.term()
+
+    def _no_workers(self, envelope):
+        self.metrics.no_workers.inc()
+        send_message(self.frontend, envelope + [P.NO_WORKERS])
 
     def _to_client(self, envelope, frames):
         send_message(self.frontend, list(envelope) + frames)
@@ -217,7 +260,7 @@ class Router:
             send_message(self.frontend, envelope + [self._ping])
         elif header == P.DETECTOR_INFO and len(body) == 1:
             if self.detector_info is None:
-                send_message(self.frontend, envelope + [P.NO_WORKERS])
+                self._no_workers(envelope)
             else:
                 send_message(self.frontend, envelope + self.detector_info)
         elif self.runs is not None and header == P.RUN_BEGIN and len(body) == 2:
@@ -236,7 +279,7 @@ class Router:
     def _photondata(self, envelope, body):
         run = self.runs.run_of(envelope) if self.runs is not None else None
         if not self.workers:
-            send_message(self.frontend, envelope + [P.NO_WORKERS])
+            self._no_workers(envelope)
             return
         if run is not None:
             self._run_photondata(envelope, body, run)
@@ -252,9 +295,11 @@ class Router:
             if same is not None and same.run is None and _same_payload(same.body, body):
                 same.envelope = envelope  # the newest requester gets the reply
                 self.duplicates += 1
+                self.metrics.duplicates.inc()
                 return
         p = Pending(self._next_rid, envelope, body, photons, key, time.monotonic())
         self._next_rid += 1
+        self.metrics.events.inc()
         if key is not None:
             self.by_key[key] = p
         self._assign(p)
@@ -278,10 +323,12 @@ class Router:
         same = self.by_key.get(key)
         if same is not None and same.run is run and _same_payload(same.body, body):
             self.duplicates += 1  # resent within the run: written once, acknowledged again
+            self.metrics.duplicates.inc()
             self._to_client(envelope, ack)
             return
         p = Pending(self._next_rid, envelope, body, pd.n, key, time.monotonic(), run=run, event_id=pd.event_id)
         self._next_rid += 1
+        self.metrics.events.inc()
         self.by_key[key] = p
         self.runs.accepted(run, p)
         self._assign(p)
@@ -323,7 +370,7 @@ class Router:
                 if p.run is not None:  # already acknowledged: the run loses it, and says so when it ends
                     self.runs.finished(p.run, p, p.event_id, None, f"no worker within {self.config.hold_seconds} s")
                 else:
-                    send_message(self.frontend, p.envelope + [P.NO_WORKERS])
+                    self._no_workers(p.envelope)
                 continue
             w = self._pick(p.photons)
             if w is None:  # nobody has room yet: keep FIFO order
@@ -356,6 +403,7 @@ class Router:
                 log.info("late or duplicate reply for request %d from %r dropped", rid, identity)
                 return
             del self.inflight[rid]
+            self.metrics.replies.inc()
             w.requests.discard(rid)
             w.outstanding -= p.photons
             self._drop_key(p)
@@ -403,6 +451,7 @@ class Router:
             log.warning("worker %r silent for %d heartbeats: removed; re-sending its %d request(s)",
                         w.identity, self.config.heartbeat_liveness, len(lost))  # fmt: skip
             self.reassigned += len(lost)
+            self.metrics.reassigned.inc(len(lost))
             for p in lost:
                 p.worker = None
             self.waiting.extendleft(reversed(lost))  # oldest first, ahead of newer requests

@@ -25,7 +25,7 @@ from . import protocol as P
 from .engine_thread import BatchResult, EngineThread
 from .engines import EngineConfig, create_engine
 from .geometry import Detector, resolve_detector
-from .metrics import BusyClock, Metrics
+from .metrics import BusyClock, Metrics, stop_serving
 from .photons import HitBatch, empty_hits
 from .protocol import Layout, RequestError
 from .scheduler.batcher import Batcher
@@ -147,11 +147,23 @@ class ServerConfig:
             if not AVAILABLE:
                 raise ValueError("--gpus-share port needs SO_REUSEPORT (Linux); use --gpus-share router")
             parse_tcp(self.bind)  # ValueError naming the problem
+        if self.connect is not None:
+            routers = self.routers()
+            if not routers:
+                raise ValueError(f"--connect needs a router's backend address, got {self.connect!r}")
+            if len(routers) > 1 and self.procs < len(routers):
+                raise ValueError(f"--connect lists {len(routers)} routers: add --procs N with N >= {len(routers)}; "
+                                 f"front end k is a worker of router k mod {len(routers)}, so each router "
+                                 "gets one")  # fmt: skip
         if self.connect and self.output_dir:
             raise ValueError("--output-dir goes on charon-router when workers --connect: the router writes the runs")
         if self.procs > 1 and self.output_dir and not self.gpus and self.accept_mode() != "reuseport":
             raise ValueError("--output-dir with --procs needs --accept reuseport (tcp:// on Linux), where each client "
                              "stays with one front end: the proxy spreads a run's events over all of them")
+
+    def routers(self) -> list[str]:
+        """--connect as a list: the backends of charon-router --procs N (one address for a single router)."""
+        return [a.strip() for a in (self.connect or "").split(",") if a.strip()]
 
     def accept_mode(self) -> str:
         """How --procs front ends share --bind: 'reuseport' or 'proxy' (``--accept auto`` resolved)."""
@@ -240,7 +252,7 @@ class BatchServer:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
-        self.socket.connect(self.config.connect)
+        self.socket.connect(self.config.routers()[0])  # one router (validate(): a list needs --procs)
         # Credit: a running batch plus a full one behind it, within the queue bound.
         credit = min(2 * self.config.max_batch_photons, self.config.max_queued_photons)
         info = self._detector_info[1:]
@@ -256,7 +268,7 @@ class BatchServer:
             send_message(self.socket, [HEARTBEAT])
             self._next_heartbeat = now + self.config.heartbeat_interval
         if now > self._router_expiry:
-            log.warning("router %s silent for %d heartbeats: reconnecting", self.config.connect,
+            log.warning("router %s silent for %d heartbeats: reconnecting", self.address,
                         self.config.heartbeat_liveness)  # fmt: skip
             self._poller.unregister(self.socket)
             self._open_worker_socket()
@@ -278,7 +290,7 @@ class BatchServer:
                 self._open_worker_socket()
                 self._poller.register(self.socket, zmq.POLLIN)
             else:
-                log.error("router %s refused this worker: %s", self.config.connect, reason)
+                log.error("router %s refused this worker: %s", self.address, reason)
                 self.refused = reason
                 self._stop.set()
         elif kind != HEARTBEAT:
@@ -296,7 +308,7 @@ class BatchServer:
         engine = self.engine_thread.start()
         if self.config.connect:
             self._open_worker_socket()
-            self.address = self.config.connect
+            self.address = self.config.routers()[0]
         elif self.config.upstream:
             # One of --procs workers behind the launcher's zmq.proxy: a DEALER sees the same
             # [client identity, '', body] messages a bound ROUTER would.
@@ -315,26 +327,17 @@ class BatchServer:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
-        fd = None
         if self.config.accept == "reuseport":
-            # One of --procs front ends sharing the port: the kernel spreads connections (reuseport.py);
-            # the ROUTER listens on the socket given to it (port 0 is refused by listener()).
-            from .reuseport import listener
+            # One of --procs front ends sharing the port: the kernel spreads connections (reuseport.py).
+            from .reuseport import bind_shared
 
-            fd = listener(self.config.bind)
-            self.socket.setsockopt(zmq.USE_FD, fd)
+            self.address = bind_shared(self.socket, self.config.bind)
+            return
         if self.config.bind.endswith(":0"):  # random port (tests)
             port = self.socket.bind_to_random_port(self.config.bind[: self.config.bind.rfind(":")])
             self.address = self.config.bind[: self.config.bind.rfind(":")].replace("*", "127.0.0.1") + f":{port}"
             return
-        try:
-            self.socket.bind(self.config.bind)
-        except BaseException:
-            if fd is not None:  # not yet the ROUTER's: ours to close
-                import os
-
-                os.close(fd)
-            raise
+        self.socket.bind(self.config.bind)
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _finish_open(self, engine):
@@ -403,8 +406,7 @@ class BatchServer:
         self._close_all_runs()
         self.socket.close(0)
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            stop_serving(self._metrics_server)
 
     def _poll_timeout_ms(self) -> float:
         """Milliseconds until the next batch is due (0: now), or a cap when only a message can change that."""

@@ -210,6 +210,14 @@ def _free_port():
     return free_port_range(1)
 
 
+def _metric(port: int, name: str) -> float:
+    """One sample of a Prometheus text endpoint on loopback; OSError while it is not up."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(name + " ")))
+
+
 def _wait_bindable(port, timeout=10):
     """Until a listener can bind ``port`` again (a closed ZeroMQ listener lets go of it asynchronously)."""
     deadline = time.monotonic() + timeout
@@ -359,8 +367,6 @@ def test_gpus_share_port_gives_each_gpu_its_own_front_ends_on_the_one_port():
     """--gpus 0,1 --gpus-share port --procs 2: no router; each GPU's server has two front ends on the client
     port and its own engine; both engines get events; a GPU server killed outright takes its front ends
     with it and is restarted; killing the launcher ends everything."""
-    import urllib.request
-
     port = free_port_range(7)
     mport = port + 1  # metrics on mport + i
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--gpus", "0,1", "--gpus-share", "port", "--procs",
@@ -368,10 +374,6 @@ def test_gpus_share_port_gives_each_gpu_its_own_front_ends_on_the_one_port():
                              f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
                              "--log-level", "WARNING"])  # fmt: skip
     c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
-
-    def sample(k, name):
-        text = urllib.request.urlopen(f"http://127.0.0.1:{mport + k}/metrics", timeout=5).read().decode()
-        return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(name + " ")))
 
     def events_through(first_id):
         dealers = [DealerClient(f"tcp://127.0.0.1:{port}") for _ in range(24)]
@@ -391,7 +393,7 @@ def test_gpus_share_port_gives_each_gpu_its_own_front_ends_on_the_one_port():
         for k in (0, 1, 3, 4):
             while True:
                 try:
-                    sample(k, "charon_events_total")
+                    _metric(mport + k, "charon_events_total")
                     break
                 except OSError:
                     assert time.monotonic() < deadline, f"front end on metrics port {mport + k} did not come up"
@@ -403,8 +405,8 @@ def test_gpus_share_port_gives_each_gpu_its_own_front_ends_on_the_one_port():
         for i in (0, 23, 47):
             np.testing.assert_array_equal(replies[i].hits["channel"], expected(sphere, i, tables[i]).channel)
         # 24 connections over four listeners: all on one GPU's two has probability 2 * 2^-24.
-        assert sample(2, "charon_batches_total") >= 1 and sample(5, "charon_batches_total") >= 1
-        assert sum(sample(k, "charon_events_total") for k in (0, 1, 3, 4)) >= 48
+        assert _metric(mport + 2, "charon_batches_total") >= 1 and _metric(mport + 5, "charon_batches_total") >= 1
+        assert sum(_metric(mport + k, "charon_events_total") for k in (0, 1, 3, 4)) >= 48
 
         victim = servers[0]
         its_front_ends = _children(victim)
@@ -452,8 +454,6 @@ def test_router_io_threads_get_a_context_of_their_own(det, reference):
 def test_connect_with_procs_runs_workers_that_share_one_engine():
     """--connect ROUTER --procs 2: two workers register with the router and share the launcher's engine;
     --bind is left alone; a front end killed with events in flight loses none of them and is restarted."""
-    import urllib.request
-
     router, rth = run_router_in_thread(RouterConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0",
                                                     heartbeat_interval=BEAT, heartbeat_liveness=LIVENESS,
                                                     hold_seconds=30))  # fmt: skip
@@ -474,10 +474,6 @@ def test_connect_with_procs_runs_workers_that_share_one_engine():
         with socket.socket() as s:  # nothing holds --bind: a worker host listens for no client
             s.bind(("127.0.0.1", port))
 
-        def sample(k, name):
-            text = urllib.request.urlopen(f"http://127.0.0.1:{mport + k}/metrics", timeout=5).read().decode()
-            return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(name + " ")))
-
         d = DealerClient(router.frontend_address)
         tables = {i: random_event(300, np.random.default_rng(i), radius=100.0) for i in range(40)}
         for i, t in tables.items():
@@ -488,9 +484,10 @@ def test_connect_with_procs_runs_workers_that_share_one_engine():
             assert replies[i].kind == P.SIM_COMPLETE
             np.testing.assert_array_equal(replies[i].hits["channel"], expected(sphere, i, tables[i]).channel)
         assert all(r.kind == P.SIM_COMPLETE for r in replies.values())
-        served = [sample(k, "charon_events_total") for k in range(2)]
+        served = [_metric(mport + k, "charon_events_total") for k in range(2)]
         assert min(served) > 0 and sum(served) >= 40  # the router gave both workers a share
-        assert sample(2, "charon_batches_total") >= 1 and sample(0, "charon_batches_total") == 0  # one engine
+        # one engine
+        assert _metric(mport + 2, "charon_batches_total") >= 1 and _metric(mport, "charon_batches_total") == 0
         kill_a_child_with_events_in_flight(
             proc, d, {i: random_event(5000, np.random.default_rng(i), radius=100.0) for i in range(100, 130)})
         d.close()
@@ -538,10 +535,6 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
                 except OSError:
                     assert time.monotonic() < deadline, f"worker {k} did not come up"
                     time.sleep(0.3)
-        def sample(k, name):
-            text = urllib.request.urlopen(f"http://127.0.0.1:{mport + k}/metrics", timeout=5).read().decode()
-            return float(next(ln.split()[1] for ln in text.splitlines() if ln.startswith(name + " ")))
-
         if pinned:
             threads = {t: _thread_name(proc.pid, t) for t in os.listdir(f"/proc/{proc.pid}/task")}
             # One thread on the engine's CPU, and it is the engine's (the CPU engine's numba workers
@@ -552,7 +545,7 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
             fronts = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             assert len(fronts) == 2 and all(os.sched_getaffinity(int(f)) == set(allowed[1:]) for f in fronts)
         # wait_first_answer may have sent more than one request (each is answered): count from here.
-        before = [sample(k, "charon_events_total") for k in range(2)]
+        before = [_metric(mport + k, "charon_events_total") for k in range(2)]
         # Several connections: with reuseport the kernel assigns each connection (not each
         # message) to a front end, so 24 of them all landing on one has probability 2^-23.
         dealers = [DealerClient(f"tcp://127.0.0.1:{port}") for _ in range(24)]
@@ -562,19 +555,19 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
         assert sorted(got) == list(range(48))
         for d in dealers:
             d.close()
-        served = [sample(k, "charon_events_total") - before[k] for k in range(2)]
+        served = [_metric(mport + k, "charon_events_total") - before[k] for k in range(2)]
         assert sum(served) >= 48 and min(served) > 0  # both front ends served
         # One shared engine (metrics on mport + 2) ran every batch; the front ends ran none.
-        assert sample(2, "charon_batches_total") >= 1 and sample(0, "charon_batches_total") == 0
-        assert sample(2, "charon_photons_total") >= 48 * 300 + 200  # + the first answer (maybe resent)
+        assert _metric(mport + 2, "charon_batches_total") >= 1 and _metric(mport, "charon_batches_total") == 0
+        assert _metric(mport + 2, "charon_photons_total") >= 48 * 300 + 200  # + the first answer (maybe resent)
         # Latency shares: each front end times its events; the shared engine times the batches it held.
-        assert sum(sample(k, "charon_event_seconds_count") for k in range(2)) >= 48
-        assert sample(2, "charon_engine_residence_seconds_count") >= 1
-        assert sample(2, "charon_engine_residence_seconds_sum") > 0
+        assert sum(_metric(mport + k, "charon_event_seconds_count") for k in range(2)) >= 48
+        assert _metric(mport + 2, "charon_engine_residence_seconds_count") >= 1
+        assert _metric(mport + 2, "charon_engine_residence_seconds_sum") > 0
         # The shared engine's thread counts the time it worked on those batches.
-        assert 0 < sample(2, "charon_engine_thread_seconds_total") < time.monotonic() - started
+        assert 0 < _metric(mport + 2, "charon_engine_thread_seconds_total") < time.monotonic() - started
         if shm_available():  # photons reached the shared engine through the front ends' shared memory
-            assert sample(2, 'charon_handoff_batches_total{path="shm"}') >= 1
+            assert _metric(mport + 2, 'charon_handoff_batches_total{path="shm"}') >= 1
             fronts = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             mine = [f for f in os.listdir("/dev/shm") if f.startswith(f"charon-{proc.pid}-")]
             victim = next(p for p in fronts if any(f.startswith(f"charon-{proc.pid}-{p}-") for f in mine))
@@ -722,3 +715,147 @@ def test_launcher_stops_everything_when_a_thread_its_processes_need_ends():
         for s, h in handlers.items():
             signal.signal(s, h)
     assert len(started) == 2 and all(p.poll() is not None for p in started)  # stopped, not restarted
+
+
+def test_router_metrics_count_events_replies_and_workers(det):
+    mport = _free_port()
+    c = Cluster(det, metrics_port=mport)
+    try:
+        assert c.req(timeout_ms=5000, retries=0).simulate(1, ev(10, 1)).kind == P.NO_WORKERS
+        c.add_worker()
+        c.wait_workers(1)
+        d = c.dealer()
+        for i in range(5):
+            d.submit(i, ev(200, i))
+        d.submit(0, ev(200, 0))  # a resend of event 0 from the same client: joined, or answered twice
+        replies = [d.recv(20_000).event_id for _ in range(5)]
+        assert sorted(set(replies)) == list(range(5))
+        events = _metric(mport, "charon_router_events_total")
+        dup = _metric(mport, "charon_router_duplicate_requests_total")
+        assert events + dup == 6 and events >= 5
+        deadline = time.monotonic() + 10
+        while _metric(mport, "charon_router_replies_total") < events:
+            assert time.monotonic() < deadline, "replies not counted"
+            time.sleep(0.05)
+        assert _metric(mport, "charon_router_workers") == 1
+        assert _metric(mport, "charon_router_no_workers_total") == 1
+        assert _metric(mport, "charon_router_inflight_events") == 0
+        assert _metric(mport, "charon_router_host_seconds_total") > 0
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("kw, problem", [
+    (dict(procs=2, backend="tcp://127.0.0.1:0"), "explicit port"),
+    (dict(procs=2, backend="ipc:///tmp/charon-be"), "--backend with --procs"),
+    (dict(procs=2, frontend="ipc:///tmp/charon-fe"), "tcp://"),
+    (dict(procs=0), "--procs"),
+    (dict(accept="proxy"), "--accept"),
+])  # fmt: skip
+def test_router_procs_refusals_name_the_problem(kw, problem):
+    with pytest.raises(ValueError, match=problem):
+        RouterConfig(**kw).validate()
+
+
+@pytest.mark.parametrize("connect, procs, problem", [
+    ("tcp://127.0.0.1:7001,tcp://127.0.0.1:7002", 1, "--procs N with N >= 2"),
+    ("tcp://127.0.0.1:7001,tcp://127.0.0.1:7002,tcp://127.0.0.1:7003", 2, "N >= 3"),
+    (" , ", 1, "--connect needs"),
+])  # fmt: skip
+def test_worker_connect_list_refusals_name_the_problem(connect, procs, problem):
+    with pytest.raises(ValueError, match=problem):
+        ServerConfig(connect=connect, procs=procs).validate()
+
+
+def test_router_procs_refuse_a_taken_client_or_backend_port(caplog):
+    from charon.cli import router_main
+
+    port = free_port_range(3)  # client port, then backends port + 1, port + 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen(1)
+        argv = ["--procs", "2", "--frontend", f"tcp://127.0.0.1:{port}", "--backend", f"tcp://127.0.0.1:{port + 1}"]
+        assert router_main(argv) == 2
+    assert "Address already in use" in caplog.text
+    with socket.socket() as s:  # router 1's backend is taken: it cannot start, and neither does the launcher
+        s.bind(("127.0.0.1", port + 2))
+        s.listen(1)
+        proc = subprocess.run([sys.executable, "-m", "charon.cli", "router", *argv], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"{port + 2}" in proc.stderr and "cannot start" in proc.stderr
+
+
+@pytest.mark.slow
+def test_router_procs_share_the_client_port_and_each_gets_workers_from_every_host():
+    """charon-router --procs 2 on one client port; a worker host --connect to both backends with --procs 2
+    (front end k a worker of router k). Clients' connections spread over both routers, every event comes
+    back right; a router killed outright is restarted on its ports, its worker registers again, and
+    clients that were on it get their events answered through their retries."""
+    port = free_port_range(6)
+    fe, be, mport = port, port + 1, port + 3  # backends be, be + 1; router metrics mport, mport + 1
+    beat = ["--heartbeat-interval", str(BEAT), "--heartbeat-liveness", str(LIVENESS)]
+    routers = subprocess.Popen([sys.executable, "-m", "charon.cli", "router", "--procs", "2", "--frontend",
+                                f"tcp://127.0.0.1:{fe}", "--backend", f"tcp://127.0.0.1:{be}", "--metrics-port",
+                                str(mport), *beat, "--log-level", "WARNING"])  # fmt: skip
+    workers = subprocess.Popen([sys.executable, "-m", "charon.cli", "--connect",
+                                f"tcp://127.0.0.1:{be},tcp://127.0.0.1:{be + 1}", "--procs", "2", "--engine", "cpu",
+                                "--detector", "sphere", "--seed", str(SEED), *beat,
+                                "--log-level", "WARNING"])  # fmt: skip
+    clients = []
+    try:
+        def workers_of_each_router():
+            try:
+                return [_metric(mport + k, "charon_router_workers") for k in range(2)]
+            except OSError:  # a router not up yet
+                return None
+
+        deadline = time.monotonic() + 120
+        while workers_of_each_router() != [1, 1]:
+            assert time.monotonic() < deadline, "each router did not get its worker"
+            assert workers.poll() is None and routers.poll() is None
+            time.sleep(0.2)
+        sphere = CPUEngine(resolve_detector("sphere"), EngineConfig(seed=SEED))
+        # 24 connections: all on one of two listeners has a chance of 2 / 2**24.
+        clients = [DealerClient(f"tcp://127.0.0.1:{fe}") for _ in range(24)]
+        tables = {i: random_event(200, np.random.default_rng(i), radius=100.0) for i in range(48)}
+        for i, t in tables.items():
+            clients[i % 24].submit(i, t)
+        for k, c in enumerate(clients):
+            for r in (c.recv(30_000), c.recv(30_000)):
+                assert r.kind == P.SIM_COMPLETE and r.event_id % 24 == k
+                np.testing.assert_array_equal(r.hits["channel"], expected(sphere, r.event_id,
+                                                                          tables[r.event_id]).channel)  # fmt: skip
+        served = [_metric(mport + k, "charon_router_replies_total") for k in range(2)]
+        assert sum(served) == 48 and min(served) > 0, served
+        for c in clients:
+            c.close()
+        clients = []
+        # SIGKILL router 0 (the launcher's first child) while Lazy-Pirate clients have events in flight.
+        first = _children(routers.pid)
+        assert len(first) == 2
+        clients = [ReqClient(f"tcp://127.0.0.1:{fe}", timeout_ms=3000, retries=5) for _ in range(8)]
+        answers = {}
+
+        def ask(k):
+            answers[k] = clients[k].simulate(200 + k, tables[k])
+
+        threads = [threading.Thread(target=ask, args=(k,)) for k in range(8)]
+        os.kill(first[0], signal.SIGKILL)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(answers) == list(range(8)) and all(r.kind == P.SIM_COMPLETE for r in answers.values())
+        deadline = time.monotonic() + 60
+        while workers_of_each_router() != [1, 1] or \
+                len(set(_children(routers.pid)) - {first[0]}) < 2:  # fmt: skip
+            assert time.monotonic() < deadline, "router 0 was not restarted with its worker back"
+            time.sleep(0.2)
+        kill_launcher_and_expect_every_child_to_end(routers, fe)
+    finally:
+        for c in clients:
+            c.close()
+        for p in (workers, routers):
+            p.terminate()
+            p.wait(30)
