@@ -24,6 +24,12 @@ router's: it is where every reply of a client's run arrives, whichever worker
 simulated the event. A PHOTONDATA inside a run is checked here, answered
 ``SIM_COMPLETE_ASYNC`` at once and sent as REQUEST_FULL; the worker's full hits
 are written to the run's file (``charon.run_output``) instead of going back.
+
+One router's Python loop forwards ~10k events/s of 1000 photons. ``charon-router
+--procs R`` (``cli._routers_main``) runs R of these, each a whole router, on one
+client port (``SO_REUSEPORT``; ``accept="reuseport"`` here), router k on
+backend port + k; a worker host's front ends spread over all of them
+(``charon-batch --connect`` with the R backends).
 """
 
 from __future__ import annotations
