@@ -51,6 +51,9 @@ HELP = {
     "worker of router k mod R)",
     "heartbeat_interval": "worker mode: seconds between heartbeats with the router",
     "heartbeat_liveness": "worker mode: heartbeats missed before the router is presumed dead (then reconnect)",
+    "drain_seconds": "on SIGTERM or Ctrl-C, read no more requests but answer those already received, for at most "
+    "this long, before exiting (a second signal exits at once); 0: exit at once, leaving them to the clients' "
+    "retries",
     "gpus": "comma-separated GPU ordinals: start one worker process per GPU behind a local router on --bind "
     "(with --procs N: N front-end processes per GPU, sharing that GPU's engine)",
     "gpus_share": "with --gpus, how the GPUs share --bind: router (a local charon-router hands each event to a GPU "
@@ -234,7 +237,7 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
                                  heartbeat_liveness=config.heartbeat_liveness, output_dir=config.output_dir,
                                  output_basket_events=config.output_basket_events,
                                  max_event_photons=config.max_event_photons, io_threads=config.io_threads,
-                                 log_level=config.log_level)  # fmt: skip
+                                 drain_seconds=config.drain_seconds, log_level=config.log_level)  # fmt: skip
     try:
         router_config.validate()
     except ValueError as exc:
@@ -249,10 +252,13 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
              f", each {config.procs} front-end processes sharing its GPU" if config.procs > 1 else "",
              router.frontend_address)  # fmt: skip
     try:
-        return _supervise("GPU worker", start, len(gpus), needs=("the local router", thread.is_alive))
+        # On the way out the router stops taking events at once, and passes on the workers' replies to
+        # those it took while they drain.
+        return _supervise("GPU worker", start, len(gpus), needs=("the local router", thread.is_alive),
+                          grace=_grace(config, nested=True), before_stop=router.stop)
     finally:
         router.stop()
-        thread.join(10)
+        thread.join(config.drain_seconds + 10)
 
 
 def _gpus_on_one_port_main(config: ServerConfig, argv: list[str], gpus: list[int]) -> int:
@@ -281,19 +287,27 @@ def _gpus_on_one_port_main(config: ServerConfig, argv: list[str], gpus: list[int
     log.info("charon-batch: %d GPU servers (GPUs %s)%s, all listening on %s (SO_REUSEPORT)", len(gpus), gpus,
              each, bind)  # fmt: skip
     try:
-        return _supervise("GPU server", start, len(gpus))
+        return _supervise("GPU server", start, len(gpus), grace=_grace(config, nested=True))
     finally:
         hold.close()
 
 
-def _supervise(name: str, start, n: int, on_exit=None, needs=None) -> int:
+def _grace(config, nested: bool = False) -> float:
+    """Seconds a child gets after SIGTERM: its --drain-seconds, and time to stop (more for a child that is
+    itself a launcher: its own children drain first)."""
+    return config.drain_seconds + (40.0 if nested else 20.0)
+
+
+def _supervise(name: str, start, n: int, on_exit=None, needs=None, grace: float = 30.0, before_stop=None) -> int:
     """Start ``n`` worker processes, restart any that dies, stop them all on SIGINT/SIGTERM.
 
     ``on_exit(pid)`` is called for each process that died, before it is restarted. ``needs``
     ((what, is_alive)): a thread of this launcher that the processes cannot serve without (the
     shared engine, the local router); if it ends, everything stops with exit status 1, so that
     whoever started the launcher sees the failure instead of processes that take events and never
-    answer them (under --gpus-share port, the launcher above restarts this one)."""
+    answer them (under --gpus-share port, the launcher above restarts this one). On the way out each
+    process gets SIGTERM and ``grace`` seconds (its --drain-seconds and more) before SIGKILL;
+    ``before_stop()`` is called just before."""
     import subprocess
     import time
 
@@ -319,12 +333,16 @@ def _supervise(name: str, start, n: int, on_exit=None, needs=None) -> int:
                         on_exit(p.pid)
                     procs[i] = start(i)
     finally:
+        if before_stop is not None:
+            before_stop()
         for p in procs:
             p.terminate()
+        deadline = time.monotonic() + grace
         for p in procs:
             try:
-                p.wait(20)
+                p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                log.warning("%s %d did not stop within %g s: killing it", name, procs.index(p), grace)
                 p.kill()
     return 0
 
@@ -436,7 +454,7 @@ def _front_ends_main(config: ServerConfig, argv: list[str], where, what: str) ->
     log.info("charon-batch: %d %s, one shared %s engine", config.procs, what, service.engine.name)
     try:
         return _supervise("front-end process", start, config.procs, on_exit=_remove_segments,
-                          needs=("the shared engine", service.is_alive))
+                          needs=("the shared engine", service.is_alive), grace=_grace(config))
     finally:
         _stop_engine_service(service, metrics_server, sockdir)
 
@@ -528,7 +546,7 @@ def _proxy_main(config: ServerConfig, argv: list[str]) -> int:
              config.procs, config.bind, io_threads, service.engine.name)  # fmt: skip
     try:
         return _supervise("front-end process", start, config.procs, on_exit=_remove_segments,
-                          needs=("the shared engine", service.is_alive))
+                          needs=("the shared engine", service.is_alive), grace=_grace(config))
     finally:
         front.close(0)
         back.close(0)
@@ -556,6 +574,8 @@ ROUTER_HELP = {
     "loop serves ~10k events/s of 1000 photons",
     "metrics_port": "serve Prometheus metrics (charon_router_*) over HTTP on this port; with --procs, router k "
     "on this port + k (off when not given)",
+    "drain_seconds": "on SIGTERM or Ctrl-C, read no more client requests but pass on the replies to those "
+    "already taken, for at most this long, before exiting (a second signal exits at once); 0: exit at once",
     "log_level": "logging level",
     "accept": "internal (charon-router --procs): reuseport makes this router join the client port its launcher "
     "reserved",
@@ -603,7 +623,7 @@ def _routers_main(config, argv: list[str]) -> int:
     log.info("charon-router: %d routers sharing %s (SO_REUSEPORT); workers: charon-batch --connect %s --procs N "
              "(N >= %d)", config.procs, frontend, ",".join(backends), config.procs)  # fmt: skip
     try:
-        return _supervise("router", start, config.procs)
+        return _supervise("router", start, config.procs, grace=_grace(config))
     finally:
         hold.close()
 

@@ -77,6 +77,7 @@ class RouterConfig:
     io_threads: int = 0
     procs: int = 1
     metrics_port: int | None = None
+    drain_seconds: float = 10.0
     log_level: str = "INFO"
     accept: str = "bind"
     parent: int | None = None
@@ -88,6 +89,8 @@ class RouterConfig:
             raise ValueError("--io-threads must be >= 0")
         if self.procs < 1:
             raise ValueError("--procs must be >= 1")
+        if self.drain_seconds < 0:
+            raise ValueError("--drain-seconds must be >= 0")
         if self.accept not in ("bind", "reuseport"):
             raise ValueError("--accept must be bind or reuseport")
         if self.procs > 1 or self.accept == "reuseport":
@@ -157,6 +160,7 @@ class Router:
         self.reassigned = 0
         self._next_rid = 1
         self._stop = threading.Event()
+        self._abort = threading.Event()  # a second stop(): skip the drain
         self.started = threading.Event()
         self.frontend_address = None
         self.backend_address = None
@@ -168,6 +172,10 @@ class Router:
             P.warm_up()  # runs' events are checked here: compile the check before the first one waits for numba
 
     def stop(self):
+        """Stop taking requests; replies to those already taken are passed on first (``--drain-seconds``).
+        A second call stops at once."""
+        if self._stop.is_set():
+            self._abort.set()
         self._stop.set()
 
     def _bind(self, sock, addr):
@@ -204,33 +212,13 @@ class Router:
             runs_closed = self.runs.wake_fd if self.runs is not None else None  # a run's file closed off the loop
             if runs_closed is not None:
                 poller.register(runs_closed, zmq.POLLIN)
-            next_beat = time.monotonic()
-            interval = self.config.heartbeat_interval
+            self._runs_closed, self._next_beat = runs_closed, time.monotonic()
             while not self._stop.is_set():
-                events = dict(poller.poll(max(1, int(min(interval, 0.1) * 1000))))
+                events = dict(poller.poll(max(1, int(min(self.config.heartbeat_interval, 0.1) * 1000))))
                 t_busy = time.perf_counter()
-                if runs_closed in events:
-                    self.runs.collect_closed()
-                if be in events:
-                    for _ in range(1000):
-                        try:
-                            self._from_worker(recv_message(be))
-                        except zmq.Again:
-                            break
-                if fe in events:
-                    for _ in range(1000):
-                        try:
-                            self._from_client(recv_message(fe))
-                        except zmq.Again:
-                            break
-                now = time.monotonic()
-                if now >= next_beat:
-                    for w in list(self.workers.values()):
-                        send_message(be, [w.identity, HEARTBEAT])
-                    next_beat = now + interval
-                self._expire(now)
-                self._dispatch_waiting()
+                self._turn(events)
                 self.metrics.host_seconds.inc(time.perf_counter() - t_busy)
+            self._drain(poller)
         finally:
             if metrics_server is not None:
                 stop_serving(metrics_server)
@@ -240,6 +228,48 @@ class Router:
             be.close(0)
             if self._own_ctx:
                 self.ctx.term()
+
+    def _turn(self, events: dict, read_clients: bool = True):
+        """One turn of the loop: closed run files, workers' messages, (``read_clients``) clients' requests,
+        heartbeats, expiry of silent workers, and requests waiting for room."""
+        fe, be = self.frontend, self.backend
+        if self._runs_closed in events:
+            self.runs.collect_closed()
+        if be in events:
+            for _ in range(1000):
+                try:
+                    self._from_worker(recv_message(be))
+                except zmq.Again:
+                    break
+        if read_clients and fe in events:
+            for _ in range(1000):
+                try:
+                    self._from_client(recv_message(fe))
+                except zmq.Again:
+                    break
+        now = time.monotonic()
+        if now >= self._next_beat:
+            for w in list(self.workers.values()):
+                send_message(be, [w.identity, HEARTBEAT])
+            self._next_beat = now + self.config.heartbeat_interval
+        self._expire(now)
+        self._dispatch_waiting()
+
+    def _drain(self, poller):
+        """After stop(): read no more client requests, but pass on the replies to those already taken (at
+        workers or waiting for one) within --drain-seconds, so that restarting the router loses none."""
+        if self.config.drain_seconds <= 0 or self._abort.is_set() or not (self.inflight or self.waiting):
+            return
+        log.info("stopping: passing on the replies to %d request(s) first (at most %g s; stop again to skip)",
+                 len(self.inflight) + len(self.waiting), self.config.drain_seconds)  # fmt: skip
+        poller.unregister(self.frontend)
+        deadline = time.monotonic() + self.config.drain_seconds
+        while (self.inflight or self.waiting) and not self._abort.is_set():
+            left_ms = (deadline - time.monotonic()) * 1e3
+            if left_ms <= 0:
+                log.warning("stopping with %d request(s) unanswered", len(self.inflight) + len(self.waiting))
+                break
+            self._turn(dict(poller.poll(max(1, int(min(left_ms, 100))))), read_clients=False)
 
     def _no_workers(self, envelope):
         self.metrics.no_workers.inc()

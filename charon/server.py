@@ -85,6 +85,7 @@ class ServerConfig:
     engine_service: str | None = None
     heartbeat_interval: float = 1.0
     heartbeat_liveness: int = 3
+    drain_seconds: float = 10.0
     gpus: str | None = None
     gpus_share: str = "router"
     parent: int | None = None
@@ -109,6 +110,8 @@ class ServerConfig:
             raise ValueError("--output-basket-events must be >= 1")
         if self.procs < 1:
             raise ValueError("--procs must be >= 1")
+        if self.drain_seconds < 0:
+            raise ValueError("--drain-seconds must be >= 0")
         if self.engine_lanes < 1:
             raise ValueError("--engine-lanes must be >= 1")
         if self.accept not in ("auto", "reuseport", "proxy"):
@@ -233,6 +236,7 @@ class BatchServer:
         self._detector_info = P.encode_detector_info(self.detector.channel_position, self.detector.channel_type)
         self._fingerprint = self.detector.fingerprint() if config.connect else b""
         self._stop = threading.Event()
+        self._abort = threading.Event()  # a second stop(): skip the drain
         self._buffers: list = []
         self._engine_factory = engine_factory or factory
         self.socket = None
@@ -260,14 +264,15 @@ class BatchServer:
         self._router_expiry = time.monotonic() + self.config.heartbeat_interval * self.config.heartbeat_liveness
         self._next_heartbeat = time.monotonic() + self.config.heartbeat_interval
 
-    def _worker_housekeeping(self):
+    def _worker_housekeeping(self, reconnect: bool = True):
+        """Heartbeats to the router, and (``reconnect``) a new connection when it has been silent too long."""
         from .router import HEARTBEAT
 
         now = time.monotonic()
         if now >= self._next_heartbeat:
             send_message(self.socket, [HEARTBEAT])
             self._next_heartbeat = now + self.config.heartbeat_interval
-        if now > self._router_expiry:
+        if reconnect and now > self._router_expiry:
             log.warning("router %s silent for %d heartbeats: reconnecting", self.address,
                         self.config.heartbeat_liveness)  # fmt: skip
             self._poller.unregister(self.socket)
@@ -354,6 +359,10 @@ class BatchServer:
         )  # fmt: skip
 
     def stop(self):
+        """Stop taking requests; those already accepted are answered first (``--drain-seconds``). A second
+        call (a second SIGTERM or Ctrl-C) stops at once."""
+        if self._stop.is_set():
+            self._abort.set()
         self._stop.set()
 
     # ----------------------------------------------------------------- loop
@@ -370,31 +379,62 @@ class BatchServer:
         runs_closed = self.runs.wake_fd if self.runs is not None else None  # a run's file closed off the loop
         if runs_closed is not None:
             poller.register(runs_closed, zmq.POLLIN)
-        worker = bool(self.config.connect)
-        handle = self._from_router if worker else self._handle
+        self._wakes = (wake, runs_closed)
         try:
             while not self._stop.is_set():
                 events = poll(poller, self._poll_timeout_ms())
                 t_busy = time.perf_counter()
-                if wake in events:
-                    self.engine_thread.poll_results()
-                    self._collect_results()
-                if runs_closed in events:
-                    self.runs.collect_closed()
-                if self.socket in events:
-                    # Drain what is there, but bounded, so results and dispatch interleave.
-                    for _ in range(1000):
-                        try:
-                            frames = recv_message(self.socket)
-                        except zmq.Again:
-                            break
-                        handle(frames)
-                self._maybe_dispatch()
-                if worker:
-                    self._worker_housekeeping()
+                self._turn(events)
                 self.metrics.host_seconds.inc(time.perf_counter() - t_busy)
+            self._drain()
         finally:
             self._close()
+
+    def _turn(self, events: dict, read: bool = True):
+        """One turn of the loop: finished batches, closed run files, then (``read``) client requests, then dispatch."""
+        wake, runs_closed = self._wakes
+        if wake in events:
+            self.engine_thread.poll_results()
+            self._collect_results()
+        if runs_closed in events:
+            self.runs.collect_closed()
+        if read and self.socket in events:
+            handle = self._from_router if self.config.connect else self._handle
+            # Take what is there, but bounded, so results and dispatch interleave.
+            for _ in range(1000):
+                try:
+                    frames = recv_message(self.socket)
+                except zmq.Again:
+                    break
+                handle(frames)
+        self._maybe_dispatch()
+        if self.config.connect:
+            self._worker_housekeeping(reconnect=read)
+
+    def _engine_gone(self) -> bool:
+        """A --procs front end whose launcher, and with it the shared engine, has ended (lifetime.py sent the
+        SIGTERM): nothing would answer its events, so it does not wait for them."""
+        return self.config.engine_service is not None and self.config.parent is not None and \
+            os.getppid() != self.config.parent  # fmt: skip
+
+    def _drain(self):
+        """After stop(): read no more requests, but answer those already accepted (queued, batched or in
+        flight) within --drain-seconds, so that a restart (SIGTERM) loses no event that reached this server.
+
+        The socket stays open, so replies reach clients that are still connected; requests that arrive
+        meanwhile stay unread and are lost with the socket, to the clients' retries (a router re-sends
+        them once this worker's heartbeats stop)."""
+        if not self.by_key or self.config.drain_seconds <= 0 or self._abort.is_set() or self._engine_gone():
+            return
+        log.info("stopping: answering the %d event(s) already received first (at most %g s; stop again to skip)",
+                 sum(len(reqs) for reqs in self.by_key.values()), self.config.drain_seconds)  # fmt: skip
+        self._poller.unregister(self.socket)
+        deadline = time.monotonic() + self.config.drain_seconds
+        while self.by_key and not self._abort.is_set() and not self._engine_gone():
+            left_ms = (deadline - time.monotonic()) * 1e3
+            if left_ms <= 0:
+                break
+            self._turn(poll(self._poller, min(self._poll_timeout_ms(), left_ms, 100.0)), read=False)
 
     def _close(self):
         self.engine_thread.stop()

@@ -146,7 +146,7 @@ def test_worker_killed_mid_run_loses_nothing(cluster, det, reference):
     cluster.wait_workers(2)
     # The stuck worker hangs: no heartbeats and no replies from now on (a dead process looks the same).
     dead._reply = lambda *a, **k: None
-    dead._worker_housekeeping = lambda: None
+    dead._worker_housekeeping = lambda **kw: None
     got = {d.recv(20_000).event_id for _ in tables}
     stuck.set()  # let its engine finish; whatever it produces goes nowhere
     assert got == set(tables)
@@ -859,3 +859,58 @@ def test_router_procs_share_the_client_port_and_each_gets_workers_from_every_hos
         for p in (workers, routers):
             p.terminate()
             p.wait(30)
+
+
+def test_router_stop_passes_on_the_replies_to_what_it_took(cluster, det):
+    """stop() while its worker holds three events: the router reads no more requests but passes on the
+    three replies when they come, then ends."""
+    gate = threading.Event()
+    cluster.add_worker(engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate))
+    cluster.wait_workers(1)
+    d = cluster.dealer()
+    for i in range(3):
+        d.submit(i, ev(200, i))
+    deadline = time.monotonic() + 10
+    while len(cluster.router.inflight) < 3:
+        assert time.monotonic() < deadline, "the events did not reach the worker"
+        time.sleep(0.01)
+    cluster.router.stop()
+    time.sleep(0.2)
+    d.submit(99, ev(200, 99))  # after the stop: left unread
+    threading.Timer(0.3, gate.set).start()
+    assert sorted(d.recv(10_000).event_id for _ in range(3)) == [0, 1, 2]
+    cluster.router_thread.join(10)
+    assert not cluster.router_thread.is_alive()
+    with pytest.raises(TimeoutError):
+        d.recv(200)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_procs_launcher_answers_the_events_in_flight_first():
+    """charon-batch --procs 2 gets SIGTERM with ~2 s of CPU work in flight: its front ends answer every
+    event they had received (the shared engine stays up for them), then everything exits with status 0."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--procs", "2", "--engine", "cpu", "--detector",
+                             "sphere", "--seed", str(SEED), "--bind", f"tcp://127.0.0.1:{port}",
+                             "--log-level", "WARNING"])  # fmt: skip
+    c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
+    dealers = []
+    try:
+        wait_first_answer(c, 120)
+        dealers = [DealerClient(f"tcp://127.0.0.1:{port}") for _ in range(8)]
+        tables = {i: random_event(40_000, np.random.default_rng(i), radius=100.0) for i in range(16)}
+        for i, t in tables.items():
+            dealers[i % 8].submit(i, t)
+        time.sleep(0.5)  # received by the front ends (loopback), not yet simulated
+        proc.send_signal(signal.SIGTERM)
+        replies = {r.event_id: r for d in dealers for r in (d.recv(60_000), d.recv(60_000))}
+        assert sorted(replies) == sorted(tables) and all(r.kind == P.SIM_COMPLETE for r in replies.values())
+        sphere = CPUEngine(resolve_detector("sphere"), EngineConfig(seed=SEED))
+        np.testing.assert_array_equal(replies[5].hits["channel"], expected(sphere, 5, tables[5]).channel)
+        assert proc.wait(60) == 0
+    finally:
+        for d in dealers:
+            d.close()
+        c.close()
+        proc.terminate()
+        proc.wait(30)

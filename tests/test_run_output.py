@@ -402,7 +402,7 @@ def test_router_run_loses_nothing_when_a_worker_hangs(routed, det):
     add_worker()
     wait_workers(2)
     dead._reply = lambda *a, **k: None  # it hangs: no heartbeats, no replies (a dead process looks the same)
-    dead._worker_housekeeping = lambda: None
+    dead._worker_housekeeping = lambda **kw: None
     assert d.recv(20_000).kind == b"ACK"
     stuck.set()
     assert router.reassigned >= 1

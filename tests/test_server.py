@@ -740,3 +740,81 @@ def test_server_config_and_cli_refuse_an_unknown_dispatch_rule():
         assert batch_parser().parse_args(["--dispatch", rule]).dispatch == rule
     with pytest.raises(SystemExit):
         batch_parser().parse_args(["--dispatch", "eager"])
+
+
+def _stopping(s: Server, gate=None, at=0.3):
+    """Stop the server from another thread (as a signal handler would), opening ``gate`` ``at`` s later."""
+    s.srv.stop()
+    if gate is not None:
+        threading.Timer(at, gate.set).start()
+
+
+def test_stop_answers_the_events_already_received_before_it_exits(det, reference_engine):
+    """SIGTERM (stop()) while a batch runs and more events wait: every event the server had received is
+    answered, as if it kept running; a request sent after the stop is not read; then the loop ends."""
+    gate = threading.Event()
+    s = Server(det, engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate),
+               max_batch_photons=300)  # fmt: skip
+    try:
+        d = s.dealer()
+        tables = {i: ev(200, i) for i in range(5)}  # a 300-photon cap: several batches, the first held
+        for i, t in tables.items():
+            d.submit(i, t)
+        deadline = time.monotonic() + 10
+        while len(s.srv.by_key) < 5:  # all five received (len() of the loop's dict: safe from here)
+            assert time.monotonic() < deadline, "the events did not arrive"
+            time.sleep(0.01)
+        _stopping(s, gate)
+        time.sleep(0.1)
+        d.submit(99, ev(200, 99))  # after the stop: left unread
+        got = {r.event_id: r for r in (d.recv(10_000) for _ in tables)}
+        assert sorted(got) == sorted(tables)
+        for i, t in tables.items():
+            np.testing.assert_array_equal(got[i].hits["channel"], reference_engine.propagate(
+                PhotonBatch.from_events([t.copy()], [i])).event(0).channel)  # fmt: skip
+        s.thread.join(10)
+        assert not s.thread.is_alive()
+        with pytest.raises(TimeoutError):
+            d.recv(200)
+    finally:
+        gate.set()
+        s.stop()
+
+
+@pytest.mark.parametrize("how", ["deadline", "second stop", "no drain"])
+def test_stop_waits_no_longer_than_drain_seconds_and_a_second_stop_ends_it_at_once(det, how):
+    gate = threading.Event()  # opened only once the drain is over: until then the event cannot finish
+    drain = {"deadline": 0.5, "second stop": 60.0, "no drain": 0.0}[how]
+    s = Server(det, engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate),
+               drain_seconds=drain)  # fmt: skip
+    closing = []  # when the loop gave up waiting and began to close (the engine call itself cannot be cut)
+    close = s.srv._close
+    s.srv._close = lambda: (closing.append(time.monotonic()), close())
+    try:
+        d = s.dealer()
+        d.submit(1, ev(200, 1))
+        deadline = time.monotonic() + 10
+        while not s.srv.by_key:
+            assert time.monotonic() < deadline, "the event did not arrive"
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        s.srv.stop()
+        if how == "second stop":
+            time.sleep(0.3)
+            assert not closing  # still draining
+            s.srv.stop()
+        while not closing:
+            assert time.monotonic() < t0 + 10, "the loop did not stop"
+            time.sleep(0.01)
+        took = closing[0] - t0
+        assert took < {"deadline": 3.0, "second stop": 3.0, "no drain": 2.0}[how]
+        if how == "deadline":
+            assert took >= 0.5
+    finally:
+        gate.set()
+        s.stop()
+
+
+def test_drain_seconds_must_not_be_negative():
+    with pytest.raises(ValueError, match="--drain-seconds"):
+        ServerConfig(drain_seconds=-1).validate()
