@@ -6,7 +6,9 @@ ChAR0N's Paranoid Pirate (1-byte READY/HEARTBEAT, liveness in intervals)::
     worker -> router  [READY b"\\x01", credit u32, detector fingerprint, x f32[C], y f32[C], z f32[C], type i32[C]]
                       [HEARTBEAT b"\\x02"]
                       [REPLY b"\\x05", request_id u64, *reply frames]
+                      [LEAVING b"\\x08"]                        (stopping: send nothing new)
     router -> worker  [HEARTBEAT b"\\x02"]
+                      [LEAVING b"\\x08"]                        (understood: every request sent came before)
                       [REQUEST b"\\x04", request_id u64, *client request frames]
                       [REQUEST_FULL b"\\x07", request_id u64, *client request frames]  (reply in the full layout)
                       [REFUSED b"\\x06", reason utf-8]          (detector differs from the first worker's)
@@ -17,7 +19,10 @@ router keeps every worker's outstanding photons up to its credit, choosing the
 least loaded, so each worker still forms full batches. The router keeps a copy
 of every request in flight; when a worker stops heartbeating, its requests go
 to other workers (or wait for one), and a late reply from the dead worker is
-dropped because its request id is no longer outstanding.
+dropped because its request id is no longer outstanding. A worker that is being
+stopped (SIGTERM) says LEAVING: the router sends it nothing new and confirms,
+the worker answers every request that came before the confirmation, and then
+exits, so a rolling restart of the workers re-sends nothing and loses nothing.
 
 Server-side run output (``--output-dir``, ChAR0N's asynchronous mode) is the
 router's: it is where every reply of a client's run arrives, whichever worker
@@ -59,6 +64,7 @@ REQUEST = b"\x04"
 REPLY = b"\x05"
 REFUSED = b"\x06"
 REQUEST_FULL = b"\x07"
+LEAVING = b"\x08"
 
 
 @dataclass
@@ -123,6 +129,7 @@ class Worker:
     outstanding: int = 0  # photons dispatched and not answered
     expiry: float = 0.0
     requests: set = field(default_factory=set)  # request ids in flight there
+    leaving: bool = False  # said LEAVING: takes nothing new, answers what it has
 
     @property
     def room(self) -> int:
@@ -372,7 +379,7 @@ class Router:
 
     def _pick(self, photons: int) -> Worker | None:
         """The least-loaded worker with room for ``photons``; a worker holding nothing takes any size."""
-        best = max(self.workers.values(), key=lambda w: w.room, default=None)
+        best = max((w for w in self.workers.values() if not w.leaving), key=lambda w: w.room, default=None)
         if best is not None and (best.room >= photons or best.outstanding == 0):
             return best
         return None
@@ -432,6 +439,11 @@ class Router:
                 send_message(self.backend, [identity, REFUSED, b"unknown worker: send READY"])
             return
         w.expiry = time.monotonic() + self.config.heartbeat_interval * self.config.heartbeat_liveness
+        if kind == LEAVING:
+            w.leaving = True
+            send_message(self.backend, [identity, LEAVING])  # after every request sent to it
+            log.info("worker %r leaving: %d request(s) to answer, nothing new", identity, len(w.requests))
+            return
         if kind == REPLY:
             rid = int.from_bytes(bytes(msg[2]), "little")
             p = self.inflight.get(rid)

@@ -237,6 +237,7 @@ class BatchServer:
         self._fingerprint = self.detector.fingerprint() if config.connect else b""
         self._stop = threading.Event()
         self._abort = threading.Event()  # a second stop(): skip the drain
+        self._left: bool | None = None  # a worker that is stopping: whether the router confirmed its LEAVING
         self._buffers: list = []
         self._engine_factory = engine_factory or factory
         self.socket = None
@@ -280,7 +281,7 @@ class BatchServer:
             self._poller.register(self.socket, zmq.POLLIN)
 
     def _from_router(self, msg):
-        from .router import HEARTBEAT, REFUSED, REPLY, REQUEST, REQUEST_FULL
+        from .router import HEARTBEAT, LEAVING, REFUSED, REPLY, REQUEST, REQUEST_FULL
 
         self._router_expiry = time.monotonic() + self.config.heartbeat_interval * self.config.heartbeat_liveness
         kind = bytes(msg[0])
@@ -290,7 +291,9 @@ class BatchServer:
             self._handle_body([REPLY, msg[1]], msg[2:], Layout.FULL)
         elif kind == REFUSED:
             reason = bytes(msg[1]).decode("utf-8", "replace") if len(msg) > 1 else ""
-            if reason.startswith("unknown worker"):  # the router restarted: register again
+            if reason.startswith("unknown worker") and self._left is not None:  # stopping: the router forgot us
+                self._left = True
+            elif reason.startswith("unknown worker"):  # the router restarted: register again
                 self._poller.unregister(self.socket)
                 self._open_worker_socket()
                 self._poller.register(self.socket, zmq.POLLIN)
@@ -298,6 +301,8 @@ class BatchServer:
                 log.error("router %s refused this worker: %s", self.address, reason)
                 self.refused = reason
                 self._stop.set()
+        elif kind == LEAVING:  # the router took our LEAVING: every request for us came before this
+            self._left = True
         elif kind != HEARTBEAT:
             log.debug("unexpected message from router: %r", kind[:20])
 
@@ -390,8 +395,8 @@ class BatchServer:
         finally:
             self._close()
 
-    def _turn(self, events: dict, read: bool = True):
-        """One turn of the loop: finished batches, closed run files, then (``read``) client requests, then dispatch."""
+    def _turn(self, events: dict, read: bool = True, draining: bool = False):
+        """One turn of the loop: finished batches, closed run files, then (``read``) requests, then dispatch."""
         wake, runs_closed = self._wakes
         if wake in events:
             self.engine_thread.poll_results()
@@ -409,7 +414,7 @@ class BatchServer:
                 handle(frames)
         self._maybe_dispatch()
         if self.config.connect:
-            self._worker_housekeeping(reconnect=read)
+            self._worker_housekeeping(reconnect=not draining)
 
     def _engine_gone(self) -> bool:
         """A --procs front end whose launcher, and with it the shared engine, has ended (lifetime.py sent the
@@ -418,23 +423,37 @@ class BatchServer:
             os.getppid() != self.config.parent  # fmt: skip
 
     def _drain(self):
-        """After stop(): read no more requests, but answer those already accepted (queued, batched or in
+        """After stop(): take no new requests, but answer those already accepted (queued, batched or in
         flight) within --drain-seconds, so that a restart (SIGTERM) loses no event that reached this server.
 
-        The socket stays open, so replies reach clients that are still connected; requests that arrive
-        meanwhile stay unread and are lost with the socket, to the clients' retries (a router re-sends
-        them once this worker's heartbeats stop)."""
-        if not self.by_key or self.config.drain_seconds <= 0 or self._abort.is_set() or self._engine_gone():
+        Listening for clients, the server reads nothing more; its socket stays open, so replies reach the
+        clients still connected, and requests that arrive meanwhile stay unread, for the clients' retries.
+        A router's worker says LEAVING instead and keeps reading: the router sends it nothing new and
+        confirms, and every request that came before the confirmation is answered (a router silent for
+        --heartbeat-liveness intervals is not waited for)."""
+        worker = bool(self.config.connect)
+        if self.config.drain_seconds <= 0 or self._abort.is_set() or self._engine_gone():
             return
+        if worker:
+            from .router import LEAVING
+
+            self._left = False
+            send_message(self.socket, [LEAVING])
+        elif not self.by_key:
+            return
+        else:
+            self._poller.unregister(self.socket)
         log.info("stopping: answering the %d event(s) already received first (at most %g s; stop again to skip)",
                  sum(len(reqs) for reqs in self.by_key.values()), self.config.drain_seconds)  # fmt: skip
-        self._poller.unregister(self.socket)
         deadline = time.monotonic() + self.config.drain_seconds
-        while self.by_key and not self._abort.is_set() and not self._engine_gone():
+        while not self._abort.is_set() and not self._engine_gone():
+            router_may_send = worker and not self._left and time.monotonic() < self._router_expiry
+            if not self.by_key and not router_may_send:
+                break
             left_ms = (deadline - time.monotonic()) * 1e3
             if left_ms <= 0:
                 break
-            self._turn(poll(self._poller, min(self._poll_timeout_ms(), left_ms, 100.0)), read=False)
+            self._turn(poll(self._poller, min(self._poll_timeout_ms(), left_ms, 100.0)), read=worker, draining=True)
 
     def _close(self):
         self.engine_thread.stop()

@@ -914,3 +914,52 @@ def test_sigterm_to_a_procs_launcher_answers_the_events_in_flight_first():
         c.close()
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_stopping_worker_answers_what_it_was_sent_and_is_sent_nothing_new(cluster, det, reference):
+    """stop() on one of two workers (a rolling restart) while it holds events: it says LEAVING, the router
+    sends it nothing new, it answers what it had, and nothing is re-sent or lost."""
+    gate = threading.Event()
+    leaving, leaving_th = cluster.add_worker(
+        engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate))
+    cluster.wait_workers(1)
+    d = cluster.dealer()
+    first = {i: ev(200, i) for i in range(4)}
+    for i, t in first.items():
+        d.submit(i, t)
+    deadline = time.monotonic() + 10
+    while len(leaving.by_key) < 4:  # all four at the gated worker (the only one so far)
+        assert time.monotonic() < deadline, "the events did not reach the worker"
+        time.sleep(0.01)
+    cluster.add_worker(max_batch_photons=3000)  # less room than the gated one: only LEAVING keeps events off it
+    cluster.wait_workers(2)
+    leaving.stop()
+    deadline = time.monotonic() + 10
+    while not any(w.leaving for w in cluster.router.workers.values()):
+        assert time.monotonic() < deadline, "the router did not hear LEAVING"
+        time.sleep(0.01)
+    later = {i: ev(200, i) for i in range(10, 20)}
+    for i, t in later.items():
+        d.submit(i, t)
+    later_replies = {r.event_id: r for r in (d.recv(10_000) for _ in later)}  # from the other worker
+    assert sorted(later_replies) == sorted(later) and leaving_th.is_alive()  # still holding the first four
+    gate.set()
+    got = {r.event_id: r for r in (d.recv(10_000) for _ in first)}
+    assert sorted(got) == sorted(first)
+    for i, t in first.items():
+        np.testing.assert_array_equal(got[i].hits["time"], expected(reference, i, t).table[7])
+    leaving_th.join(10)
+    assert not leaving_th.is_alive()
+    assert cluster.router.reassigned == 0  # nothing had to be re-sent
+    assert leaving.metrics.registry.get_sample_value("charon_events_total") == 4
+
+
+def test_a_stopping_worker_does_not_wait_for_a_router_that_is_gone(det):
+    """No router answers LEAVING: the worker waits no longer than the router's liveness, not --drain-seconds."""
+    srv, th = run_in_thread(ServerConfig(connect=f"tcp://127.0.0.1:{_free_port()}", engine="cpu",
+                                         heartbeat_interval=BEAT, heartbeat_liveness=LIVENESS,
+                                         drain_seconds=60), detector=det)  # fmt: skip
+    t0 = time.monotonic()
+    srv.stop()
+    th.join(10)
+    assert not th.is_alive() and time.monotonic() - t0 < 3 * BEAT * LIVENESS
