@@ -166,6 +166,11 @@ def batch_main(argv=None) -> int:
         return 2
 
     def _stop(signum, frame):
+        if config.parent is not None and server._stop.is_set():
+            # A launcher's child may get the same stop twice (Ctrl-C reaches the whole process group, and
+            # the launcher passes it on; systemd signals the whole cgroup): only the launcher cuts a drain
+            # short, by SIGKILL after its grace or on a second signal of its own.
+            return
         logging.getLogger("charon").info("signal %d: stopping", signum)
         server.stop()
 
@@ -298,7 +303,8 @@ def _grace(config, nested: bool = False) -> float:
     return config.drain_seconds + (40.0 if nested else 20.0)
 
 
-def _supervise(name: str, start, n: int, on_exit=None, needs=None, grace: float = 30.0, before_stop=None) -> int:
+def _supervise(name: str, start, n: int, on_exit=None, needs=None, grace: float = 30.0, before_stop=None,
+               second_signal_kills: bool = True) -> int:
     """Start ``n`` worker processes, restart any that dies, stop them all on SIGINT/SIGTERM.
 
     ``on_exit(pid)`` is called for each process that died, before it is restarted. ``needs``
@@ -307,15 +313,25 @@ def _supervise(name: str, start, n: int, on_exit=None, needs=None, grace: float 
     whoever started the launcher sees the failure instead of processes that take events and never
     answer them (under --gpus-share port, the launcher above restarts this one). On the way out each
     process gets SIGTERM and ``grace`` seconds (its --drain-seconds and more) before SIGKILL;
-    ``before_stop()`` is called just before."""
+    ``before_stop()`` is called just before. A second signal kills them at once, unless
+    ``second_signal_kills`` is off (a launcher that is itself a launcher's child: it may get one
+    stop twice, from its process group and from its launcher)."""
     import subprocess
     import time
 
     log = logging.getLogger("charon")
     procs = [start(i) for i in range(n)]
     stopping = []
-    signal.signal(signal.SIGINT, lambda *a: stopping.append(1))
-    signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
+
+    def on_signal(signum, frame):
+        if stopping and second_signal_kills:  # a second signal: no more waiting for the processes to drain
+            log.warning("signal %d again: killing the %s processes", signum, name)
+            for p in procs:
+                p.kill()
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         while not stopping:
             time.sleep(0.5)
@@ -454,7 +470,8 @@ def _front_ends_main(config: ServerConfig, argv: list[str], where, what: str) ->
     log.info("charon-batch: %d %s, one shared %s engine", config.procs, what, service.engine.name)
     try:
         return _supervise("front-end process", start, config.procs, on_exit=_remove_segments,
-                          needs=("the shared engine", service.is_alive), grace=_grace(config))
+                          needs=("the shared engine", service.is_alive), grace=_grace(config),
+                          second_signal_kills=config.parent is None)
     finally:
         _stop_engine_service(service, metrics_server, sockdir)
 
@@ -546,7 +563,8 @@ def _proxy_main(config: ServerConfig, argv: list[str]) -> int:
              config.procs, config.bind, io_threads, service.engine.name)  # fmt: skip
     try:
         return _supervise("front-end process", start, config.procs, on_exit=_remove_segments,
-                          needs=("the shared engine", service.is_alive), grace=_grace(config))
+                          needs=("the shared engine", service.is_alive), grace=_grace(config),
+                          second_signal_kills=config.parent is None)
     finally:
         front.close(0)
         back.close(0)
@@ -651,8 +669,13 @@ def router_main(argv=None) -> int:
     except ValueError as exc:
         log.error("cannot start: %s", exc)
         return 2
-    signal.signal(signal.SIGINT, lambda *a: router.stop())
-    signal.signal(signal.SIGTERM, lambda *a: router.stop())
+    def on_signal(signum, frame):
+        if config.parent is not None and router._stop.is_set():  # the same stop twice: see batch_main
+            return
+        router.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         router.serve_forever()
     except Exception as exc:
