@@ -181,6 +181,7 @@ def batch_main(argv=None) -> int:
     except Exception as exc:
         logging.getLogger("charon").error("server failed: %s", exc)
         return 1
+    server.ctx.destroy(linger=server.flush_ms())  # the last replies leave before the process ends
     return 3 if server.refused else 0
 
 
@@ -678,6 +679,8 @@ def router_main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         router.serve_forever()
+        if not router.ctx.closed:
+            router.ctx.destroy(linger=router.flush_ms())  # the last replies leave before the process ends
     except Exception as exc:
         if router.started.is_set():
             log.error("router failed: %s", exc)

@@ -54,6 +54,8 @@ class Metrics:
     def __init__(self, busy: BusyClock):
         r = self.registry = CollectorRegistry()
         self.events = Counter("charon_events", "Events answered with SIM_COMPLETE", registry=r)
+        self.accepted = Counter("charon_accepted_events", "Events taken for simulation (queued); minus those "
+                                "answered or failed: what a stop would drain", registry=r)  # fmt: skip
         self.photons = Counter("charon_photons", "Photons propagated", registry=r)
         self.hits = Counter("charon_hits", "Hits returned", registry=r)
         self.batches = Counter("charon_batches", "Engine calls (batches)", registry=r)

@@ -231,10 +231,17 @@ class Router:
                 stop_serving(metrics_server)
             if self.runs is not None:
                 self.runs.close_all(lambda run: [p.event_id for p in run.pending])
-            fe.close(0)
-            be.close(0)
+            linger = self.flush_ms()
+            fe.close(linger)
+            be.close(linger)
             if self._own_ctx:
                 self.ctx.term()
+
+    def flush_ms(self) -> int:
+        """How long the sockets may keep sending once closed: the replies passed on last (see the server's)."""
+        from .server import FLUSH_MS
+
+        return 0 if self._abort.is_set() or self.config.drain_seconds <= 0 else FLUSH_MS
 
     def _turn(self, events: dict, read_clients: bool = True):
         """One turn of the loop: closed run files, workers' messages, (``read_clients``) clients' requests,

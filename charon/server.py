@@ -43,6 +43,7 @@ log = logging.getLogger("charon.server")
 # so only latency below saturation changes (benchmarks/RESULTS.md, fifteenth session). "wait": once its
 # oldest event has waited --max-wait-ms and the engine can take it: fewer, larger engine calls at low load.
 DISPATCH_RULES = ("idle", "wait")
+FLUSH_MS = 2000  # after a drain: how long the last replies may take to leave (a gone client's are dropped at once)
 # How the GPUs of --gpus share the client port. "router": a local charon-router hands each event to a GPU
 # worker and re-sends a dead worker's events; its one Python loop limits a host to ~10-12k events/s of
 # 1000 photons (benchmarks/RESULTS.md, fifteenth session). "port": each GPU's server listens on the port
@@ -416,6 +417,12 @@ class BatchServer:
         if self.config.connect:
             self._worker_housekeeping(reconnect=not draining)
 
+    def flush_ms(self) -> int:
+        """How long the client socket may keep sending once closed: after a drain, its last replies are
+        still queued in ZeroMQ (closed with no linger they were dropped, and a test caught it); the process
+        then ends its context with the same wait (``cli.batch_main``)."""
+        return 0 if self._abort.is_set() or self.config.drain_seconds <= 0 else FLUSH_MS
+
     def _engine_gone(self) -> bool:
         """A --procs front end whose launcher, and with it the shared engine, has ended (lifetime.py sent the
         SIGTERM): nothing would answer its events, so it does not wait for them."""
@@ -463,7 +470,7 @@ class BatchServer:
         if lost:
             log.warning("shutting down with %d event(s) unanswered: %s", len(lost), lost[:20])
         self._close_all_runs()
-        self.socket.close(0)
+        self.socket.close(self.flush_ms())
         if self._metrics_server is not None:
             stop_serving(self._metrics_server)
 
@@ -560,6 +567,7 @@ class BatchServer:
             req._digest = digest
         self.by_key.setdefault(pd.key, []).append(req)
         self.batcher.add(req)
+        self.metrics.accepted.inc()
         self.metrics.queued_photons.set(self.batcher.queued_photons)
         if run is not None:
             self.runs.accepted(run, req)

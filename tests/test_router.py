@@ -892,24 +892,42 @@ def test_sigterm_to_a_procs_launcher_answers_the_events_in_flight_first(to):
     event they had received (the shared engine stays up for them), then everything exits with status 0.
     Sent to the whole process group (as systemd does, or Ctrl-C in a terminal), each front end gets the
     stop twice, once more from the launcher, and must not take the second as "skip the drain"."""
-    port = _free_port()
+    port = free_port_range(4)
+    mport = port + 1  # front ends' metrics on mport, mport + 1
+    # A generous drain: what is tested is that nothing received is dropped, not how fast CI's cores are.
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--procs", "2", "--engine", "cpu", "--detector",
-                             "sphere", "--seed", str(SEED), "--bind", f"tcp://127.0.0.1:{port}",
-                             "--log-level", "WARNING"], start_new_session=True)  # fmt: skip
+                             "sphere", "--seed", str(SEED), "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port",
+                             str(mport), "--drain-seconds", "120", "--log-level", "WARNING"],
+                            start_new_session=True)  # fmt: skip
     c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
     dealers = []
     try:
-        wait_first_answer(c, 120)
+        deadline = wait_first_answer(c, 120)
+
+        def counts(name):
+            while True:
+                try:
+                    return sum(_metric(mport + k, name) for k in range(2))
+                except OSError:  # a front end's endpoint not up yet
+                    assert time.monotonic() < deadline, "front ends' metrics did not come up"
+                    time.sleep(0.2)
+
+        before = counts("charon_accepted_events_total")
         dealers = [DealerClient(f"tcp://127.0.0.1:{port}") for _ in range(8)]
         tables = {i: random_event(40_000, np.random.default_rng(i), radius=100.0) for i in range(16)}
         for i, t in tables.items():
             dealers[i % 8].submit(i, t)
-        time.sleep(0.5)  # received by the front ends (loopback), not yet simulated
+        # Requests still unread when the stop comes are left to the clients' retries: wait until the
+        # front ends have taken all sixteen, and check that work is still in flight then.
+        while counts("charon_accepted_events_total") < before + 16:
+            assert time.monotonic() < deadline, "the front ends did not take the events"
+            time.sleep(0.05)
+        assert counts("charon_events_total") < before + 16
         if to == "launcher":
             proc.send_signal(signal.SIGTERM)
         else:
             os.killpg(proc.pid, signal.SIGTERM)
-        replies = {r.event_id: r for d in dealers for r in (d.recv(60_000), d.recv(60_000))}
+        replies = {r.event_id: r for d in dealers for r in (d.recv(120_000), d.recv(120_000))}
         assert sorted(replies) == sorted(tables) and all(r.kind == P.SIM_COMPLETE for r in replies.values())
         sphere = CPUEngine(resolve_detector("sphere"), EngineConfig(seed=SEED))
         np.testing.assert_array_equal(replies[5].hits["channel"], expected(sphere, 5, tables[5]).channel)
