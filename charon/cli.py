@@ -272,14 +272,10 @@ def _gpus_on_one_port_main(config: ServerConfig, argv: list[str], gpus: list[int
     engine when N > 1), every front end listening on --bind with SO_REUSEPORT. This launcher reserves the
     port, as a --procs launcher does, and restarts a GPU's server that dies. No router: an event never
     crosses a Python loop that every event crosses."""
-    from .reuseport import reserve
-
     log = logging.getLogger("charon")
-    try:
-        hold, bind = reserve(config.bind)  # fails at once if the port is taken
-    except (OSError, ValueError) as exc:
-        log.error("cannot start: --bind %s: %s", config.bind, exc)
+    if (reserved := _reserve("--bind", config.bind)) is None:
         return 2
+    hold, bind = reserved
     base = _strip_flags(argv, ("--gpus", "--gpus-share", "--bind", "--device", "--metrics-port", "--accept",
                                "--parent", "--engine-cpus", "--engine-cpus-all"))  # fmt: skip
     pinned = [[] for _ in gpus]  # GPU i's engine thread on its share of --engine-cpus; every front end off all
@@ -302,6 +298,18 @@ def _grace(config, nested: bool = False) -> float:
     """Seconds a child gets after SIGTERM: its --drain-seconds, and time to stop (more for a child that is
     itself a launcher: its own children drain first)."""
     return config.drain_seconds + (40.0 if nested else 20.0)
+
+
+def _reserve(flag: str, endpoint: str):
+    """The shared port of ``endpoint`` held for a launcher's processes (reuseport.reserve): (hold, endpoint
+    with the actual port), or None, logged, when it is taken (another charon too) or not a tcp:// address."""
+    from .reuseport import reserve
+
+    try:
+        return reserve(endpoint)
+    except (OSError, ValueError) as exc:
+        logging.getLogger("charon").error("cannot start: %s %s: %s", flag, endpoint, exc)
+        return None
 
 
 def _supervise(name: str, start, n: int, on_exit=None, needs=None, grace: float = 30.0, before_stop=None,
@@ -478,16 +486,12 @@ def _front_ends_main(config: ServerConfig, argv: list[str], where, what: str) ->
 
 
 def _reuseport_main(config: ServerConfig, argv: list[str]) -> int:
-    from .reuseport import reserve
-
     if config.parent is not None:  # one GPU's server under --gpus-share port: that launcher holds the port
         return _front_ends_main(config, argv, lambda i: ["--bind", config.bind, "--accept", "reuseport"],
                                 f"front-end processes joining {config.bind} (SO_REUSEPORT, GPU {config.device})")
-    try:
-        hold, bind = reserve(config.bind)  # fails at once if the port is taken (another charon-batch too)
-    except (OSError, ValueError) as exc:
-        logging.getLogger("charon").error("cannot start: --bind %s: %s", config.bind, exc)
+    if (reserved := _reserve("--bind", config.bind)) is None:
         return 2
+    hold, bind = reserved
     try:
         return _front_ends_main(config, argv, lambda i: ["--bind", bind, "--accept", "reuseport"],
                                 f"front-end processes sharing {bind} (SO_REUSEPORT)")  # fmt: skip
@@ -604,11 +608,10 @@ ROUTER_HELP = {
 
 def router_backends(config) -> list[str]:
     """charon-router --procs R: router k's backend, --backend's port + k (the addresses workers --connect to)."""
-    from .reuseport import parse_tcp
+    from .reuseport import parse_tcp, tcp_endpoint
 
     host, port = parse_tcp(config.backend)
-    shown = f"[{host}]" if ":" in host else host
-    return [f"tcp://{shown}:{port + k}" for k in range(config.procs)]
+    return [tcp_endpoint(host, port + k) for k in range(config.procs)]
 
 
 def _routers_main(config, argv: list[str]) -> int:
@@ -619,15 +622,12 @@ def _routers_main(config, argv: list[str]) -> int:
     stays with one of them, and a worker host's front ends spread over all of them. A router that dies
     is restarted on the same ports; its workers register again, and its clients' in-flight events
     come back through their retries, as with a --procs front end."""
-    from .reuseport import reserve
+    import subprocess
 
     log = logging.getLogger("charon")
-    try:
-        hold, frontend = reserve(config.frontend)  # fails at once if the port is taken
-    except (OSError, ValueError) as exc:
-        log.error("cannot start: --frontend %s: %s", config.frontend, exc)
+    if (reserved := _reserve("--frontend", config.frontend)) is None:
         return 2
-    import subprocess
+    hold, frontend = reserved
 
     backends = router_backends(config)
     base = _strip_flags(argv, ("--procs", "--frontend", "--backend", "--accept", "--parent", "--metrics-port"))

@@ -88,8 +88,12 @@ def reserve(endpoint: str) -> tuple[socket.socket, str]:
     except OSError:
         hold.close()
         raise
-    shown = f"[{host}]" if ":" in host else host
-    return hold, f"tcp://{shown}:{port}"
+    return hold, tcp_endpoint(host, port)
+
+
+def tcp_endpoint(host: str, port: int) -> str:
+    """The inverse of :func:`parse_tcp`: 'tcp://HOST:PORT', an IPv6 address in brackets."""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
 def listener(endpoint: str, backlog: int = 1024) -> int:
