@@ -402,8 +402,13 @@ def _start_engine_service(config: ServerConfig):
 
     from .cpus import pin_all_threads, split_engine_cpus
     from .engine_service import EngineService
+    from .handoff import remove_orphans
     from .server import engine_setup
 
+    n, nbytes = remove_orphans()
+    if n:
+        logging.getLogger("charon").warning("removed %d shared-memory segment(s), %.1f MB, left in /dev/shm by charon "
+                                            "processes that were killed", n, nbytes / 2**20)  # fmt: skip
     _detector, factory = engine_setup(config)
     split = split_engine_cpus(config.engine_cpus, config.engine_cpus_all)
     if split is not None:

@@ -24,7 +24,9 @@ segment's size) and ``n`` locate everything. Flags right after the table let the
 engine copy a front-end batch to the device in one 2D copy.
 
 Names are ``charon-<launcher pid>-<front-end pid>-<k>``: the launcher removes
-whatever a killed front end left behind (:func:`remove_leftovers`). Segments are
+whatever a killed front end left behind (:func:`remove_leftovers`), and a starting
+launcher removes the segments of process trees that were killed whole
+(:func:`remove_orphans`). Segments are
 sized with ``posix_fallocate``, so a full /dev/shm (Docker's default is 64 MB)
 is an error at creation, not a SIGBUS at the first write; the front end then
 falls back to sending photons over the socket.
@@ -176,3 +178,41 @@ def remove_leftovers(launcher_pid: int | None = None, child_pid: int | None = No
             os.unlink(path)
             removed += 1
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphans(directory: str = SHM_DIR) -> tuple[int, int]:
+    """Remove segments whose launcher and front end are both gone; returns (how many, bytes).
+
+    A launcher removes what its own killed front ends leave (:func:`remove_leftovers`), but
+    when the whole process tree is killed at once (the OOM killer, a batch system's SIGKILL
+    of the job, ``kill -9`` of the process group) nothing does, and /dev/shm is memory:
+    each such crash would keep up to a batch buffer per front end (~260 MB at 5e6 photons)
+    until the host reboots. A starting launcher calls this. A segment of a live server
+    always has a live creator, and another user's cannot be removed (/dev/shm is sticky)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0, 0
+    removed, size = 0, 0
+    for name in names:
+        if not NAME_RE.match(name):
+            continue
+        launcher, front_end = (int(x) for x in name.split("-")[1:3])
+        if _alive(launcher) or _alive(front_end):
+            continue
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            nbytes = os.stat(path).st_size
+            os.unlink(path)
+            removed, size = removed + 1, size + nbytes
+    return removed, size

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from charon import handoff
-from charon.handoff import Segment, SharedHostBuffer, remove_leftovers, segment_bytes, words
+from charon.handoff import Segment, SharedHostBuffer, remove_leftovers, remove_orphans, segment_bytes, words
 from charon.photons import N_ROWS
+from processes import gone_pids
 
 needs_shm = pytest.mark.skipif(not handoff.available(), reason="needs a writable /dev/shm (Linux)")
 
@@ -115,6 +116,21 @@ def test_remove_leftovers_takes_only_this_launchers_segments():
     finally:
         for s in mine:
             s.close()
+
+
+def test_remove_orphans_takes_only_segments_whose_launcher_and_front_end_are_both_gone(tmp_path):
+    """A whole process tree killed at once leaves its segments; a starting launcher removes those, and
+    only those: a segment with a live launcher or a live front end belongs to a running server."""
+    d1, d2 = gone_pids(2)
+    names = {f"charon-{d1}-{d2}-0": True, f"charon-{d1}-{d2}-7": True,  # both gone: removed
+             f"charon-{d1}-{os.getpid()}-0": False,  # its front end is alive
+             f"charon-{os.getpid()}-{d2}-0": False,  # its launcher is alive (it removes its front ends' own)
+             f"charon-{d1}-{d2}-x": False, f"other-{d1}-{d2}-0": False}  # not a charon segment name  # fmt: skip
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(b"\0" * (100 + i))
+    assert remove_orphans(str(tmp_path)) == (2, 100 + 101)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, gone in names.items() if not gone)
+    assert remove_orphans(str(tmp_path / "missing")) == (0, 0)
 
 
 def test_server_config_and_cli_refuse_an_unknown_handoff():

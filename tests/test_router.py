@@ -18,6 +18,7 @@ from charon.client import DealerClient, ReqClient, photondata_frames
 from charon.engines.base import EngineConfig
 from charon.engines.cpu import CPUEngine
 from charon.geometry import resolve_detector
+from charon import handoff
 from charon.handoff import available as shm_available
 from charon.geometry.builtin import sphere_detector
 from charon.geometry.optics import constant_surface
@@ -25,6 +26,7 @@ from charon.photons import PhotonBatch
 from charon.router import HEARTBEAT, READY, REPLY, REQUEST, RouterConfig, run_router_in_thread
 from charon.server import ServerConfig, recv_message, run_in_thread, send_message
 from charon.sources import random_event
+from processes import gone_pids
 from standins import GatedEngine
 
 SEED = 31
@@ -517,6 +519,13 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     # --engine-cpus (reuseport run, where at least two CPUs): the engine thread gets the first CPU to itself.
     pinned = accept == "reuseport" and len(allowed) >= 2
+    # A segment left by a process tree killed at once (launcher and front end gone): the launcher removes it.
+    orphan = None
+    if handoff.available():
+        d1, d2 = gone_pids(2)
+        orphan = os.path.join(handoff.SHM_DIR, f"charon-{d1}-{d2}-0")
+        with open(orphan, "wb") as f:
+            f.write(b"\0" * 4096)
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--procs", "2", "--engine", "cpu", "--detector",
                              "sphere", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
@@ -557,6 +566,7 @@ def test_procs_flag_runs_front_ends_behind_one_address_sharing_one_engine(tmp_pa
             d.close()
         served = [_metric(mport + k, "charon_events_total") - before[k] for k in range(2)]
         assert sum(served) >= 48 and min(served) > 0  # both front ends served
+        assert orphan is None or not os.path.exists(orphan)
         # One shared engine (metrics on mport + 2) ran every batch; the front ends ran none.
         assert _metric(mport + 2, "charon_batches_total") >= 1 and _metric(mport, "charon_batches_total") == 0
         assert _metric(mport + 2, "charon_photons_total") >= 48 * 300 + 200  # + the first answer (maybe resent)
