@@ -327,14 +327,19 @@ def test_bench_refuses_server_cpus_without_spawn():
         main(["--address", "tcp://127.0.0.1:1", "--server-cpus", "0"])
 
 
-def test_pyspy_shares_counts_only_stacks_through_the_root(tmp_path):
+def _benchmark_module(name: str):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parent.parent / "benchmarks" / "pyspy_shares.py"
-    spec = importlib.util.spec_from_file_location("pyspy_shares", path)
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pyspy_shares_counts_only_stacks_through_the_root(tmp_path):
+    mod = _benchmark_module("pyspy_shares")
     raw = tmp_path / "spy.txt"
     raw.write_text(
         'process 1:"python3 -m charon.cli";thread (0x1);main (cli.py:3);loop (s.py:10);recv (k.py:5) 6\n'
@@ -347,3 +352,22 @@ def test_pyspy_shares_counts_only_stacks_through_the_root(tmp_path):
     assert own == {"recv (k.py)": 6, "decode (p.py)": 3, "loop (s.py)": 1}
     assert incl["loop (s.py)"] == 10 and "main (cli.py)" not in incl
     assert by_line["recv (k.py:5)"] == 6
+
+
+def test_soak_fits_memory_against_events_after_the_settling_part_and_names_the_process_that_grew():
+    growth = _benchmark_module("soak").growth
+
+    def sample(t, events, a, b):
+        return {"t": t, "events": events, "rss_mb": a + b, "fds": 9, "threads": 4, "shm_mb": 1.0,
+                "rss_mb_by_pid": {"11": a, "12": b}}  # fmt: skip
+
+    # Process 12 grows by 2 MB per million events after a first sample that jumps (buffers reaching size):
+    # the jump is in the settling part and left out of the fit.
+    samples = [sample(0, 0, 100.0, 50.0)] + [sample(10 * k, k * 1e6, 100.0, 80.0 + 2.0 * k) for k in range(1, 11)]
+    g = growth(samples, settle=0.15)
+    assert g["mb_per_million_events"] == pytest.approx(2.0)
+    assert g["samples"] == 9 and g["events"] == 8e6
+    assert g["rss_growth_mb_by_pid"] == {"11": 0.0, "12": 16.0}
+    flat = [sample(10 * k, k * 1e6, 100.0, 80.0) for k in range(6)]
+    assert growth(flat, settle=0.2)["mb_per_million_events"] == pytest.approx(0.0, abs=1e-9)
+    assert growth(flat[:2], settle=0.2)["mb_per_million_events"] is None  # too few samples to fit
