@@ -6,7 +6,7 @@ import collections
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 _PHOTON_BUCKETS = (1e2, 1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 5e6, 1e7)
 _SECOND_BUCKETS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -53,6 +53,10 @@ class BusyClock:
 class Metrics:
     def __init__(self, busy: BusyClock):
         r = self.registry = CollectorRegistry()
+        # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ... of the serving
+        # process (Linux): each --procs front end, the shared engine and each --gpus worker has its own
+        # endpoint, so an operator sees which process grows (benchmarks/RESULTS.md: memory over millions of events).
+        ProcessCollector(registry=r)
         self.events = Counter("charon_events", "Events answered with SIM_COMPLETE", registry=r)
         self.accepted = Counter("charon_accepted_events", "Events taken for simulation (queued); minus those "
                                 "answered or failed: what a stop would drain", registry=r)  # fmt: skip
@@ -127,6 +131,7 @@ class RouterMetrics:
 
     def __init__(self, inflight, waiting, workers):
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # the router process's memory, descriptors and CPU, as a server's (Metrics)
         self.events = Counter("charon_router_events", "PHOTONDATA requests taken for a worker (resends joined to "
                               "one in flight not counted)", registry=r)  # fmt: skip
         self.replies = Counter("charon_router_replies", "Workers' answers passed on to clients or written to runs",

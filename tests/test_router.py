@@ -751,6 +751,8 @@ def test_router_metrics_count_events_replies_and_workers(det):
         assert _metric(mport, "charon_router_no_workers_total") == 1
         assert _metric(mport, "charon_router_inflight_events") == 0
         assert _metric(mport, "charon_router_host_seconds_total") > 0
+        if sys.platform.startswith("linux"):  # the router process's own memory, as a server's endpoint gives
+            assert _metric(mport, "process_resident_memory_bytes") > 1e7
     finally:
         c.close()
 

@@ -678,6 +678,9 @@ def test_metrics_endpoint_serves_prometheus_text(det):
                      "charon_queued_photons", "charon_batch_photons_bucket", "charon_batch_seconds_bucket",
                      "charon_engine_busy_fraction"):  # fmt: skip
             assert name in text, name
+        if sys.platform.startswith("linux"):  # the process's own figures, which prometheus-client reads from /proc
+            value = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
+            assert 1e7 < value["process_resident_memory_bytes"] < 1e11 and value["process_open_fds"] > 3
     finally:
         s.stop()
 
