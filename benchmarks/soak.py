@@ -31,19 +31,24 @@ from cpu_by_process import _descendants  # noqa: E402
 
 from charon.bench import scrape, spawned_server  # noqa: E402
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
 
 def footprint(pid: int) -> dict | None:
-    """Resident MB, open fds and threads of one process; None once it is gone."""
+    """Resident MB (all, and its anonymous and shared-memory parts), open fds and threads of one process;
+    None once it is gone.
+
+    The parts matter: a front end's batch buffers are /dev/shm segments of fixed size (handoff.py),
+    and its RSS counts only the pages it has touched, so RSS rises towards their size as larger
+    batches come (``rss_shmem_mb``) without anything leaking. Growth of ``rss_anon_mb`` is the heap's."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            rss = int(f.read().split()[1]) * PAGE / 2**20
+        with open(f"/proc/{pid}/status") as f:
+            kb = {k: int(v.split()[0]) for k, _, v in (ln.partition(":") for ln in f) if k.startswith("Rss")}
         fds = len(os.listdir(f"/proc/{pid}/fd"))
         threads = len(os.listdir(f"/proc/{pid}/task"))
     except (OSError, IndexError, ValueError):
         return None
-    return {"rss_mb": rss, "fds": fds, "threads": threads}
+    return {"rss_mb": (kb.get("RssAnon", 0) + kb.get("RssFile", 0) + kb.get("RssShmem", 0)) / 1024,
+            "rss_anon_mb": kb.get("RssAnon", 0) / 1024, "rss_shmem_mb": kb.get("RssShmem", 0) / 1024,
+            "fds": fds, "threads": threads}  # fmt: skip
 
 
 def shm_mb(prefix: str = "charon") -> tuple[int, float]:
@@ -75,10 +80,12 @@ def growth(samples: list[dict], settle: float) -> dict:
     if ev[-1] - ev[0] <= 0:
         return {"mb_per_million_events": None, "samples": len(span)}
     slope = float(np.polyfit(ev / 1e6, rss, 1)[0])
+    anon = [s.get("rss_anon_mb") for s in span]
+    anon_slope = float(np.polyfit(ev / 1e6, np.array(anon, float), 1)[0]) if None not in anon else None
     # Which process grew: each one's resident MB over the span (a restarted process is a new pid).
     first, last = span[0].get("rss_mb_by_pid", {}), span[-1].get("rss_mb_by_pid", {})
     by_pid = {p: round(last[p] - first[p], 2) for p in first if p in last}
-    return {"mb_per_million_events": slope, "samples": len(span), "events": float(ev[-1] - ev[0]),
+    return {"mb_per_million_events": slope, "anon_mb_per_million_events": anon_slope, "samples": len(span), "events": float(ev[-1] - ev[0]),
             "rss_first_mb": float(rss[0]), "rss_last_mb": float(rss[-1]),
             "fds": [span[0]["fds"], span[-1]["fds"]], "threads": [span[0]["threads"], span[-1]["threads"]],
             "shm_mb": [span[0]["shm_mb"], span[-1]["shm_mb"]], "rss_growth_mb_by_pid": by_pid}  # fmt: skip
@@ -103,12 +110,19 @@ def main(argv=None) -> int:
     server_args = argv[cut + 1:]
     me = os.getpid()
     samples = []
+
+    def save(samples, summary):
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"server_args": server_args, "bench": a.bench, "samples": samples, "summary": summary}, f,
+                          indent=1)  # fmt: skip
     with spawned_server(server_args) as (address, murl):
         load = subprocess.Popen([sys.executable, "-m", "charon.bench", "--address", address, "--no-progress",
                                  "--duration", str(a.minutes * 60), "--events", str(int(a.events)), *shlex.split(a.bench)],
                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
         t0 = time.monotonic()
-        print(f"{'t s':>7} {'events':>10} {'RSS MB':>8} {'max proc MB':>11} {'fds':>5} {'threads':>7} {'shm MB':>7}")
+        print(f"{'t s':>7} {'events':>10} {'RSS MB':>8} {'anon MB':>8} {'shmem MB':>8} {'max proc MB':>11} {'fds':>5} "
+              f"{'threads':>7} {'shm MB':>7}")  # fmt: skip
         try:
             while True:
                 done = load.poll() is not None
@@ -119,26 +133,32 @@ def main(argv=None) -> int:
                 n_shm, mb_shm = shm_mb()
                 s = {"t": round(time.monotonic() - t0, 1), "events": scrape(murl).get("charon_events_total", 0.0),
                      "rss_mb": sum(f["rss_mb"] for f in each), "rss_max_mb": max((f["rss_mb"] for f in each), default=0),
+                     "rss_anon_mb": sum(f["rss_anon_mb"] for f in each),
+                     "rss_shmem_mb": sum(f["rss_shmem_mb"] for f in each),
                      "fds": sum(f["fds"] for f in each), "threads": sum(f["threads"] for f in each),
                      "processes": len(each), "shm_segments": n_shm, "shm_mb": mb_shm,
-                     "rss_mb_by_pid": {str(p): round(f["rss_mb"], 2) for p, f in by_pid.items()}}  # fmt: skip
+                     "rss_mb_by_pid": {str(p): round(f["rss_mb"], 2) for p, f in by_pid.items()},
+                     "rss_anon_mb_by_pid": {str(p): round(f["rss_anon_mb"], 2) for p, f in by_pid.items()}}  # fmt: skip
                 samples.append(s)
-                print(f"{s['t']:>7.0f} {s['events']:>10.0f} {s['rss_mb']:>8.1f} {s['rss_max_mb']:>11.1f} "
-                      f"{s['fds']:>5d} {s['threads']:>7d} {s['shm_mb']:>7.1f}", flush=True)  # fmt: skip
-                if done:
+                print(f"{s['t']:>7.0f} {s['events']:>10.0f} {s['rss_mb']:>8.1f} {s['rss_anon_mb']:>8.1f} "
+                      f"{s['rss_shmem_mb']:>8.1f} {s['rss_max_mb']:>11.1f} {s['fds']:>5d} {s['threads']:>7d} "
+                      f"{s['shm_mb']:>7.1f}", flush=True)  # fmt: skip
+                save(samples, None)  # after every sample: a run cut short keeps what it measured
+                # Done: the load has ended, or its time is up and no event came since the last sample
+                # (charon-bench then works through its records, ~1 min for 20 M events: not the server's time).
+                if done or (s["t"] > a.minutes * 60 and len(samples) > 1 and s["events"] == samples[-2]["events"]):
                     break
                 time.sleep(max(0.0, a.interval - (time.monotonic() - t0 - s["t"])))
         finally:
-            if load.poll() is None:
+            try:
+                out = load.communicate(timeout=180)[0]
+            except subprocess.TimeoutExpired:
                 load.terminate()
-            out = load.communicate()[0]
+                out = load.communicate()[0]
     summary = growth(samples, a.settle)
     summary["load_report"] = out.strip().splitlines()[-3:] if out else []
     print(json.dumps(summary, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"server_args": server_args, "bench": a.bench, "samples": samples, "summary": summary}, f,
-                      indent=1)  # fmt: skip
+    save(samples, summary)
     return 0 if load.returncode == 0 else 1
 
 

@@ -358,14 +358,16 @@ def test_soak_fits_memory_against_events_after_the_settling_part_and_names_the_p
     growth = _benchmark_module("soak").growth
 
     def sample(t, events, a, b):
-        return {"t": t, "events": events, "rss_mb": a + b, "fds": 9, "threads": 4, "shm_mb": 1.0,
-                "rss_mb_by_pid": {"11": a, "12": b}}  # fmt: skip
+        return {"t": t, "events": events, "rss_mb": a + b, "rss_anon_mb": 120.0, "fds": 9, "threads": 4,
+                "shm_mb": 1.0, "rss_mb_by_pid": {"11": a, "12": b}}  # fmt: skip
 
     # Process 12 grows by 2 MB per million events after a first sample that jumps (buffers reaching size):
-    # the jump is in the settling part and left out of the fit.
+    # the jump is in the settling part and left out of the fit. Its heap stays flat: the growth is in
+    # pages of its shared-memory buffers, which the fit of the anonymous part tells apart.
     samples = [sample(0, 0, 100.0, 50.0)] + [sample(10 * k, k * 1e6, 100.0, 80.0 + 2.0 * k) for k in range(1, 11)]
     g = growth(samples, settle=0.15)
     assert g["mb_per_million_events"] == pytest.approx(2.0)
+    assert g["anon_mb_per_million_events"] == pytest.approx(0.0, abs=1e-9)
     assert g["samples"] == 9 and g["events"] == 8e6
     assert g["rss_growth_mb_by_pid"] == {"11": 0.0, "12": 16.0}
     flat = [sample(10 * k, k * 1e6, 100.0, 80.0) for k in range(6)]
