@@ -30,6 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_by_process import _descendants  # noqa: E402
 
 from charon.bench import scrape, spawned_server  # noqa: E402
+from charon.handoff import NAME_RE, SHM_DIR  # noqa: E402
+
+
+_STATUS_KB = ("VmRSS", "RssAnon", "RssShmem")  # /proc/PID/status lines read, in kB
 
 
 def footprint(pid: int) -> dict | None:
@@ -41,26 +45,26 @@ def footprint(pid: int) -> dict | None:
     batches come (``rss_shmem_mb``) without anything leaking. Growth of ``rss_anon_mb`` is the heap's."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            kb = {k: int(v.split()[0]) for k, _, v in (ln.partition(":") for ln in f) if k.startswith("Rss")}
+            kb = {k: int(v.split()[0]) for k, _, v in (ln.partition(":") for ln in f) if k in _STATUS_KB}
         fds = len(os.listdir(f"/proc/{pid}/fd"))
         threads = len(os.listdir(f"/proc/{pid}/task"))
     except (OSError, IndexError, ValueError):
         return None
-    return {"rss_mb": (kb.get("RssAnon", 0) + kb.get("RssFile", 0) + kb.get("RssShmem", 0)) / 1024,
+    return {"rss_mb": kb.get("VmRSS", 0) / 1024,
             "rss_anon_mb": kb.get("RssAnon", 0) / 1024, "rss_shmem_mb": kb.get("RssShmem", 0) / 1024,
             "fds": fds, "threads": threads}  # fmt: skip
 
 
-def shm_mb(prefix: str = "charon") -> tuple[int, float]:
-    """(count, MB) of the shared-memory segments whose names start with ``prefix`` (handoff.py)."""
+def shm_mb() -> tuple[int, float]:
+    """(count, MB) of charon's shared-memory segments (handoff.py's names and directory)."""
     try:
-        names = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+        names = [n for n in os.listdir(SHM_DIR) if NAME_RE.match(n)]
     except OSError:
         return 0, 0.0
     size = 0
     for n in names:
         try:
-            size += os.stat(os.path.join("/dev/shm", n)).st_blocks * 512
+            size += os.stat(os.path.join(SHM_DIR, n)).st_blocks * 512
         except OSError:
             pass
     return len(names), size / 2**20
