@@ -10,6 +10,12 @@ import sys
 
 from .server import DISPATCH_RULES, GPUS_SHARE, BatchServer, ServerConfig, default_log_config
 
+OUTPUT_IDLE_HELP = (
+    "with --output-dir: close a run whose client has sent nothing for this long and has no event in flight, as "
+    "if RUN_END had come, so that a client that died mid-run leaves a finished, readable file and frees its name; "
+    "the client's later PHOTONDATA in that run is refused with the reason, and its RUN_END is acknowledged if "
+    "nothing was refused (0: never)")
+
 HELP = {
     "bind": "ZeroMQ address to listen on (ROUTER); port 0 picks a free port",
     "detector": "built-in detector name (demo, large, sphere), a charon .npz detector file, or an STL/mesh file",
@@ -44,6 +50,7 @@ HELP = {
     "output_dir": "directory for server-side run output: PHOTONDATA between RUN_BEGIN and RUN_END is "
     "answered SIM_COMPLETE_ASYNC and its hits go to DIR/<name>.charon.ntuple.root (off when not given)",
     "output_basket_events": "events per ROOT basket written with --output-dir",
+    "output_idle_seconds": OUTPUT_IDLE_HELP,
     "log_level": "logging level (DEBUG, INFO, WARNING, ERROR)",
     "device": "CUDA device ordinal for --engine cuda",
     "connect": "worker mode: connect to a charon-router backend (e.g. tcp://router-host:6667) instead of binding; "
@@ -242,6 +249,7 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
                                  heartbeat_interval=config.heartbeat_interval,
                                  heartbeat_liveness=config.heartbeat_liveness, output_dir=config.output_dir,
                                  output_basket_events=config.output_basket_events,
+                                 output_idle_seconds=config.output_idle_seconds,
                                  max_event_photons=config.max_event_photons, io_threads=config.io_threads,
                                  drain_seconds=config.drain_seconds, log_level=config.log_level)  # fmt: skip
     try:
@@ -592,6 +600,7 @@ ROUTER_HELP = {
     "answered SIM_COMPLETE_ASYNC and the router writes its hits, from whichever worker, to "
     "DIR/<name>.charon.ntuple.root (off when not given: RUN_BEGIN/RUN_END are acknowledged and hits go back)",
     "output_basket_events": "events per ROOT basket written with --output-dir",
+    "output_idle_seconds": OUTPUT_IDLE_HELP,
     "max_event_photons": "with --output-dir: largest event accepted into a run (checked here, since the client is "
     "answered before a worker sees it)",
     "io_threads": "ZeroMQ I/O threads of the router, which carry every photon twice (client to router, router "

@@ -79,6 +79,7 @@ class RouterConfig:
     hold_seconds: float = 60.0
     output_dir: str | None = None
     output_basket_events: int = 1000
+    output_idle_seconds: float = 3600.0
     max_event_photons: int = 50_000_000
     io_threads: int = 0
     procs: int = 1
@@ -120,6 +121,8 @@ class RouterConfig:
             raise ValueError(f"--output-dir {self.output_dir!r} is not a directory")
         if self.output_basket_events < 1 or self.max_event_photons < 1:
             raise ValueError("--output-basket-events and --max-event-photons must be >= 1")
+        if self.output_idle_seconds < 0:
+            raise ValueError("--output-idle-seconds must be >= 0 (0: never close a silent client's run)")
 
 
 @dataclass(eq=False)
@@ -172,8 +175,8 @@ class Router:
         self.frontend_address = None
         self.backend_address = None
         self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
-        self.runs = RunBook(config.output_dir, config.output_basket_events, self._to_client, self._channels) \
-            if config.output_dir else None  # fmt: skip
+        self.runs = RunBook(config.output_dir, config.output_basket_events, self._to_client, self._channels,
+                            config.output_idle_seconds) if config.output_dir else None  # fmt: skip
         self.metrics = RouterMetrics(lambda: len(self.inflight), lambda: len(self.waiting), lambda: len(self.workers))
         if self.runs is not None:
             P.warm_up()  # runs' events are checked here: compile the check before the first one waits for numba
@@ -247,8 +250,10 @@ class Router:
         """One turn of the loop: closed run files, workers' messages, (``read_clients``) clients' requests,
         heartbeats, expiry of silent workers, and requests waiting for room."""
         fe, be = self.frontend, self.backend
-        if self._runs_closed in events:
-            self.runs.collect_closed()
+        if self._runs_closed is not None:
+            if self._runs_closed in events:
+                self.runs.collect_closed()
+            self.runs.close_idle()
         if be in events:
             for _ in range(1000):
                 try:

@@ -23,6 +23,14 @@ refused with a reason, except that a run with no events yet gives its file up to
 later RUN_BEGIN of the same name (a client that resent RUN_BEGIN from a new socket,
 as ratpac-two's Lazy Pirate does after a timeout, or restarted).
 
+A client that dies without RUN_END would leave its run open until the server stops:
+the file unfinished (ROOT's directory is written at close), its name locked and its
+writer thread alive. So a run whose client has sent nothing for ``idle_seconds``
+(``--output-idle-seconds``), with none of its events in flight, is closed as if
+RUN_END had come (:meth:`RunBook.close_idle`). A client that was only slow is told
+so: its later PHOTONDATA is refused with the reason, and its RUN_END is acknowledged
+when nothing of it was refused, since the file then holds all it sent.
+
 Nothing slow runs on the loop: baskets are compressed and written on each file's
 writer thread, and so is a run's end (its last basket and the file's close). The
 writer thread then posts the run back and writes a byte to :attr:`RunBook.wake_fd`,
@@ -36,6 +44,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,6 +61,7 @@ except ImportError:  # not POSIX: files are not locked
 log = logging.getLogger("charon.output")
 
 SUFFIX = ".charon.ntuple.root"
+FORGET_SECONDS = 86_400.0  # a closed run's stand-in (a few hundred bytes) outlives its client's silence this long
 JAGGED_F32 = ("time", "wavelength", "u", "v", "w", "pol_x", "pol_y", "pol_z")
 # branch types of the ``output`` tree, as uproot's mktree takes them
 OUTPUT_TYPES = {"event_id": "uint32", "channel_id": "var * uint32", **{k: "var * float32" for k in JAGGED_F32},
@@ -97,6 +107,10 @@ class Run:
     lost: list = field(default_factory=list)  # event ids that failed in the engine
     written: int = 0
     writer: "RunWriter | None" = None
+    last_request: float = field(default_factory=time.monotonic)  # the client's latest RUN_BEGIN or PHOTONDATA
+    end_reply: list | None = None  # the RUN_END reply, once the file is closed
+    closed_idle: "Run | None" = None  # set on the stand-in of a run closed by RunBook.close_idle: that run
+    refused: int = 0  # on such a stand-in: the client's PHOTONDATA refused since
 
     @property
     def idle(self) -> bool:
@@ -243,9 +257,12 @@ class RunBook:
     then calls :meth:`collect_closed`, which sends those runs' RUN_END replies.
     """
 
-    def __init__(self, directory: str, basket_events: int, reply: Callable, channels: Callable):
+    def __init__(self, directory: str, basket_events: int, reply: Callable, channels: Callable,
+                 idle_seconds: float = 0.0):  # fmt: skip
         self.directory = directory
         self.basket_events = basket_events
+        self.idle_seconds = idle_seconds  # close a run whose client is silent this long (0: never)
+        self._next_idle_check = 0.0
         self._reply = reply
         self._channels = channels
         self.runs: dict[bytes, Run] = {}  # open run of each client identity
@@ -255,13 +272,52 @@ class RunBook:
         os.set_blocking(self.wake_fd, False)
 
     def run_of(self, envelope) -> Run | None:
-        return self.runs.get(bytes(envelope[0]))
+        """The run of a PHOTONDATA's client, noting the request (see :meth:`close_idle`). A run whose
+        ``error`` is set refuses the event; the caller sends the refusal."""
+        run = self.runs.get(bytes(envelope[0]))
+        if run is not None:
+            run.last_request = time.monotonic()
+            if run.closed_idle is not None:
+                run.refused += 1
+        return run
+
+    def close_idle(self, now: float | None = None) -> None:
+        """Close the runs whose client has sent nothing for ``idle_seconds`` and has no event in flight.
+
+        Called on every turn of the loop; it looks at most a few times a second. A closed run leaves a
+        stand-in that refuses the client's later PHOTONDATA with the reason (were it forgotten, they would be
+        served synchronously, which a client in a run does not expect); it is forgotten after
+        ``FORGET_SECONDS`` of silence, as is a run whose file could not be created."""
+        if self.idle_seconds <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        if now < self._next_idle_check:
+            return
+        self._next_idle_check = now + min(1.0, self.idle_seconds / 4)
+        for identity, run in list(self.runs.items()):
+            silent = now - run.last_request
+            if run.pending or silent < self.idle_seconds:
+                continue
+            if run.writer is None:  # a stand-in, or a run without a file: nothing to close
+                if silent >= max(self.idle_seconds, FORGET_SECONDS):
+                    del self.runs[identity]
+                continue
+            log.warning("run %s: no request from its client for %.0f s: closing %s with %d events as if RUN_END "
+                        "had come (--output-idle-seconds)", run.name, now - run.last_request, run.path,
+                        run.written)  # fmt: skip
+            self.runs[identity] = Run(
+                name=run.name, path=run.path, written=run.written, last_request=now, closed_idle=run,
+                error=f"run {run.name!r} was closed after {self.idle_seconds:g} s without a request from its "
+                f"client (--output-idle-seconds); {run.path} holds the {run.written} events sent before; "
+                "send RUN_BEGIN to start a new run")  # fmt: skip
+            run.end_envelope = []
+            self._end_or_wait(run)
 
     def begin(self, envelope, filename: bytes) -> None:
         """RUN_BEGIN: always acknowledged; a file that cannot be created fails the run's events instead."""
         identity = bytes(envelope[0])
         previous = self.runs.pop(identity, None)
-        if previous is not None:  # a second RUN_BEGIN ends the first run without a reply
+        if previous is not None and previous.closed_idle is None:  # a second RUN_BEGIN ends the first, unanswered
             previous.end_envelope = []
             self._end_or_wait(previous)
         name = filename.decode("utf-8", "replace")
@@ -315,6 +371,13 @@ class RunBook:
                 waiting[0].end_envelope = envelope
                 return None
             return "RUN_END without an open run: no RUN_BEGIN from this client"
+        if run.closed_idle is not None and not run.refused:  # a slow client, not a dead one: it lost nothing
+            closed = run.closed_idle
+            if closed in self.closing:
+                closed.end_envelope = envelope  # answered once its file is closed
+            else:
+                self._reply(envelope, closed.end_reply)
+            return None
         if run.error is not None:
             return run.error
         run.end_envelope = envelope
@@ -363,8 +426,9 @@ class RunBook:
                 run.written -= run.writer.unwritten
         log.info("run %s: %d events written to %s%s", run.name, run.written, run.path,
                  f", {len(run.lost)} lost: {run.lost[:20]}" if run.lost else "")  # fmt: skip
+        run.end_reply = [P.ACK] if failed is None else P.encode_failed(P.UNKNOWN_EVENT, failed)
         if run.end_envelope:
-            self._reply(run.end_envelope, [P.ACK] if failed is None else P.encode_failed(P.UNKNOWN_EVENT, failed))
+            self._reply(run.end_envelope, run.end_reply)
 
     def close_all(self, unwritten: Callable[[Run], list] = lambda run: []) -> None:
         """Loop stop: keep what was written readable and say which events were lost

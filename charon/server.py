@@ -73,6 +73,7 @@ class ServerConfig:
     metrics_port: int | None = None
     output_dir: str | None = None
     output_basket_events: int = 1000
+    output_idle_seconds: float = 3600.0
     log_level: str = "INFO"
     device: int = 0
     connect: str | None = None
@@ -107,6 +108,8 @@ class ServerConfig:
             raise ValueError("--reply-layout must be auto, compact or full")
         if self.output_dir is not None and not os.path.isdir(self.output_dir):
             raise ValueError(f"--output-dir {self.output_dir!r} is not a directory")
+        if self.output_idle_seconds < 0:
+            raise ValueError("--output-idle-seconds must be >= 0 (0: never close a silent client's run)")
         if self.output_basket_events < 1:
             raise ValueError("--output-basket-events must be >= 1")
         if self.procs < 1:
@@ -231,7 +234,8 @@ class BatchServer:
         # Queued or in-flight requests by (event_id, n), for resend de-duplication.
         self.by_key: dict[tuple, list[EventRequest]] = {}
         self.runs = RunBook(config.output_dir, config.output_basket_events, self._reply,
-                            lambda: (self.detector.channel_position, self.detector.channel_type)) \
+                            lambda: (self.detector.channel_position, self.detector.channel_type),
+                            config.output_idle_seconds) \
             if config.output_dir else None  # open runs of client identities (--output-dir)  # fmt: skip
         self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
         self._detector_info = P.encode_detector_info(self.detector.channel_position, self.detector.channel_type)
@@ -402,8 +406,10 @@ class BatchServer:
         if wake in events:
             self.engine_thread.poll_results()
             self._collect_results()
-        if runs_closed in events:
-            self.runs.collect_closed()
+        if runs_closed is not None:
+            if runs_closed in events:
+                self.runs.collect_closed()
+            self.runs.close_idle()
         if read and self.socket in events:
             handle = self._from_router if self.config.connect else self._handle
             # Take what is there, but bounded, so results and dispatch interleave.

@@ -30,11 +30,12 @@ def det():
 
 
 @pytest.fixture
-def server(det, tmp_path):
+def server(det, tmp_path, request):
     out = tmp_path / "runs"
     out.mkdir()
+    extra = getattr(request, "param", {})  # more ServerConfig fields, through indirect parametrization
     srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", seed=SEED, output_dir=str(out),
-                                         output_basket_events=3, max_batch_photons=5000),
+                                         output_basket_events=3, max_batch_photons=5000, **extra),
                             detector=det)  # fmt: skip
     clients = []
 
@@ -298,16 +299,158 @@ def test_a_file_locked_by_another_process_is_refused(server):
     assert path.stat().st_size == 0  # the refused run truncated and wrote nothing
 
 
+# ----------------------------------------------------------------- clients that fall silent
+def file_closed(path, timeout=10.0) -> bool:
+    """Whether the run's flock on ``path`` is released (its file closed) within ``timeout`` seconds."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(path, "ab") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("server", [{"output_idle_seconds": 0.6}], indirect=True)
+def test_a_silent_clients_run_is_closed_readable_while_an_active_one_goes_on(server):
+    """A client that dies mid-run must not hold its file open, unfinished, until the server stops."""
+    srv, out, dealer = server
+    silent, active = dealer(), dealer()
+    assert ask(silent, [P.RUN_BEGIN, b"dead.root"]).kind == b"ACK"
+    assert ask(active, [P.RUN_BEGIN, b"live.root"]).kind == b"ACK"
+    dead_events, live_events = events(3, 11), events(12, 12)
+    for eid, t in dead_events.items():
+        assert ask(silent, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
+    dead = out / "dead.charon.ntuple.root"
+    t0 = time.monotonic()
+    for eid, t in live_events.items():  # one event every 0.2 s: never 0.6 s silent
+        assert ask(active, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
+        time.sleep(0.2)
+    assert time.monotonic() - t0 > 2.0
+    assert file_closed(dead, timeout=5.0)
+    with uproot.open(dead) as f:  # finished: readable, with every event sent
+        assert sorted(f["output"]["event_id"].array(library="np").tolist()) == sorted(dead_events)
+    assert not file_closed(out / "live.charon.ntuple.root", timeout=0.0)  # the active run is still open
+    assert ask(active, [P.RUN_END]).kind == b"ACK"
+    with uproot.open(out / "live.charon.ntuple.root") as f:
+        assert sorted(f["output"]["event_id"].array(library="np").tolist()) == sorted(live_events)
+    # the silent client comes back: refused, with the reason, and its RUN_END says something was refused
+    r = ask(silent, photondata_frames(77, random_event(40, np.random.default_rng(7), radius=100.0)))
+    assert r.kind == P.SIM_FAILED and r.event_id == 77
+    assert "without a request from its client" in r.reason and "holds the 3 events" in r.reason
+    r = ask(silent, [P.RUN_END])
+    assert r.kind == P.SIM_FAILED and "--output-idle-seconds" in r.reason
+    with uproot.open(dead) as f:  # the refused event was not appended
+        assert f["output"].num_entries == 3
+    # and may start a new run
+    assert ask(silent, [P.RUN_BEGIN, b"again.root"]).kind == b"ACK"
+    assert ask(silent, photondata_frames(78, random_event(40, np.random.default_rng(8), radius=100.0))).kind == \
+        P.SIM_COMPLETE_ASYNC  # fmt: skip
+    assert ask(silent, [P.RUN_END]).kind == b"ACK"
+
+
+@pytest.mark.parametrize("server", [{"output_idle_seconds": 0.3}], indirect=True)
+def test_a_slow_clients_run_end_after_the_close_is_acknowledged(server):
+    srv, out, dealer = server
+    d = dealer()
+    assert ask(d, [P.RUN_BEGIN, b"slow.root"]).kind == b"ACK"
+    evs = events(2, 13)
+    for eid, t in evs.items():
+        assert ask(d, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
+    assert file_closed(out / "slow.charon.ntuple.root")
+    assert ask(d, [P.RUN_END]).kind == b"ACK"  # nothing it sent was lost
+    with uproot.open(out / "slow.charon.ntuple.root") as f:
+        assert sorted(f["output"]["event_id"].array(library="np").tolist()) == sorted(evs)
+
+
+def test_a_run_with_events_in_flight_is_not_closed_however_long_they_take(det, tmp_path):
+    import threading
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    gate = threading.Event()
+    srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", output_dir=str(out),
+                                         output_idle_seconds=0.3, max_wait_ms=0),
+                            detector=det, engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig()), gate))  # fmt: skip
+    d = DealerClient(srv.address)
+    path = out / "held.charon.ntuple.root"
+    try:
+        assert ask(d, [P.RUN_BEGIN, b"held.root"]).kind == b"ACK"
+        assert ask(d, photondata_frames(1, random_event(100, np.random.default_rng(0), 100.0))).kind == \
+            P.SIM_COMPLETE_ASYNC  # fmt: skip
+        assert not file_closed(path, timeout=1.2)  # four idle periods with the event in the engine
+        gate.set()
+        assert ask(d, [P.RUN_END]).kind == b"ACK"
+        with uproot.open(path) as f:
+            assert f["output"]["event_id"].array(library="np").tolist() == [1]
+    finally:
+        gate.set()
+        d.close()
+        srv.stop()
+        th.join(10)
+
+
+def test_close_idle_rules(tmp_path):
+    """RunBook alone, on a clock the test sets: what is closed, what is kept, what is forgotten."""
+    import select
+
+    from charon.run_output import FORGET_SECONDS, RunBook
+
+    replies = []
+    book = RunBook(str(tmp_path), 10, lambda envelope, frames: replies.append((envelope, frames)),
+                   lambda: (np.zeros((2, 3), np.float32), np.zeros(2, np.int32)), idle_seconds=5.0)  # fmt: skip
+    t0 = time.monotonic()
+    book.begin([b"quiet"], b"quiet.root")
+    book.begin([b"busy"], b"busy.root")
+    book.begin([b"broken"], b"..")  # no usable name: a run without a file
+    book.accepted(book.run_of([b"busy"]), "token")  # one event in flight
+    book.close_idle(t0 + 4.0)
+    assert set(book.runs) == {b"quiet", b"busy", b"broken"} and not book.closing
+    book.close_idle(t0 + 6.0)
+    assert set(book.runs) == {b"quiet", b"busy", b"broken"}  # the busy one kept, the broken one has no file
+    stand_in = book.runs[b"quiet"]
+    assert stand_in.closed_idle is not None and "without a request" in stand_in.error
+    assert select.select([book.wake_fd], [], [], 10)[0], "the file was not closed on its writer thread"
+    book.collect_closed()
+    assert not book.closing and replies == [([name], [P.ACK]) for name in (b"quiet", b"busy", b"broken")]  # RUN_BEGINs
+    assert file_closed(tmp_path / "quiet.charon.ntuple.root", timeout=0.0)
+    book.close_idle(t0 + 6.0 + FORGET_SECONDS - 1)  # the stand-in's silence counts from the close
+    assert set(book.runs) == {b"quiet", b"busy"}  # the broken run, silent since t0, is forgotten
+    book.close_idle(t0 + 6.0 + FORGET_SECONDS + 1)
+    assert set(book.runs) == {b"busy"}
+    book.idle_seconds = 0.0
+    book.finished(book.runs[b"busy"], "token", 5, None, "lost")
+    book.close_idle(t0 + 1e6)
+    assert set(book.runs) == {b"busy"}  # 0: never
+    book.close_all()
+
+
+@pytest.mark.parametrize("kind", ["server", "router"])
+def test_output_idle_seconds_must_not_be_negative(kind):
+    from charon.router import RouterConfig
+
+    config = ServerConfig(output_idle_seconds=-1) if kind == "server" else RouterConfig(output_idle_seconds=-1)
+    with pytest.raises(ValueError, match="--output-idle-seconds"):
+        config.validate()
+
+
 # ----------------------------------------------------------------- the router writes the runs
 @pytest.fixture
-def routed(det, tmp_path):
+def routed(det, tmp_path, request):
     from charon.router import RouterConfig, run_router_in_thread
 
     out = tmp_path / "runs"
     out.mkdir()
-    router, rth = run_router_in_thread(RouterConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0",
-                                                    heartbeat_interval=0.1, heartbeat_liveness=8, output_dir=str(out),
-                                                    output_basket_events=4, max_event_photons=5000))  # fmt: skip
+    extra = getattr(request, "param", {})  # more RouterConfig fields, through indirect parametrization
+    config = RouterConfig(frontend="tcp://127.0.0.1:0", backend="tcp://127.0.0.1:0", heartbeat_interval=0.1,
+                          heartbeat_liveness=8, output_dir=str(out), output_basket_events=4, max_event_photons=5000,
+                          **extra)  # fmt: skip
+    router, rth = run_router_in_thread(config)
     workers, clients = [], []
 
     def add_worker(engine_factory=None, **kw):
@@ -435,6 +578,23 @@ def test_router_run_rejections_name_the_problem(routed):
     assert ask(d, [P.RUN_END]).kind == b"ACK"
     with uproot.open(out / "checked.charon.ntuple.root") as f:
         assert f["output"]["event_id"].array(library="np").tolist() == [5]
+
+
+@pytest.mark.parametrize("routed", [{"output_idle_seconds": 0.4}], indirect=True)
+def test_router_closes_a_silent_clients_run(routed):
+    router, out, add_worker, wait_workers, dealer = routed
+    add_worker()
+    wait_workers(1)
+    d = dealer()
+    assert ask(d, [P.RUN_BEGIN, b"gone.root"]).kind == b"ACK"
+    evs = events(3, 14)
+    for eid, t in evs.items():
+        assert ask(d, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
+    assert file_closed(out / "gone.charon.ntuple.root")
+    with uproot.open(out / "gone.charon.ntuple.root") as f:
+        assert sorted(f["output"]["event_id"].array(library="np").tolist()) == sorted(evs)
+    r = ask(d, photondata_frames(9, random_event(30, np.random.default_rng(9), radius=100.0)))
+    assert r.kind == P.SIM_FAILED and r.event_id == 9 and "without a request from its client" in r.reason
 
 
 def test_run_output_placement_is_refused_where_it_cannot_work(tmp_path, caplog):
