@@ -260,7 +260,7 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
     router, thread = run_router_in_thread(router_config)
     # The router writes the runs (it sees every reply of a run, whichever worker answered it).
     base = _strip_flags(argv, ("--gpus", "--bind", "--connect", "--device", "--metrics-port", "--output-dir",
-                               "--output-basket-events", "--parent"))  # fmt: skip
+                               "--output-basket-events", "--output-idle-seconds", "--parent"))  # fmt: skip
     start = _per_gpu_starter(config, gpus, base, lambda i: ["--connect", router.backend_address])
     log.info("charon-batch: %d workers (GPUs %s)%s behind %s", len(gpus), gpus,
              f", each {config.procs} front-end processes sharing its GPU" if config.procs > 1 else "",
