@@ -63,6 +63,9 @@ HELP = {
     "retries",
     "gpus": "comma-separated GPU ordinals: start one worker process per GPU behind a local router on --bind "
     "(with --procs N: N front-end processes per GPU, sharing that GPU's engine)",
+    "gpus_routers": "with --gpus (--gpus-share router): R local routers sharing --bind (charon-router --procs R, "
+    "SO_REUSEPORT), for more events/s than one router's Python loop passes on (~10-12k of 1000 photons); needs "
+    "--procs N >= R, since each GPU's front end k is a worker of router k mod R",
     "gpus_share": "with --gpus, how the GPUs share --bind: router (a local charon-router hands each event to a GPU "
     "worker and re-sends the events of a worker that dies; its one Python loop serves ~10-12k events/s, so it "
     "limits a host for small events) or port (each GPU gets its own server, with --procs N front ends, and "
@@ -245,6 +248,8 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
     gpus = [int(g) for g in config.gpus.split(",") if g.strip()]
     if config.gpus_share == "port":
         return _gpus_on_one_port_main(config, argv, gpus)
+    if config.gpus_routers > 1:
+        return _gpus_behind_routers_main(config, argv, gpus)
     router_config = RouterConfig(frontend=config.bind, backend="tcp://127.0.0.1:0", ping_reply=config.ping_reply,
                                  heartbeat_interval=config.heartbeat_interval,
                                  heartbeat_liveness=config.heartbeat_liveness, output_dir=config.output_dir,
@@ -273,6 +278,53 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
     finally:
         router.stop()
         thread.join(config.drain_seconds + 10)
+
+
+def _gpus_behind_routers_main(config: ServerConfig, argv: list[str], gpus: list[int]) -> int:
+    """``--gpus 0,1 --gpus-routers R --procs N``: ``charon-router --procs R`` on --bind (a child launcher that
+    restarts its routers), and one worker per GPU whose N front ends connect to all R routers' backends on
+    loopback. As with one local router, a worker that dies has its events re-sent by the routers, and the
+    routers write the runs; R routers lift the ~10-12k events/s that one router's loop allows."""
+    import subprocess
+
+    from .ports import free_port_range
+    from .reuseport import tcp_endpoint
+
+    log = logging.getLogger("charon")
+    n = config.gpus_routers
+    first = free_port_range(n)  # router k's workers connect on first + k
+    backends = [tcp_endpoint("127.0.0.1", first + k) for k in range(n)]
+    cmd = [sys.executable, "-m", "charon.cli", "router", "--procs", str(n), "--frontend", config.bind,
+           "--backend", backends[0], "--ping-reply", config.ping_reply,
+           "--heartbeat-interval", repr(config.heartbeat_interval),
+           "--heartbeat-liveness", str(config.heartbeat_liveness),
+           "--max-event-photons", str(config.max_event_photons), "--io-threads", str(config.io_threads),
+           "--drain-seconds", repr(config.drain_seconds), "--log-level", config.log_level, *_parent()]  # fmt: skip
+    if config.output_dir is not None:  # the routers write the runs, as the one local router does
+        cmd += ["--output-dir", config.output_dir, "--output-basket-events", str(config.output_basket_events),
+                "--output-idle-seconds", repr(config.output_idle_seconds)]  # fmt: skip
+    routers = subprocess.Popen(cmd)
+    base = _strip_flags(argv, ("--gpus", "--gpus-routers", "--bind", "--connect", "--device", "--metrics-port",
+                               "--output-dir", "--output-basket-events", "--output-idle-seconds",
+                               "--parent"))  # fmt: skip
+    start = _per_gpu_starter(config, gpus, base, lambda i: ["--connect", ",".join(backends)])
+    log.info("charon-batch: %d workers (GPUs %s), each %d front-end processes sharing its GPU, behind %d routers "
+             "on %s", len(gpus), gpus, config.procs, n, config.bind)  # fmt: skip
+
+    def stop_routers():  # they stop taking events at once and pass on the replies of those taken
+        if routers.poll() is None:
+            routers.terminate()
+
+    try:
+        return _supervise("GPU worker", start, len(gpus), needs=("the local routers", lambda: routers.poll() is None),
+                          grace=_grace(config, nested=True), before_stop=stop_routers)  # fmt: skip
+    finally:
+        stop_routers()
+        try:
+            routers.wait(_grace(config, nested=True))
+        except subprocess.TimeoutExpired:
+            routers.kill()
+            routers.wait()
 
 
 def _gpus_on_one_port_main(config: ServerConfig, argv: list[str], gpus: list[int]) -> int:

@@ -90,6 +90,7 @@ class ServerConfig:
     drain_seconds: float = 10.0
     gpus: str | None = None
     gpus_share: str = "router"
+    gpus_routers: int = 1
     parent: int | None = None
     engine_cpus_all: str | None = None
 
@@ -144,6 +145,21 @@ class ServerConfig:
             split_engine_cpus(self.engine_cpus, self.engine_cpus_all)  # ValueError naming the problem
         if self.gpus_share not in GPUS_SHARE:
             raise ValueError(f"--gpus-share must be one of {', '.join(GPUS_SHARE)}")
+        if self.gpus_routers < 1:
+            raise ValueError("--gpus-routers must be >= 1")
+        if self.gpus_routers > 1:
+            if not self.gpus or self.gpus_share != "router":
+                raise ValueError("--gpus-routers R runs R local routers in front of the GPUs of --gpus "
+                                 "(--gpus-share router): add --gpus")  # fmt: skip
+            if self.procs < self.gpus_routers:
+                raise ValueError(f"--gpus-routers {self.gpus_routers}: add --procs N with N >= {self.gpus_routers}; "
+                                 "each GPU's front end k is a worker of router k mod R, so each router gets one "
+                                 "of every GPU")  # fmt: skip
+            from .reuseport import AVAILABLE, parse_tcp
+
+            if not AVAILABLE:
+                raise ValueError("--gpus-routers shares --bind through SO_REUSEPORT (Linux): use one router")
+            parse_tcp(self.bind)  # ValueError naming the problem
         if self.gpus_share == "port":
             if not self.gpus:
                 raise ValueError("--gpus-share port says how the GPUs of --gpus share --bind: add --gpus")

@@ -231,9 +231,9 @@ def test_bench_fails_fast_without_a_server():
 def test_free_port_range_gives_consecutive_free_ports():
     import socket
 
-    from charon.bench import free_port_range
+    from charon.ports import free_port_range
 
-    from charon.bench import _ephemeral_ports
+    from charon.ports import _ephemeral_ports
 
     base = free_port_range(6)
     for i in range(6):  # each is bindable (the --procs front ends' and engine's metrics ports)

@@ -13,7 +13,6 @@ import pytest
 import zmq
 
 from charon import protocol as P
-from charon.bench import free_port_range
 from charon.client import DealerClient, ReqClient, photondata_frames
 from charon.engines.base import EngineConfig
 from charon.engines.cpu import CPUEngine
@@ -23,6 +22,7 @@ from charon.handoff import available as shm_available
 from charon.geometry.builtin import sphere_detector
 from charon.geometry.optics import constant_surface
 from charon.photons import PhotonBatch
+from charon.ports import free_port_range
 from charon.router import HEARTBEAT, READY, REPLY, REQUEST, RouterConfig, run_router_in_thread
 from charon.server import ServerConfig, recv_message, run_in_thread, send_message
 from charon.sources import random_event
@@ -207,7 +207,7 @@ def test_worker_with_other_detector_is_refused(cluster, det):
 
 
 def _free_port():
-    """A free port below the ephemeral range (charon.bench.free_port_range): one from bind(0) can be given
+    """A free port below the ephemeral range (charon.ports.free_port_range): one from bind(0) can be given
     to an outgoing connection before the server under test binds it."""
     return free_port_range(1)
 
@@ -362,6 +362,70 @@ def test_gpus_flag_starts_local_router_and_workers():
         c.close()
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.slow
+def test_gpus_behind_several_local_routers_lose_no_event_when_a_gpu_worker_dies():
+    """--gpus 0,1 --gpus-routers 2 --procs 2: a charon-router launcher with two routers on the client port,
+    and two GPU workers whose front ends each join one router. Every client connection (spread over the
+    two routers by the kernel) is served, so every router has workers; a GPU worker killed outright with
+    events in flight loses none of them and is restarted; killing the launcher ends everything."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--gpus", "0,1", "--gpus-routers", "2", "--procs",
+                             "2", "--engine", "cpu", "--detector", "sphere", "--bind", f"tcp://127.0.0.1:{port}",
+                             "--heartbeat-interval", "0.2", "--log-level", "WARNING"])  # fmt: skip
+    c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
+
+    def cmdline(pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+
+    try:
+        deadline = wait_first_answer(c, 180)
+        kids = _children(proc.pid)
+        routers = [k for k in kids if b"router" in cmdline(k)]
+        workers = [k for k in kids if b"--connect" in cmdline(k)]
+        assert len(routers) == 1 and len(workers) == 2 and len(kids) == 3
+        assert len(_children(routers[0])) == 2  # the two routers
+        for w in workers:  # each GPU worker: two front ends, one per router
+            while len(fronts := _children(w)) < 2:  # started once the worker's engine is compiled
+                assert time.monotonic() < deadline, f"GPU worker {w} started {len(fronts)} front ends, not 2"
+                time.sleep(0.2)
+            assert len(fronts) == 2, fronts
+            connects = {cmdline(f)[cmdline(f).index(b"--connect") + 1] for f in fronts}
+            assert len(connects) == 2 and all(b"," not in a for a in connects)  # one router each, both routers
+        dealers = [DealerClient(f"tcp://127.0.0.1:{port}") for _ in range(24)]
+        for k in range(48):
+            dealers[k % 24].submit(k, ev(200, k))
+        replies = [d.recv(30_000) for d in dealers for _ in range(2)]
+        assert sorted(r.event_id for r in replies) == list(range(48))
+        assert all(r.kind == P.SIM_COMPLETE for r in replies)
+        # SIGKILL one GPU worker with events in flight through both routers: none is lost.
+        tables = {i: ev(20_000, i) for i in range(100, 148)}
+        for k, (i, t) in enumerate(tables.items()):
+            dealers[k % 24].submit(i, t)
+        os.kill(workers[0], signal.SIGKILL)
+        got = [d.recv(60_000) for d in dealers for _ in range(2)]
+        assert sorted(r.event_id for r in got) == sorted(tables) and all(r.kind == P.SIM_COMPLETE for r in got)
+        while len(set(w for w in _children(proc.pid) if b"--connect" in cmdline(w)) - {workers[0]}) < 2:
+            assert time.monotonic() < deadline + 60, "the killed GPU worker was not restarted"
+            time.sleep(0.2)
+        for d in dealers:
+            d.close()
+        kill_launcher_and_expect_every_child_to_end(proc, port)
+    finally:
+        c.close()
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_gpus_routers_is_refused_where_it_cannot_work():
+    for kw, text in [(dict(gpus_routers=0), ">= 1"), (dict(gpus_routers=2, procs=2), "add --gpus"),
+                     (dict(gpus="0,1", gpus_routers=2, gpus_share="port", procs=2), "add --gpus"),
+                     (dict(gpus="0,1", gpus_routers=3, procs=2), "--procs N with N >= 3"),
+                     (dict(gpus="0,1", gpus_routers=2, procs=2, bind="ipc:///tmp/x"), "tcp")]:  # fmt: skip
+        with pytest.raises(ValueError, match=text):
+            ServerConfig(**kw).validate()
 
 
 @pytest.mark.slow

@@ -617,7 +617,7 @@ def test_runs_behind_front_ends_and_local_workers(tmp_path, layout):
     import subprocess
     import sys
 
-    from charon.bench import free_port_range
+    from charon.ports import free_port_range
     from charon.geometry import resolve_detector
 
     port = free_port_range(1)  # below the ephemeral range: no outgoing connection takes it before the launcher
