@@ -69,10 +69,10 @@ HELP = {
     "router k mod R",
     "gpus_share": "with --gpus, how the GPUs share --bind: router (a local charon-router hands each event to a GPU "
     "worker and re-sends the events of a worker that dies; its one Python loop serves ~10-12k events/s, so it "
-    "limits a host for small events; --gpus-routers R runs R of them) or port (each GPU gets its own server, with --procs N front ends, and "
-    "all of them listen on the --bind port with SO_REUSEPORT, the kernel spreading client connections over "
-    "them: no extra hop; a process that dies loses its in-flight events to the clients' retries, as --procs "
-    "does)",
+    "limits a host for small events; --gpus-routers R runs R of them) or port (each GPU gets its own server, "
+    "with --procs N front ends, and all of them listen on the --bind port with SO_REUSEPORT, the kernel "
+    "spreading client connections over them: no extra hop; a process that dies loses its in-flight events to "
+    "the clients' retries, as --procs does)",
     "procs": "front-end processes sharing --bind, so that the per-event Python work (decode, batching, "
     "replies) runs in parallel; their batches are merged into one engine in the launcher (one CUDA context, "
     "large batches). With --connect: N workers of the router sharing one engine here. 1: a single process",
