@@ -658,7 +658,9 @@ class BatchServer:
             self._demux(res)
 
     def _demux(self, res: BatchResult):
-        n_hits = 0
+        # The batch is counted before its replies go out, so that a client that has its reply
+        # finds the batch in the metrics too.
+        self._record_batch(res)
         for part in res.parts:
             for s, slot in enumerate(part.slots):
                 req = slot.request
@@ -666,14 +668,15 @@ class BatchServer:
                     req.error = part.error
                     req.add_piece(slot.start, slot.count, empty_hits(1).event(0))
                 else:
-                    piece = part.hits.event(s)
-                    n_hits += piece.n_hits
-                    req.add_piece(slot.start, slot.count, piece)
+                    req.add_piece(slot.start, slot.count, part.hits.event(s))
                 if req.complete:
                     self._finish(req)
-        photons = res.batch.photons.n_photons
+
+    def _record_batch(self, res: BatchResult):
         if self.engine_thread.remote:  # the shared engine records its own (merged) batches
             return
+        photons = res.batch.photons.n_photons
+        n_hits = sum(int(p.hits.offsets[-1] - p.hits.offsets[0]) for p in res.parts if p.hits is not None)
         m = self.metrics
         m.batches.inc()
         m.photons.inc(photons)
@@ -703,10 +706,9 @@ class BatchServer:
             self._fail(req.route.envelope, req.event_id, req.error, "engine_error")
             return
         hits: HitBatch = req.hits()
+        self.metrics.events.inc()  # counted before the reply leaves, as the batch is
         self._reply(req.route.envelope, P.encode_hits(req.event_id, hits, req.route.layout))
-        self.metrics.events.inc()
         self.metrics.event_seconds.observe(time.monotonic() - req.arrival)
-
 
     # ------------------------------------------------------------ run output
     def _finish_async(self, req: EventRequest):
