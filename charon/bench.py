@@ -154,6 +154,14 @@ def metrics_endpoints(server_args: list[str]) -> int:
     return per_worker * (len(config.gpus.split(",")) if config.gpus else 1)
 
 
+def metrics_ports(server_args: list[str]) -> int:
+    """Ports that charon-batch started with ``server_args`` serves metrics on: :func:`metrics_endpoints`,
+    then, with --gpus behind local routers, theirs (not read here: the bench reads the servers' figures)."""
+    config = batch_parser().parse_args(server_args)
+    routers = config.gpus_routers if config.gpus and config.gpus_share == "router" else 0
+    return metrics_endpoints(server_args) + routers
+
+
 class ServerStartError(RuntimeError):
     """The spawned charon-batch exited before answering."""
 
@@ -163,7 +171,7 @@ def spawned_server(server_args: list[str], ready_timeout: float = 300.0, cpus: s
     """Start charon-batch on free loopback ports (on ``cpus`` only, when given, with every process it
     starts); yields (address, metrics URL or URLs)."""
     n_workers = metrics_endpoints(server_args)
-    port, mport = free_port(), free_port_range(n_workers)  # workers serve metrics on mport + i
+    port, mport = free_port(), free_port_range(metrics_ports(server_args))  # workers serve metrics on mport + i
     cmd = [sys.executable, "-m", "charon.cli", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
            "--log-level", "WARNING", *server_args]  # fmt: skip
     proc = popen_pinned(cmd, cpus)

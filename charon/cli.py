@@ -217,6 +217,12 @@ def worker_metrics_port(config: ServerConfig, i: int) -> int:
     return config.metrics_port + i * (config.procs + 1 if config.procs > 1 else 1)
 
 
+def router_metrics_port(config: ServerConfig) -> int:
+    """--gpus behind local routers: the first router's metrics port, after every worker's range (router k of
+    --gpus-routers on this + k)."""
+    return worker_metrics_port(config, len([g for g in config.gpus.split(",") if g.strip()]))
+
+
 def _parent() -> list[str]:
     """The flag that makes a child process end with this launcher (lifetime.py)."""
     import os
@@ -251,13 +257,15 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
         return _gpus_on_one_port_main(config, argv, gpus)
     if config.gpus_routers > 1:
         return _gpus_behind_routers_main(config, argv, gpus)
+    router_metrics = None if config.metrics_port is None else router_metrics_port(config)
     router_config = RouterConfig(frontend=config.bind, backend="tcp://127.0.0.1:0", ping_reply=config.ping_reply,
                                  heartbeat_interval=config.heartbeat_interval,
                                  heartbeat_liveness=config.heartbeat_liveness, output_dir=config.output_dir,
                                  output_basket_events=config.output_basket_events,
                                  output_idle_seconds=config.output_idle_seconds,
                                  max_event_photons=config.max_event_photons, io_threads=config.io_threads,
-                                 drain_seconds=config.drain_seconds, log_level=config.log_level)  # fmt: skip
+                                 drain_seconds=config.drain_seconds, log_level=config.log_level,
+                                 metrics_port=router_metrics)  # fmt: skip
     try:
         router_config.validate()
     except ValueError as exc:
@@ -301,6 +309,8 @@ def _gpus_behind_routers_main(config: ServerConfig, argv: list[str], gpus: list[
            "--heartbeat-liveness", str(config.heartbeat_liveness),
            "--max-event-photons", str(config.max_event_photons), "--io-threads", str(config.io_threads),
            "--drain-seconds", repr(config.drain_seconds), "--log-level", config.log_level, *_parent()]  # fmt: skip
+    if config.metrics_port is not None:
+        cmd += ["--metrics-port", str(router_metrics_port(config))]
     if config.output_dir is not None:  # the routers write the runs, as the one local router does
         cmd += ["--output-dir", config.output_dir, "--output-basket-events", str(config.output_basket_events),
                 "--output-idle-seconds", repr(config.output_idle_seconds)]  # fmt: skip

@@ -219,6 +219,18 @@ def test_metrics_endpoints_read_the_flags_as_charon_batch_does():
     assert metrics_endpoints(["--gpus", "0,1", "--gpus-share", "port", "--procs", "4"]) == 10  # the same ports
 
 
+def test_metrics_ports_add_the_local_routers_after_the_servers():
+    from charon.bench import metrics_ports
+    from charon.cli import batch_parser, router_metrics_port, worker_metrics_port
+
+    assert metrics_ports(["--procs", "7"]) == 8  # no router
+    assert metrics_ports(["--gpus", "0,1", "--gpus-share", "port", "--procs", "4"]) == 10  # no router either
+    assert metrics_ports(["--gpus", "0,1", "--procs", "4"]) == 11  # the one local router after both GPUs' ten
+    assert metrics_ports(["--gpus", "0,1", "--procs", "4", "--gpus-routers", "4"]) == 14
+    config = batch_parser().parse_args(["--gpus", "0,1", "--procs", "4", "--metrics-port", "9000"])
+    assert [worker_metrics_port(config, i) for i in (0, 1)] == [9000, 9005] and router_metrics_port(config) == 9010
+
+
 def test_bench_refuses_compare_without_spawn():
     with pytest.raises(SystemExit):
         main(["--address", "tcp://127.0.0.1:1", "--compare-per-event"])

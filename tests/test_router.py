@@ -344,9 +344,11 @@ def kill_launcher_and_expect_every_child_to_end(proc, port, timeout=30):
 
 @pytest.mark.slow
 def test_gpus_flag_starts_local_router_and_workers():
-    port = _free_port()
+    port = free_port_range(4)
+    mport = port + 1  # the workers on mport and mport + 1, the local router after them
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--gpus", "0,1", "--engine", "cpu", "--detector",
-                             "sphere", "--bind", f"tcp://127.0.0.1:{port}", "--log-level", "WARNING"])  # fmt: skip
+                             "sphere", "--bind", f"tcp://127.0.0.1:{port}", "--metrics-port", str(mport),
+                             "--log-level", "WARNING"])  # fmt: skip
     c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
     try:
         deadline = wait_first_answer(c, 120)
@@ -354,6 +356,7 @@ def test_gpus_flag_starts_local_router_and_workers():
         for i in range(20):
             d.submit(i, ev(200, i))
         assert sorted(d.recv(20_000).event_id for _ in range(20)) == list(range(20))
+        assert _metric(mport + 2, "charon_router_events_total") >= 21  # the router's own figures
         # SIGKILL one worker process with events in flight: nothing is lost, the launcher restarts it.
         kill_a_child_with_events_in_flight(proc, d, {i: ev(20_000, i) for i in range(100, 140)})
         d.close()
@@ -370,10 +373,12 @@ def test_gpus_behind_several_local_routers_lose_no_event_when_a_gpu_worker_dies(
     and two GPU workers whose front ends each join one router. Every client connection (spread over the
     two routers by the kernel) is served, so every router has workers; a GPU worker killed outright with
     events in flight loses none of them and is restarted; killing the launcher ends everything."""
-    port = _free_port()
+    port = free_port_range(9)
+    mport = port + 1  # each GPU worker: mport + 3i .. + 3i + 2 (two front ends, its engine); routers mport + 6, + 7
     proc = subprocess.Popen([sys.executable, "-m", "charon.cli", "--gpus", "0,1", "--gpus-routers", "2", "--procs",
                              "2", "--engine", "cpu", "--detector", "sphere", "--bind", f"tcp://127.0.0.1:{port}",
-                             "--heartbeat-interval", "0.2", "--log-level", "WARNING"])  # fmt: skip
+                             "--metrics-port", str(mport), "--heartbeat-interval", "0.2",
+                             "--log-level", "WARNING"])  # fmt: skip
     c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
 
     def cmdline(pid):
@@ -400,6 +405,8 @@ def test_gpus_behind_several_local_routers_lose_no_event_when_a_gpu_worker_dies(
         replies = [d.recv(30_000) for d in dealers for _ in range(2)]
         assert sorted(r.event_id for r in replies) == list(range(48))
         assert all(r.kind == P.SIM_COMPLETE for r in replies)
+        per_router = [_metric(mport + 6 + k, "charon_router_events_total") for k in (0, 1)]
+        assert all(n > 0 for n in per_router) and sum(per_router) >= 48  # both routers took clients' events
         # SIGKILL one GPU worker with events in flight through both routers: none is lost.
         tables = {i: ev(20_000, i) for i in range(100, 148)}
         for k, (i, t) in enumerate(tables.items()):
