@@ -68,6 +68,9 @@ class Metrics:
         self.duplicates = Counter("charon_duplicate_requests", "Resent requests joined to one already queued or in flight",
                                   registry=r)  # fmt: skip
         self.queued_photons = Gauge("charon_queued_photons", "Photons waiting for a batch", registry=r)
+        self.runs_closed_idle = Counter("charon_runs_closed_idle", "Runs (--output-dir) closed because their client "
+                                        "sent nothing for --output-idle-seconds: clients that died mid-run",
+                                        registry=r)  # fmt: skip
         self.batch_photons = Histogram("charon_batch_photons", "Photons per batch", buckets=_PHOTON_BUCKETS, registry=r)
         self.batch_seconds = Histogram("charon_batch_seconds", "Engine time per batch", buckets=_SECOND_BUCKETS,
                                        registry=r)  # fmt: skip
@@ -141,6 +144,8 @@ class RouterMetrics:
         self.reassigned = Counter("charon_router_reassigned_requests", "Requests re-sent because their worker "
                                   "stopped heartbeating", registry=r)  # fmt: skip
         self.no_workers = Counter("charon_router_no_workers", "Requests answered NO_WORKERS", registry=r)
+        self.runs_closed_idle = Counter("charon_router_runs_closed_idle", "Runs (--output-dir) closed because "
+                                        "their client sent nothing for --output-idle-seconds", registry=r)  # fmt: skip
         self.host_seconds = Counter("charon_router_host_seconds", "Time the router's loop spent working (not "
                                     "waiting for messages)", registry=r)  # fmt: skip
         Gauge("charon_router_inflight_events", "Requests at workers, not yet answered",

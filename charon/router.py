@@ -175,9 +175,10 @@ class Router:
         self.frontend_address = None
         self.backend_address = None
         self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
-        self.runs = RunBook(config.output_dir, config.output_basket_events, self._to_client, self._channels,
-                            config.output_idle_seconds) if config.output_dir else None  # fmt: skip
         self.metrics = RouterMetrics(lambda: len(self.inflight), lambda: len(self.waiting), lambda: len(self.workers))
+        self.runs = RunBook(config.output_dir, config.output_basket_events, self._to_client, self._channels,
+                            config.output_idle_seconds, self.metrics.runs_closed_idle.inc) \
+            if config.output_dir else None  # fmt: skip
         if self.runs is not None:
             P.warm_up()  # runs' events are checked here: compile the check before the first one waits for numba
 

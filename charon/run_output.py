@@ -258,10 +258,11 @@ class RunBook:
     """
 
     def __init__(self, directory: str, basket_events: int, reply: Callable, channels: Callable,
-                 idle_seconds: float = 0.0):  # fmt: skip
+                 idle_seconds: float = 0.0, on_close_idle: Callable[[], None] = lambda: None):  # fmt: skip
         self.directory = directory
         self.basket_events = basket_events
         self.idle_seconds = idle_seconds  # close a run whose client is silent this long (0: never)
+        self._on_close_idle = on_close_idle  # counts each such close (the loop's metric)
         self._next_idle_check = 0.0
         self._reply = reply
         self._channels = channels
@@ -312,6 +313,7 @@ class RunBook:
                 "send RUN_BEGIN to start a new run")  # fmt: skip
             run.end_envelope = []
             self._end_or_wait(run)
+            self._on_close_idle()
 
     def begin(self, envelope, filename: bytes) -> None:
         """RUN_BEGIN: always acknowledged; a file that cannot be created fails the run's events instead."""

@@ -251,7 +251,7 @@ class BatchServer:
         self.by_key: dict[tuple, list[EventRequest]] = {}
         self.runs = RunBook(config.output_dir, config.output_basket_events, self._reply,
                             lambda: (self.detector.channel_position, self.detector.channel_type),
-                            config.output_idle_seconds) \
+                            config.output_idle_seconds, self.metrics.runs_closed_idle.inc) \
             if config.output_dir else None  # open runs of client identities (--output-dir)  # fmt: skip
         self._ping = P.PONG if config.ping_reply == "PONG" else P.ACK
         self._detector_info = P.encode_detector_info(self.detector.channel_position, self.detector.channel_type)

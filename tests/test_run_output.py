@@ -333,6 +333,7 @@ def test_a_silent_clients_run_is_closed_readable_while_an_active_one_goes_on(ser
         time.sleep(0.2)
     assert time.monotonic() - t0 > 2.0
     assert file_closed(dead, timeout=5.0)
+    assert srv.metrics.registry.get_sample_value("charon_runs_closed_idle_total") == 1  # the silent one only
     with uproot.open(dead) as f:  # finished: readable, with every event sent
         assert sorted(f["output"]["event_id"].array(library="np").tolist()) == sorted(dead_events)
     assert not file_closed(out / "live.charon.ntuple.root", timeout=0.0)  # the active run is still open
@@ -401,9 +402,10 @@ def test_close_idle_rules(tmp_path):
 
     from charon.run_output import FORGET_SECONDS, RunBook
 
-    replies = []
+    replies, closed = [], []
     book = RunBook(str(tmp_path), 10, lambda envelope, frames: replies.append((envelope, frames)),
-                   lambda: (np.zeros((2, 3), np.float32), np.zeros(2, np.int32)), idle_seconds=5.0)  # fmt: skip
+                   lambda: (np.zeros((2, 3), np.float32), np.zeros(2, np.int32)), idle_seconds=5.0,
+                   on_close_idle=lambda: closed.append(1))  # fmt: skip
     t0 = time.monotonic()
     book.begin([b"quiet"], b"quiet.root")
     book.begin([b"busy"], b"busy.root")
@@ -413,6 +415,7 @@ def test_close_idle_rules(tmp_path):
     assert set(book.runs) == {b"quiet", b"busy", b"broken"} and not book.closing
     book.close_idle(t0 + 6.0)
     assert set(book.runs) == {b"quiet", b"busy", b"broken"}  # the busy one kept, the broken one has no file
+    assert closed == [1]  # counted once: the quiet run
     stand_in = book.runs[b"quiet"]
     assert stand_in.closed_idle is not None and "without a request" in stand_in.error
     assert select.select([book.wake_fd], [], [], 10)[0], "the file was not closed on its writer thread"
@@ -426,7 +429,7 @@ def test_close_idle_rules(tmp_path):
     book.idle_seconds = 0.0
     book.finished(book.runs[b"busy"], "token", 5, None, "lost")
     book.close_idle(t0 + 1e6)
-    assert set(book.runs) == {b"busy"}  # 0: never
+    assert set(book.runs) == {b"busy"} and closed == [1]  # 0: never
     book.close_all()
 
 
@@ -591,6 +594,7 @@ def test_router_closes_a_silent_clients_run(routed):
     for eid, t in evs.items():
         assert ask(d, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
     assert file_closed(out / "gone.charon.ntuple.root")
+    assert router.metrics.registry.get_sample_value("charon_router_runs_closed_idle_total") == 1
     with uproot.open(out / "gone.charon.ntuple.root") as f:
         assert sorted(f["output"]["event_id"].array(library="np").tolist()) == sorted(evs)
     r = ask(d, photondata_frames(9, random_event(30, np.random.default_rng(9), radius=100.0)))
