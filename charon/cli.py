@@ -141,9 +141,12 @@ def config_from_args(cls, args):
 
 
 def batch_parser() -> argparse.ArgumentParser:
+    # No abbreviated flags: the launchers (--procs, --gpus) pass argv on to their children and drop or replace
+    # flags by their full names, which an abbreviation (--output-d) would slip past.
     p = argparse.ArgumentParser(
         prog="charon-batch",
         description="Batching optical-photon server, wire-compatible with ChAR0N clients (ratpac-two).",
+        allow_abbrev=False,
     )
     add_dataclass_flags(p, ServerConfig, HELP, CHOICES)
     return p
@@ -729,7 +732,7 @@ def router_main(argv=None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="charon-router", description="Router in front of charon-batch workers "
-                                "(--connect), one per GPU, on any number of hosts.")  # fmt: skip
+                                "(--connect), one per GPU, on any number of hosts.", allow_abbrev=False)  # fmt: skip
     add_dataclass_flags(p, RouterConfig, ROUTER_HELP, {"ping_reply": ("PONG", "ACK"),
                                                        "accept": ("bind", "reuseport")})  # fmt: skip
     config = config_from_args(RouterConfig, p.parse_args(argv))

@@ -746,6 +746,19 @@ def test_server_config_and_cli_refuse_an_unknown_dispatch_rule():
         batch_parser().parse_args(["--dispatch", "eager"])
 
 
+def test_abbreviated_flags_are_refused(capsys):
+    """The launchers hand argv on to their children and drop flags by full name (cli._strip_flags): an
+    abbreviation such as --output-d would reach a --gpus worker, which refuses --output-dir."""
+    from charon.cli import _strip_flags, batch_main, router_main
+
+    argv = ["--gpus", "0,1", "--output-dir=/tmp", "--output-idle-seconds", "5", "--engine", "cpu"]
+    assert _strip_flags(argv, ("--gpus", "--output-dir", "--output-idle-seconds")) == ["--engine", "cpu"]
+    for main, flag in ((batch_main, "--output-d"), (router_main, "--front")):
+        with pytest.raises(SystemExit) as exc:
+            main([flag, "x"])
+        assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
 def _stopping(s: Server, gate=None, at=0.3):
     """Stop the server from another thread (as a signal handler would), opening ``gate`` ``at`` s later."""
     s.srv.stop()
