@@ -382,8 +382,11 @@ def test_gpus_behind_several_local_routers_lose_no_event_when_a_gpu_worker_dies(
     c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
 
     def cmdline(pid):
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().split(b"\0")
+        except OSError:  # it ended meanwhile
+            return []
 
     try:
         deadline = wait_first_answer(c, 180)
