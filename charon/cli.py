@@ -140,6 +140,16 @@ def config_from_args(cls, args):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
+def args_from_config(config) -> list[str]:
+    """The inverse of :func:`config_from_args`: the flags of ``config``'s fields that differ from their defaults."""
+    out = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is not None and value != f.default:
+            out += ["--" + f.name.replace("_", "-"), str(value)]
+    return out
+
+
 def batch_parser() -> argparse.ArgumentParser:
     # No abbreviated flags: the launchers (--procs, --gpus) pass argv on to their children and drop or replace
     # flags by their full names, which an abbreviation (--output-d) would slip past.
@@ -252,7 +262,7 @@ def _per_gpu_starter(config: ServerConfig, gpus: list[int], base: list[str], whe
 def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
     """``--gpus 0,1,..``: one worker process per GPU, restarted if it dies; behind a router on --bind
     (``--gpus-share router``) or each listening on --bind itself (``--gpus-share port``)."""
-    from .router import RouterConfig, run_router_in_thread
+    from .router import run_router_in_thread
 
     log = logging.getLogger("charon")
     gpus = [int(g) for g in config.gpus.split(",") if g.strip()]
@@ -260,15 +270,7 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
         return _gpus_on_one_port_main(config, argv, gpus)
     if config.gpus_routers > 1:
         return _gpus_behind_routers_main(config, argv, gpus)
-    router_metrics = None if config.metrics_port is None else router_metrics_port(config)
-    router_config = RouterConfig(frontend=config.bind, backend="tcp://127.0.0.1:0", ping_reply=config.ping_reply,
-                                 heartbeat_interval=config.heartbeat_interval,
-                                 heartbeat_liveness=config.heartbeat_liveness, output_dir=config.output_dir,
-                                 output_basket_events=config.output_basket_events,
-                                 output_idle_seconds=config.output_idle_seconds,
-                                 max_event_photons=config.max_event_photons, io_threads=config.io_threads,
-                                 drain_seconds=config.drain_seconds, log_level=config.log_level,
-                                 metrics_port=router_metrics)  # fmt: skip
+    router_config = _local_router_config(config, "tcp://127.0.0.1:0")
     try:
         router_config.validate()
     except ValueError as exc:
@@ -292,6 +294,20 @@ def multi_gpu_main(config: ServerConfig, argv: list[str]) -> int:
         thread.join(config.drain_seconds + 10)
 
 
+def _local_router_config(config: ServerConfig, backend: str, procs: int = 1):
+    """The settings of the local router(s) of --gpus, from charon-batch's: the client port, the workers'
+    heartbeats, the run output (the routers write the runs) and, with --metrics-port, the ports after the
+    workers' (:func:`router_metrics_port`)."""
+    from .router import RouterConfig
+
+    return RouterConfig(frontend=config.bind, backend=backend, procs=procs, ping_reply=config.ping_reply,
+                        heartbeat_interval=config.heartbeat_interval, heartbeat_liveness=config.heartbeat_liveness,
+                        output_dir=config.output_dir, output_basket_events=config.output_basket_events,
+                        output_idle_seconds=config.output_idle_seconds, max_event_photons=config.max_event_photons,
+                        io_threads=config.io_threads, drain_seconds=config.drain_seconds, log_level=config.log_level,
+                        metrics_port=None if config.metrics_port is None else router_metrics_port(config))  # fmt: skip
+
+
 def _gpus_behind_routers_main(config: ServerConfig, argv: list[str], gpus: list[int]) -> int:
     """``--gpus 0,1 --gpus-routers R --procs N``: ``charon-router --procs R`` on --bind (a child launcher that
     restarts its routers), and one worker per GPU whose N front ends connect to all R routers' backends on
@@ -306,17 +322,13 @@ def _gpus_behind_routers_main(config: ServerConfig, argv: list[str], gpus: list[
     n = config.gpus_routers
     first = free_port_range(n)  # router k's workers connect on first + k
     backends = [tcp_endpoint("127.0.0.1", first + k) for k in range(n)]
-    cmd = [sys.executable, "-m", "charon.cli", "router", "--procs", str(n), "--frontend", config.bind,
-           "--backend", backends[0], "--ping-reply", config.ping_reply,
-           "--heartbeat-interval", repr(config.heartbeat_interval),
-           "--heartbeat-liveness", str(config.heartbeat_liveness),
-           "--max-event-photons", str(config.max_event_photons), "--io-threads", str(config.io_threads),
-           "--drain-seconds", repr(config.drain_seconds), "--log-level", config.log_level, *_parent()]  # fmt: skip
-    if config.metrics_port is not None:
-        cmd += ["--metrics-port", str(router_metrics_port(config))]
-    if config.output_dir is not None:  # the routers write the runs, as the one local router does
-        cmd += ["--output-dir", config.output_dir, "--output-basket-events", str(config.output_basket_events),
-                "--output-idle-seconds", repr(config.output_idle_seconds)]  # fmt: skip
+    router_config = _local_router_config(config, backends[0], procs=n)
+    try:
+        router_config.validate()
+    except ValueError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    cmd = [sys.executable, "-m", "charon.cli", "router", *args_from_config(router_config), *_parent()]
     routers = subprocess.Popen(cmd)
     base = _strip_flags(argv, ("--gpus", "--gpus-routers", "--bind", "--connect", "--device", "--metrics-port",
                                "--output-dir", "--output-basket-events", "--output-idle-seconds",

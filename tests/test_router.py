@@ -429,6 +429,21 @@ def test_gpus_behind_several_local_routers_lose_no_event_when_a_gpu_worker_dies(
         proc.wait(30)
 
 
+def test_router_settings_survive_the_trip_through_argv():
+    """--gpus-routers hands the local routers' settings to charon-router as flags (cli.args_from_config)."""
+    import argparse
+
+    from charon.cli import ROUTER_HELP, _local_router_config, add_dataclass_flags, args_from_config, config_from_args
+
+    config = ServerConfig(gpus="0,1", procs=4, gpus_routers=4, bind="tcp://127.0.0.1:7000", metrics_port=9000,
+                          output_dir="/tmp", output_idle_seconds=2.5, heartbeat_interval=0.2, ping_reply="ACK")
+    want = _local_router_config(config, "tcp://127.0.0.1:7100", procs=4)
+    assert want.metrics_port == 9010 and want.output_idle_seconds == 2.5 and want.procs == 4
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, RouterConfig, ROUTER_HELP)
+    assert config_from_args(RouterConfig, parser.parse_args(args_from_config(want))) == want
+
+
 def test_gpus_routers_is_refused_where_it_cannot_work():
     for kw, text in [(dict(gpus_routers=0), ">= 1"), (dict(gpus_routers=2, procs=2), "add --gpus"),
                      (dict(gpus="0,1", gpus_routers=2, gpus_share="port", procs=2), "add --gpus"),
