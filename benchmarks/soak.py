@@ -8,7 +8,9 @@ Starts charon-batch with the flags after ``--`` (as ``charon-bench --spawn-serve
 with charon-bench for ``--minutes`` (or ``--events``) in a separate process, and every ``--interval`` seconds reads, for
 every process of the server (the launcher and what it started; Linux /proc): resident memory, open
 file descriptors and threads; the server's shared-memory segments under /dev/shm; and the events
-answered so far (``charon_events_total``). A production server runs for weeks: memory that grows
+answered so far (``charon_events_total``); and, from each process's metrics endpoint, the C heap's own
+account (``process_malloc_in_use_bytes`` and ``process_malloc_free_bytes``, glibc), which tells memory
+still in use from free memory the allocator keeps. A production server runs for weeks: memory that grows
 with the events served ends it, however slowly. The summary fits resident memory against events
 answered over the run after ``--settle`` (its first part, while buffers and caches reach their
 working size) and states the growth per million events. A benchmark helper, not part of charon.
@@ -29,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_by_process import _descendants  # noqa: E402
 
-from charon.bench import scrape, spawned_server  # noqa: E402
+from charon.bench import merged, scrape_each, spawned_server  # noqa: E402
 from charon.handoff import NAME_RE, SHM_DIR  # noqa: E402
 
 
@@ -84,12 +86,20 @@ def growth(samples: list[dict], settle: float) -> dict:
     if ev[-1] - ev[0] <= 0:
         return {"mb_per_million_events": None, "samples": len(span)}
     slope = float(np.polyfit(ev / 1e6, rss, 1)[0])
-    anon = [s.get("rss_anon_mb") for s in span]
-    anon_slope = float(np.polyfit(ev / 1e6, np.array(anon, float), 1)[0]) if None not in anon else None
+
+    def fitted(key):  # MB per million events of another summed figure, if every sample of the span has it
+        v = [s.get(key) for s in span]
+        return float(np.polyfit(ev / 1e6, np.array(v, float), 1)[0]) if None not in v else None
+
     # Which process grew: each one's resident MB over the span (a restarted process is a new pid).
     first, last = span[0].get("rss_mb_by_pid", {}), span[-1].get("rss_mb_by_pid", {})
     by_pid = {p: round(last[p] - first[p], 2) for p in first if p in last}
-    return {"mb_per_million_events": slope, "anon_mb_per_million_events": anon_slope, "samples": len(span), "events": float(ev[-1] - ev[0]),
+    # The C heap's account (process_malloc_*_bytes, summed over the endpoints): in use grows with a
+    # leak or growing buffers, free with fragmentation; either shows in RSS.
+    return {"mb_per_million_events": slope, "anon_mb_per_million_events": fitted("rss_anon_mb"),
+            "malloc_in_use_mb_per_million_events": fitted("malloc_in_use_mb"),
+            "malloc_free_mb_per_million_events": fitted("malloc_free_mb"),
+            "samples": len(span), "events": float(ev[-1] - ev[0]),
             "rss_first_mb": float(rss[0]), "rss_last_mb": float(rss[-1]),
             "fds": [span[0]["fds"], span[-1]["fds"]], "threads": [span[0]["threads"], span[-1]["threads"]],
             "shm_mb": [span[0]["shm_mb"], span[-1]["shm_mb"]], "rss_growth_mb_by_pid": by_pid}  # fmt: skip
@@ -135,7 +145,8 @@ def main(argv=None) -> int:
                 by_pid = {p: f for p in sorted(pids) if (f := footprint(p)) is not None}
                 each = list(by_pid.values())
                 n_shm, mb_shm = shm_mb()
-                s = {"t": round(time.monotonic() - t0, 1), "events": scrape(murl).get("charon_events_total", 0.0),
+                endpoints = scrape_each(murl)  # each serving process's figures (front ends, shared engine)
+                s = {"t": round(time.monotonic() - t0, 1), "events": merged(endpoints).get("charon_events_total", 0.0),
                      "rss_mb": sum(f["rss_mb"] for f in each), "rss_max_mb": max((f["rss_mb"] for f in each), default=0),
                      "rss_anon_mb": sum(f["rss_anon_mb"] for f in each),
                      "rss_shmem_mb": sum(f["rss_shmem_mb"] for f in each),
@@ -143,6 +154,13 @@ def main(argv=None) -> int:
                      "processes": len(each), "shm_segments": n_shm, "shm_mb": mb_shm,
                      "rss_mb_by_pid": {str(p): round(f["rss_mb"], 2) for p, f in by_pid.items()},
                      "rss_anon_mb_by_pid": {str(p): round(f["rss_anon_mb"], 2) for p, f in by_pid.items()}}  # fmt: skip
+                # The C heap's account, where the endpoints give it (glibc), beside each endpoint's RSS: growth
+                # in neither in_use nor free (arena) is outside malloc, e.g. CPython's own object arenas.
+                for name in ("malloc_in_use", "malloc_free", "malloc_arena", "malloc_mmap", "resident_memory"):
+                    mb = [e[f"process_{name}_bytes"] / 2**20 for e in endpoints if f"process_{name}_bytes" in e]
+                    if mb and len(mb) == len(endpoints):
+                        s[f"{name}_mb"] = sum(mb)
+                        s[f"{name}_mb_by_endpoint"] = [round(v, 2) for v in mb]
                 samples.append(s)
                 print(f"{s['t']:>7.0f} {s['events']:>10.0f} {s['rss_mb']:>8.1f} {s['rss_anon_mb']:>8.1f} "
                       f"{s['rss_shmem_mb']:>8.1f} {s['rss_max_mb']:>11.1f} {s['fds']:>5d} {s['threads']:>7d} "

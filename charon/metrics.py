@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 _PHOTON_BUCKETS = (1e2, 1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 5e6, 1e7)
 _SECOND_BUCKETS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -50,6 +52,54 @@ class BusyClock:
             return busy / (now - lo) if now > lo else 0.0
 
 
+class _Mallinfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc >= 2.33): bytes, summed over all of the process's arenas."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+
+def _mallinfo2():
+    """glibc's ``mallinfo2`` as a ctypes function, or None (another C library, or glibc < 2.33)."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        return None
+    fn.restype, fn.argtypes = _Mallinfo2, []
+    return fn
+
+
+class MallocCollector:
+    """The C heap's own account (glibc's ``mallinfo2``, read when scraped): ``process_malloc_*_bytes``.
+
+    Resident memory that grows with the events served is either memory still in use (something keeps
+    allocations: a leak, or buffers that grow) or free memory the allocator holds on to (fragmentation).
+    RSS cannot tell them apart, and Python's tracemalloc sees neither libzmq's nor numba's allocations;
+    these figures can (benchmarks/RESULTS.md: memory over millions of events). They cost a pass over the
+    allocator's arenas per scrape, nothing per event. Nothing is exposed on a C library without ``mallinfo2``.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, read=None):
+        self._read = read if read is not None else _mallinfo2()
+        if registry is not None:
+            registry.register(self)
+
+    def collect(self):
+        if self._read is None:
+            return
+        m = self._read()
+        for name, value, doc in (
+            ("in_use", m.uordblks + m.hblkhd, "C heap bytes allocated and not freed (malloc'd blocks, mmapped ones "
+             "included)"),
+            ("free", m.fordblks, "C heap bytes freed but held by the allocator in its arenas (fragmentation when "
+             "it grows)"),
+            ("arena", m.arena, "C heap bytes the allocator took from the system for its arenas (not mmapped "
+             "blocks)"),
+            ("mmap", m.hblkhd, "C heap bytes in blocks mmapped one by one (large allocations)"),
+        ):  # fmt: skip
+            yield GaugeMetricFamily(f"process_malloc_{name}_bytes", doc, value=float(value))
+
+
 class Metrics:
     def __init__(self, busy: BusyClock):
         r = self.registry = CollectorRegistry()
@@ -57,6 +107,7 @@ class Metrics:
         # process (Linux): each --procs front end, the shared engine and each --gpus worker has its own
         # endpoint, so an operator sees which process grows (benchmarks/RESULTS.md: memory over millions of events).
         ProcessCollector(registry=r)
+        MallocCollector(registry=r)  # whether a growing RSS is memory in use or the allocator's free memory
         self.events = Counter("charon_events", "Events answered with SIM_COMPLETE", registry=r)
         self.accepted = Counter("charon_accepted_events", "Events taken for simulation (queued); minus those "
                                 "answered or failed: what a stop would drain", registry=r)  # fmt: skip
@@ -135,6 +186,7 @@ class RouterMetrics:
     def __init__(self, inflight, waiting, workers):
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)  # the router process's memory, descriptors and CPU, as a server's (Metrics)
+        MallocCollector(registry=r)
         self.events = Counter("charon_router_events", "PHOTONDATA requests taken for a worker (resends joined to "
                               "one in flight not counted)", registry=r)  # fmt: skip
         self.replies = Counter("charon_router_replies", "Workers' answers passed on to clients or written to runs",

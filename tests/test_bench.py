@@ -385,3 +385,11 @@ def test_soak_fits_memory_against_events_after_the_settling_part_and_names_the_p
     flat = [sample(10 * k, k * 1e6, 100.0, 80.0) for k in range(6)]
     assert growth(flat, settle=0.2)["mb_per_million_events"] == pytest.approx(0.0, abs=1e-9)
     assert growth(flat[:2], settle=0.2)["mb_per_million_events"] is None  # too few samples to fit
+    assert g["malloc_in_use_mb_per_million_events"] is None  # no sample has the C heap's account
+    # With it: memory in use flat, the allocator's free memory growing by 1.5 MB per million events
+    # (fragmentation), each fitted on its own.
+    for s in samples:
+        s["malloc_in_use_mb"], s["malloc_free_mb"] = 60.0, 3.0 + 1.5 * s["events"] / 1e6
+    g = growth(samples, settle=0.15)
+    assert g["malloc_in_use_mb_per_million_events"] == pytest.approx(0.0, abs=1e-9)
+    assert g["malloc_free_mb_per_million_events"] == pytest.approx(1.5)

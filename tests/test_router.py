@@ -21,6 +21,7 @@ from charon import handoff
 from charon.handoff import available as shm_available
 from charon.geometry.builtin import sphere_detector
 from charon.geometry.optics import constant_surface
+from charon.metrics import _mallinfo2
 from charon.photons import PhotonBatch
 from charon.ports import free_port_range
 from charon.router import HEARTBEAT, READY, REPLY, REQUEST, RouterConfig, run_router_in_thread
@@ -842,6 +843,8 @@ def test_router_metrics_count_events_replies_and_workers(det):
         assert _metric(mport, "charon_router_host_seconds_total") > 0
         if sys.platform.startswith("linux"):  # the router process's own memory, as a server's endpoint gives
             assert _metric(mport, "process_resident_memory_bytes") > 1e7
+            if _mallinfo2() is not None:
+                assert _metric(mport, "process_malloc_in_use_bytes") > 1e5
     finally:
         c.close()
 

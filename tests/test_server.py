@@ -19,6 +19,7 @@ from charon.engines.base import EngineConfig
 from charon.engines.cpu import CPUEngine
 from charon.geometry.builtin import sphere_detector
 from charon.geometry.optics import constant_surface
+from charon.metrics import _mallinfo2
 from charon.photons import CHERENKOV, SURFACE_DETECT, HitBatch, PhotonBatch
 from charon.server import ServerConfig, run_in_thread
 from charon.sources import point_source, random_event
@@ -682,6 +683,9 @@ def test_metrics_endpoint_serves_prometheus_text(det):
         if sys.platform.startswith("linux"):  # the process's own figures, which prometheus-client reads from /proc
             value = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
             assert 1e7 < value["process_resident_memory_bytes"] < 1e11 and value["process_open_fds"] > 3
+            if _mallinfo2() is not None:  # the C heap's own account (glibc)
+                assert 1e5 < value["process_malloc_in_use_bytes"] < value["process_resident_memory_bytes"]
+                assert value["process_malloc_free_bytes"] >= 0 and value["process_malloc_arena_bytes"] > 0
     finally:
         s.stop()
 
