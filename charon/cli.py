@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from .server import DISPATCH_RULES, GPUS_SHARE, BatchServer, ServerConfig, default_log_config
+from .server import DISPATCH_RULES, GPUS_SHARE, INTAKES, BatchServer, ServerConfig, default_log_config
 
 OUTPUT_IDLE_HELP = (
     "with --output-dir: close a run whose client has sent nothing for this long and has no event in flight, as "
@@ -100,6 +100,9 @@ HELP = {
     "front ends keep off",
     "upstream": "internal: the proxy backend a --procs front end connects to",
     "engine_service": "internal: the shared engine a --procs front end sends its batches to",
+    "intake": "how requests are taken off the client socket: python (pyzmq frames, the Python decoder) or "
+    "compiled (one numba pass per request through libzmq's C API, into a preallocated arena; same checks and "
+    "error replies; a --connect worker reads the router's messages in Python either way)",
 }
 CHOICES = {
     "engine": ("auto", "cpu", "cuda", "chroma"),
@@ -110,6 +113,7 @@ CHOICES = {
     "gpus_share": GPUS_SHARE,
     "accept": ("auto", "reuseport", "proxy"),
     "handoff": ("auto", "shm", "socket"),
+    "intake": INTAKES,
 }
 
 

@@ -49,6 +49,7 @@ FLUSH_MS = 2000  # after a drain: how long the last replies may take to leave (a
 # 1000 photons (benchmarks/RESULTS.md, fifteenth session). "port": each GPU's server listens on the port
 # itself (SO_REUSEPORT, reuseport.py) and the kernel spreads the client connections over all of them.
 GPUS_SHARE = ("router", "port")
+INTAKES = ("python", "compiled")  # how the client socket's requests are received and checked (intake.py)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class ServerConfig:
     gpus_routers: int = 1
     parent: int | None = None
     engine_cpus_all: str | None = None
+    intake: str = "python"
 
     def validate(self) -> None:
         if self.max_batch_photons < 1:
@@ -129,6 +131,14 @@ class ServerConfig:
             parse_tcp(self.bind)  # ValueError naming the problem
         if self.handoff not in ("auto", "shm", "socket"):
             raise ValueError("--handoff must be auto, shm or socket")
+        if self.intake not in INTAKES:
+            raise ValueError(f"--intake must be one of {', '.join(INTAKES)}")
+        if self.intake == "compiled":
+            from .intake import AVAILABLE as INTAKE_AVAILABLE
+
+            if not INTAKE_AVAILABLE:
+                raise ValueError("--intake compiled calls libzmq's C API through pyzmq (Linux), which was not found: "
+                                 "use --intake python")  # fmt: skip
         if self.io_threads < 0 or self.engine_io_threads < 0:
             raise ValueError("--io-threads and --engine-io-threads must be >= 0")
         if self.engine_cpus:
@@ -372,6 +382,12 @@ class BatchServer:
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _finish_open(self, engine):
+        self.intake = None
+        if self.config.intake == "compiled" and not self.config.connect:  # a worker's socket carries the router's
+            from .intake import Intake                                    # framing: read in Python
+
+            self.intake = Intake(self.socket, self.config.max_event_photons)
+            self.intake.warm_up()
         self._buffers = [self.engine_thread.host_buffer() for _ in range(self.engine_thread.max_in_flight)]
         if self.config.metrics_port is not None:
             self._metrics_server = self.metrics.serve(self.config.metrics_port)
@@ -427,14 +443,17 @@ class BatchServer:
                 self.runs.collect_closed()
             self.runs.close_idle()
         if read and self.socket in events:
-            handle = self._from_router if self.config.connect else self._handle
-            # Take what is there, but bounded, so results and dispatch interleave.
-            for _ in range(1000):
-                try:
-                    frames = recv_message(self.socket)
-                except zmq.Again:
-                    break
-                handle(frames)
+            if self.intake is not None:
+                self._take_from_intake()
+            else:
+                handle = self._from_router if self.config.connect else self._handle
+                # Take what is there, but bounded, so results and dispatch interleave.
+                for _ in range(1000):
+                    try:
+                        frames = recv_message(self.socket)
+                    except zmq.Again:
+                        break
+                    handle(frames)
         self._maybe_dispatch()
         if self.config.connect:
             self._worker_housekeeping(reconnect=not draining)
@@ -540,6 +559,22 @@ class BatchServer:
             return requested
         return Layout(self.config.reply_layout)
 
+    def _take_from_intake(self):
+        """Requests through the compiled intake (--intake compiled): those it checked into its arena go
+        straight to :meth:`_accept_photondata`, any other message to :meth:`_handle` as plain frames.
+        Bounded like the Python loop (~1000 messages a turn), so results and dispatch interleave."""
+        intake = self.intake
+        for _ in range(max(1, 1000 // intake.max_requests)):
+            taken = intake.take()
+            for envelope, pd in taken:
+                if pd is None:
+                    self._handle(envelope)  # the whole message, envelope included
+                else:
+                    self._accept_photondata(envelope, pd)
+            # Fewer than asked and none held for Python: the socket is empty.
+            if len(taken) < intake.max_requests and (not taken or taken[-1][1] is not None):
+                break
+
     def _handle_photondata(self, envelope, body, layout: Layout | None = None):
         """``layout``: the reply layout whatever the request's dialect and --reply-layout (the router's runs)."""
         try:
@@ -547,6 +582,10 @@ class BatchServer:
         except RequestError as exc:
             self._fail(envelope, exc.event_id, exc.reason, "bad_request")
             return
+        self._accept_photondata(envelope, pd, layout)
+
+    def _accept_photondata(self, envelope, pd: P.PhotonData, layout: Layout | None = None):
+        """A checked request: its run, resend joining, the queue's limits, then the queue."""
         run = self.runs.run_of(envelope) if self.runs is not None else None
         if run is not None and run.error is not None:
             self._fail(envelope, pd.event_id, f"run output unavailable: {run.error}", "run_output")

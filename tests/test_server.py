@@ -19,6 +19,7 @@ from charon.engines.base import EngineConfig
 from charon.engines.cpu import CPUEngine
 from charon.geometry.builtin import sphere_detector
 from charon.geometry.optics import constant_surface
+from charon.intake import AVAILABLE as INTAKE_AVAILABLE
 from charon.metrics import _mallinfo2
 from charon.photons import CHERENKOV, SURFACE_DETECT, HitBatch, PhotonBatch
 from charon.server import ServerConfig, run_in_thread
@@ -74,9 +75,20 @@ class Server:
         assert not self.thread.is_alive()
 
 
+# Both ways of taking requests off the client socket (intake.py): every test of this module that uses the
+# ``server`` fixture or ``intake`` runs with each.
+INTAKES = ["python", pytest.param("compiled", marks=pytest.mark.skipif(not INTAKE_AVAILABLE,
+                                                                       reason="needs libzmq's C API via pyzmq"))]
+
+
+@pytest.fixture(params=INTAKES)
+def intake(request):
+    return request.param
+
+
 @pytest.fixture
-def server(det):
-    s = Server(det, max_batch_photons=20_000, max_wait_ms=5)
+def server(det, intake):
+    s = Server(det, max_batch_photons=20_000, max_wait_ms=5, intake=intake)
     yield s
     s.stop()
 
@@ -144,8 +156,8 @@ def test_full_reply_for_14_frames_keeps_client_flags(server, reference_engine):
 
 
 @pytest.mark.parametrize("forced,frames", [("full", 12), ("compact", 5)])
-def test_forced_reply_layout(det, forced, frames):
-    s = Server(det, reply_layout=forced)
+def test_forced_reply_layout(det, forced, frames, intake):
+    s = Server(det, intake=intake, reply_layout=forced)
     try:
         c = s.req(timeout_ms=10_000, retries=0)
         r13 = c.simulate(1, ev(200, 3))
@@ -223,8 +235,8 @@ def test_pipelined_dealer_events_come_back_out_of_order_and_coalesced(det, refer
         s.stop()
 
 
-def test_oversized_event_is_split_and_reassembled(det, reference_engine):
-    s = Server(det, max_batch_photons=1000, max_wait_ms=1)
+def test_oversized_event_is_split_and_reassembled(det, reference_engine, intake):
+    s = Server(det, intake=intake, max_batch_photons=1000, max_wait_ms=1)
     try:
         table = ev(3500, 9)
         r = s.req(timeout_ms=20_000, retries=0).simulate(9, table)
@@ -236,10 +248,10 @@ def test_oversized_event_is_split_and_reassembled(det, reference_engine):
         s.stop()
 
 
-def test_identical_resent_request_is_simulated_once_and_answers_newest(det, reference_engine):
+def test_identical_resent_request_is_simulated_once_and_answers_newest(det, reference_engine, intake):
     gate = threading.Event()
-    s = Server(det, engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate),
-               max_batch_photons=100_000, max_wait_ms=0)  # fmt: skip
+    s = Server(det, intake=intake, max_batch_photons=100_000, max_wait_ms=0,
+               engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate))  # fmt: skip
     try:
         blocker = s.dealer()
         blocker.submit(1, ev(100, 1))  # occupies the engine until the gate opens
@@ -267,13 +279,14 @@ def test_identical_resent_request_is_simulated_once_and_answers_newest(det, refe
         s.stop()
 
 
-def test_lazy_pirate_client_retry_is_joined(det):
+def test_lazy_pirate_client_retry_is_joined(det, intake):
     class Slow(GatedEngine):
         def propagate(self, batch):
             time.sleep(0.6)
             return self.inner.propagate(batch)
 
-    s = Server(det, engine_factory=lambda: Slow(CPUEngine(det, EngineConfig(seed=SEED)), None), max_wait_ms=0)
+    s = Server(det, intake=intake, max_wait_ms=0,
+               engine_factory=lambda: Slow(CPUEngine(det, EngineConfig(seed=SEED)), None))  # fmt: skip
     try:
         c = s.req(timeout_ms=250, retries=5)
         r = c.simulate(77, ev(300, 77))
@@ -298,6 +311,7 @@ def _mutations():
     out = []
     out.append(("12 frames", f[:12], "13 or 14 frames"))
     out.append(("15 frames", f + [b"x" * 200, b"y"], "13 or 14 frames"))
+    out.append(("20 frames", f + [b"z" * 8] * 7, "13 or 14 frames"))  # more parts than the compiled intake holds
     out.append(("1 frame", f[:1], "13 or 14 frames"))
     out.append(("short meta", [f[0], f[1][:4]] + f[2:], "meta frame must be 8 bytes"))
     g = list(f)
@@ -340,8 +354,8 @@ def test_malformed_request_gets_sim_failed_then_good_request_works(server, refer
     assert_good_request_still_served(server.address, reference_engine)
 
 
-def test_event_over_photon_limit(det, reference_engine):
-    s = Server(det, max_event_photons=1000)
+def test_event_over_photon_limit(det, reference_engine, intake):
+    s = Server(det, intake=intake, max_event_photons=1000)
     try:
         r = s.req(timeout_ms=5000, retries=0).simulate(4, ev(1001, 4))
         assert r.kind == P.SIM_FAILED and "over the limit of 1000" in r.reason and r.event_id == 4
@@ -350,10 +364,10 @@ def test_event_over_photon_limit(det, reference_engine):
         s.stop()
 
 
-def test_full_queue_answers_busy_at_once_and_loses_nothing(det, reference_engine):
+def test_full_queue_answers_busy_at_once_and_loses_nothing(det, reference_engine, intake):
     gate = threading.Event()
-    s = Server(det, engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate),
-               max_batch_photons=100_000, max_queued_photons=1000, max_wait_ms=0)  # fmt: skip
+    s = Server(det, intake=intake, max_batch_photons=100_000, max_queued_photons=1000, max_wait_ms=0,
+               engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate))  # fmt: skip
     try:
         d = s.dealer()
         d.submit(1, ev(600, 1))  # goes to the engine (blocked)
