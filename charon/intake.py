@@ -139,7 +139,11 @@ def _make_drain():
                 if parts >= MAX_PARTS:  # never a request charon knows: keep the count, drop the extra data
                     msg_close(pj)
                 msg_init(pj)
-                msg_recv(pj, sock, 0)
+                # The rest of a multipart message is always there; a signal (EINTR) may still interrupt the
+                # call, and a part left unread would start the next "message". (-1 for good: the context ended.)
+                for _ in range(1000):
+                    if msg_recv(pj, sock, 0) >= 0:
+                        break
                 more = msg_more(pj)
                 parts += 1
             held = parts if parts < MAX_PARTS else MAX_PARTS
