@@ -21,37 +21,20 @@ A benchmark helper, not part of charon.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import time
 
 import numba
 import numpy as np
 import zmq
-from zmq.backend.cython import _zmq
 
 from charon import protocol as P
 from charon.client import photondata_frames
+from charon.intake import _C
 from charon.sockets import recv_message
 from charon.sources import random_event
 
-_S = ctypes.c_size_t
-
-
-def _libzmq():
-    """libzmq's C functions, looked up through pyzmq's backend module (so the library pyzmq uses)."""
-    lib = ctypes.CDLL(_zmq.__file__)
-
-    def fn(name, restype, *argtypes):
-        f = getattr(lib, name)
-        f.restype, f.argtypes = restype, list(argtypes)
-        return f
-
-    return (fn("zmq_msg_init", ctypes.c_int, _S), fn("zmq_msg_recv", ctypes.c_int, _S, _S, ctypes.c_int),
-            fn("zmq_msg_data", ctypes.POINTER(ctypes.c_uint8), _S), fn("zmq_msg_size", _S, _S),
-            fn("zmq_msg_more", ctypes.c_int, _S), fn("zmq_msg_close", ctypes.c_int, _S))  # fmt: skip
-
-
-_init, _recv, _data, _size, _more, _close = _libzmq()
+# libzmq's message functions, as the compiled intake finds them (the library pyzmq loaded).
+_init, _recv, _data, _size, _more, _close = _C
 _DONTWAIT = int(zmq.DONTWAIT)
 
 
@@ -59,7 +42,8 @@ _DONTWAIT = int(zmq.DONTWAIT)
 def compiled_drain(sock, msg, table, n_requests, touch):
     """Receive ``n_requests`` PHOTONDATA requests (ROUTER side: identity first) from the socket at address
     ``sock``; with ``touch``, check every value (as ``protocol._check_values``) and copy the rows into
-    ``table`` [11, photons] float32 end to end, from its start again whenever the next would not fit. Returns (requests, bad values)."""
+    ``table`` [11, photons] float32 end to end, from its start again whenever the next would not fit.
+    Returns (requests, bad values)."""
     p = msg.ctypes.data  # a zmq_msg_t (64 bytes) reused for every part
     got = 0
     bad = 0
