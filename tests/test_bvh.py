@@ -24,7 +24,7 @@ def trace(cpu):
         tri = np.empty(n, np.int64)
         dist = np.empty(n)
         stack = np.empty(STACK_SIZE, np.int32)
-        stack_t = np.empty(STACK_SIZE)
+        stack_t = np.empty(STACK_SIZE, np.float32)
         for i in range(n):
             o = origins[i]
             d = dirs[i]
@@ -105,3 +105,37 @@ def test_morton_codes_order_nearby_points_together():
     pts = np.array([[0, 0, 0], [1, 1, 1], [0.01, 0, 0], [0.99, 1, 1]], float)
     order = np.argsort(morton_codes(pts))
     assert set(order[:2]) == {0, 2} and set(order[2:]) == {1, 3}
+
+
+
+def test_float32_box_tests_open_every_box_at_detector_scale(trace, rng):
+    """Boxes are tested in float32 (kernels/intersect.py). Separate triangles 9-10 m from the origin, rays
+    from up to 19 m away aimed just inside a corner: the corner is where the triangle touches its leaf's
+    box, so a box that float32 wrongly reports missed loses the only hit along the ray. Rays along the
+    axes and with components too small for float32's inverse take the slab test's stand-ins."""
+    n = 2000
+    centres = rng.normal(size=(n, 3))
+    centres *= rng.uniform(9000.0, 9500.0, size=(n, 1)) / np.linalg.norm(centres, axis=1, keepdims=True)
+    verts = (centres[:, None, :] + rng.normal(scale=20.0, size=(n, 3, 3))).astype(np.float32)
+    bvh = build_bvh(verts.reshape(-1, 3), np.arange(3 * n).reshape(n, 3))
+    v = verts.astype(np.float64)
+    pick = rng.integers(0, n, 400)
+    eps = 10.0 ** rng.uniform(-7, -4, size=(400, 1))  # barycentric distance from the corner
+    corner = rng.integers(0, 3, 400)
+    w = np.full((400, 3), 0.0)
+    w[:] = eps / 2
+    w[np.arange(400), corner] = 1.0 - eps[:, 0]
+    targets = np.einsum("ij,ijk->ik", w, v[pick])
+    origins = -targets * rng.uniform(0.0, 1.0, size=(400, 1))  # through the centre: up to 19 m of ray
+    dirs = (targets - origins) / np.linalg.norm(targets - origins, axis=1, keepdims=True)
+    axes = np.repeat(np.concatenate([np.eye(3), -np.eye(3)]), 20, axis=0)  # components exactly 0
+    ax_orig = v[pick[:120]].mean(axis=1) - 50.0 * axes  # 50 mm in front of a centroid, looking at it
+    tiny = axes.copy()
+    tiny[tiny == 0] = rng.choice([1e-35, -1e-35, 1e-200, 5e-324], size=int((tiny == 0).sum()))
+    origins = np.concatenate([origins, ax_orig, ax_orig])
+    dirs = np.concatenate([dirs, axes, tiny])
+    got_k, got_t = trace(bvh, origins, dirs)
+    for i in range(len(origins)):
+        k, t = brute_force_nearest(bvh, origins[i], dirs[i])
+        assert k >= 0  # every ray is aimed at a triangle
+        assert got_k[i] >= 0 and got_t[i] == pytest.approx(t, rel=1e-9, abs=1e-9), (i, origins[i], dirs[i])

@@ -39,7 +39,7 @@ def cpu_kernels():
         for c in numba.prange(n_chunks):
             # Scratch once per chunk, not per photon.
             stack = np.empty(STACK_SIZE, np.int32)
-            stack_t = np.empty(STACK_SIZE, np.float64)
+            stack_t = np.empty(STACK_SIZE, np.float32)
             rng = np.empty(RNG_STATE_SIZE, np.uint32)
             for i in range(c * chunk, min(n, (c + 1) * chunk)):
                 propagate_photon(i, table, flags, last_hit, slot, event_id, first_index, offsets, seed, max_steps,

@@ -28,7 +28,7 @@ from .cuda_compat import ensure_numpy_compat
 
 ensure_numpy_compat()
 
-from numba import cuda, float64, int32, uint32  # noqa: E402
+from numba import cuda, float32, int32, uint32  # noqa: E402
 
 try:  # a server launches small grids whenever load is light: by design, not a beginner's mistake
     from numba.cuda.core import config as _cuda_config
@@ -94,7 +94,7 @@ def cuda_kernels():
         if i >= n:
             return
         stack = cuda.local.array(STACK_SIZE, int32)
-        stack_t = cuda.local.array(STACK_SIZE, float64)
+        stack_t = cuda.local.array(STACK_SIZE, float32)
         rng = cuda.local.array(RNG_STATE_SIZE, uint32)
         propagate_photon(i, table, flags, last_hit, slot, event_id, first_index, offsets, seed, max_steps,
                          node_lo, node_hi, node_first, node_count, v0, e1, e2,

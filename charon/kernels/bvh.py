@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .intersect import NO_HIT
+from .intersect import BOX_MISS, NO_HIT
 
 STACK_SIZE = 64  # entries of the per-ray traversal stack
-_INV_BIG = 1e30  # stands in for 1/0 in the slab test
+_INV_BIG = 1e30  # stands in for 1/0 in the slab test; float32 holds it
+_TINY = 1e-30  # direction components below this are taken as 0: their inverse would overflow float32
 
 
 @dataclass(frozen=True)
@@ -127,19 +128,33 @@ def build_bvh(vertices: np.ndarray, triangles: np.ndarray, leaf_size: int = 4, b
 
 def make_traverse(jit, ray_triangle, ray_box):
     @jit
+    def inverse_direction(d):
+        """float32 1/d, with a finite stand-in where d is 0 or too small for float32 to hold 1/d.
+
+        The stand-in's sign does not matter: along an axis the ray does not move, the slab is
+        either always or never crossed, and the slab test takes min/max of its two distances."""
+        if abs(d) < _TINY:
+            return np.float32(_INV_BIG)
+        return np.float32(1.0 / d)
+
+    @jit
     def nearest_hit(ox, oy, oz, dx, dy, dz, last, node_lo, node_hi, node_first, node_count, v0, e1, e2, stack, stack_t):
         """Nearest triangle (BVH-order index, distance) along the ray, skipping ``last``; (-1, inf) if none.
 
-        ``stack`` int32 [STACK_SIZE] and ``stack_t`` float64 [STACK_SIZE] are scratch owned by the caller.
-        Children are visited nearest box first so the best distance shrinks early.
+        ``stack`` int32 [STACK_SIZE] and ``stack_t`` float32 [STACK_SIZE] are scratch owned by the caller.
+        Children are visited nearest box first so the best distance shrinks early. Boxes are tested
+        in float32 (see :mod:`charon.kernels.intersect`), triangles in float64.
         """
-        ix = 1.0 / dx if dx != 0.0 else _INV_BIG
-        iy = 1.0 / dy if dy != 0.0 else _INV_BIG
-        iz = 1.0 / dz if dz != 0.0 else _INV_BIG
+        ix = inverse_direction(dx)
+        iy = inverse_direction(dy)
+        iz = inverse_direction(dz)
+        fx = np.float32(ox)
+        fy = np.float32(oy)
+        fz = np.float32(oz)
         best_t = NO_HIT
         best = -1
-        t_root = ray_box(ox, oy, oz, ix, iy, iz, node_lo, node_hi, 0)
-        if t_root == NO_HIT:
+        t_root = ray_box(fx, fy, fz, ix, iy, iz, node_lo, node_hi, 0)
+        if t_root == BOX_MISS:
             return best, best_t
         stack[0] = 0
         stack_t[0] = t_root
@@ -162,7 +177,7 @@ def make_traverse(jit, ray_triangle, ray_box):
             else:
                 base = sp
                 for ch in range(f, f + c):
-                    tb = ray_box(ox, oy, oz, ix, iy, iz, node_lo, node_hi, ch)
+                    tb = ray_box(fx, fy, fz, ix, iy, iz, node_lo, node_hi, ch)
                     if tb < best_t:
                         # insertion keeps [base, sp) sorted far-to-near: nearest popped first
                         j = sp

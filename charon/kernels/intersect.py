@@ -3,15 +3,29 @@
 Tolerances follow Chroma (PHYSICS.md): barycentric edge tolerance 1e-6 and
 hits closer than 1e-6 mm ignored, so a photon sitting on the triangle it just
 crossed does not hit it again.
+
+The triangle test is float64: its distance is where the photon goes. The slab
+test only decides which boxes to open, and runs in float32 on float32 inputs
+(the box corners are stored so): a traversal makes several box tests per
+triangle test, and on a GPU each float64 one also pays six float32-to-float64
+conversions, which run at a quarter of float64's rate. It stays exact enough
+to open every box it must: the boxes are padded (``bvh.build_bvh``) by more
+than the float32 rounding of ``corner - origin`` at the detector's scale
+(pad ~1e-6 of the largest coordinate, rounding ~6e-8 of it), and both the
+slab distances and the pad scale with the same ``1 / |direction component|``.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 EDGE_TOL = 1e-6  # barycentric slack at triangle edges
 T_MIN = 1e-6  # mm: nearer hits are ignored
 NO_HIT = math.inf
+BOX_MISS = np.float32(np.inf)  # the slab test's miss, float32 so its result stays float32
+_F32_ZERO = np.float32(0.0)
 
 
 def make_intersect(jit):
@@ -52,9 +66,10 @@ def make_intersect(jit):
 
     @jit
     def ray_box(ox, oy, oz, ix, iy, iz, lo, hi, n):
-        """Entry distance of the ray into box ``n`` (clamped at 0), or inf if missed.
+        """float32 entry distance of the ray into box ``n`` (clamped at 0), or inf if missed.
 
-        ``ix, iy, iz`` are the inverse direction components (finite stand-ins for 1/0).
+        Every argument is float32 (``lo``, ``hi`` [N, 3] float32, mm): ``ix, iy, iz`` are the
+        inverse direction components, finite stand-ins for 1/0 (``bvh.inverse_direction``).
         """
         t0 = (lo[n, 0] - ox) * ix
         t1 = (hi[n, 0] - ox) * ix
@@ -68,8 +83,8 @@ def make_intersect(jit):
         t1 = (hi[n, 2] - oz) * iz
         tmin = max(tmin, min(t0, t1))
         tmax = min(tmax, max(t0, t1))
-        if tmax < 0.0 or tmin > tmax:
-            return NO_HIT
-        return max(tmin, 0.0)
+        if tmax < _F32_ZERO or tmin > tmax:
+            return BOX_MISS
+        return max(tmin, _F32_ZERO)
 
     return ray_triangle, ray_box

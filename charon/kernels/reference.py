@@ -54,21 +54,22 @@ def ray_triangles_ref(origin, direction, v0, e1, e2, edge_tol=1e-6, t_min=1e-6) 
     e2 = np.asarray(e2, np.float64)
     p = np.cross(d, e2)
     det = np.einsum("ij,ij->i", e1, p)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # det ~ 0: inf, masked below
         inv = 1.0 / det
         s = o - v0
         u = np.einsum("ij,ij->i", s, p) * inv
         q = np.cross(s, e1)
         v = (q @ d) * inv
         t = np.einsum("ij,ij->i", e2, q) * inv
-    ok = (
-        (det != 0)
-        & (u >= -edge_tol)
-        & (u <= 1 + edge_tol)
-        & (v >= -edge_tol)
-        & (u + v <= 1 + edge_tol)
-        & (t > t_min)
-    )
+        # u + v is inf - inf for a ray parallel to a triangle's plane (det == 0): masked by det != 0
+        ok = (
+            (det != 0)
+            & (u >= -edge_tol)
+            & (u <= 1 + edge_tol)
+            & (v >= -edge_tol)
+            & (u + v <= 1 + edge_tol)
+            & (t > t_min)
+        )
     return np.where(ok, t, np.inf)
 
 
