@@ -64,6 +64,12 @@ class BenchConfig:
     load_nice: int = 0
     think_ms: str = "0"  # a client's pause between a reply and its next request: MS or exp:MEAN
     warmup: float = 1.0  # s after the first replies before the measured window opens (0: the whole run)
+    # "python": the load loop in Python; "compiled": the same requests from a numba loop on libzmq's C API
+    # (load_pump.py), so that the load takes less of the CPU it shares with the server on one host.
+    load_driver: str = "python"
+
+
+LOAD_DRIVERS = ("python", "compiled")
 
 
 def parse_sizes(spec: str):
@@ -236,6 +242,8 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
     thinking = bool(think.any())
     later: list = []  # heap of (when, k, socket): clients thinking before their next request
     pool = random_event(int(sizes.max()), rng)  # [11, max] float32; events are zero-copy prefixes of its rows
+    if cfg.load_driver == "compiled":
+        return _drive_compiled(cfg, address, first_id, sizes, pool, n_clients, progress)
     rows = [memoryview(np.ascontiguousarray(pool[r])).cast("B") for r in range(11)]
     # An event's 11 row frames, by photon count: zmq.Frames over the pool, built once and sent by
     # reference (no copy, and ~0.3 us a frame instead of ~0.7); the generator's CPU is taken from the
@@ -344,6 +352,45 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
                 cpu_s=cpu1 - cpu0, main_cpu_s=main1 - main0)  # fmt: skip
 
 
+def _drive_compiled(cfg: BenchConfig, address: str, first_id: int, sizes, pool, n_clients: int, progress=None):
+    """:func:`_drive` with its loop compiled (load_pump.py): the same sockets, requests and figures."""
+    from .load_pump import LoadPump
+
+    ctx = zmq.Context()
+    kind = zmq.REQ if cfg.client_mode == "req" else zmq.DEALER
+    socks = []
+    for _ in range(n_clients):
+        s = ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(address)
+        socks.append(s)
+    pump = LoadPump(socks, kind == zmq.DEALER, 1 if kind == zmq.REQ else cfg.in_flight, sizes, first_id, pool)
+    reported = 0
+    with _gc_paused():
+        t0 = time.monotonic()
+        cpu0, main0 = time.process_time(), time.thread_time()
+        deadline = t0 + (cfg.duration if cfg.duration else cfg.timeout_s)
+        while not pump.run(deadline, min(deadline, time.monotonic() + 0.05)):  # back here for the progress bar
+            if progress is not None and pump.done - reported >= 64:
+                with progress.get_lock():
+                    progress.value += pump.done - reported
+                reported = pump.done
+        t1 = time.monotonic()
+        cpu1, main1 = time.process_time(), time.thread_time()
+    if progress is not None:
+        with progress.get_lock():
+            progress.value += pump.done - reported
+    sent, rtt, photons = pump.results()
+    pump.close()
+    for s in socks:
+        s.close(0)
+    ctx.term()
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return dict(sent=sent, latencies=rtt, photons=photons, failed=pump.failed, unanswered=pump.sent - pump.done,
+                t0=t0, t1=t1, cpus=cpus, nice=os.nice(0) if hasattr(os, "nice") else 0,
+                cpu_s=cpu1 - cpu0, main_cpu_s=main1 - main0)  # fmt: skip
+
+
 def _drive_star(args):
     return _drive(*args, progress=_PROGRESS)
 
@@ -351,12 +398,16 @@ def _drive_star(args):
 _PROGRESS = None
 
 
-def _init_worker(counter, cpus=None, nice=0):
+def _init_worker(counter, cpus=None, nice=0, driver="python"):
     global _PROGRESS
     _PROGRESS = counter
     pin(cpus)
     if nice:
         os.nice(nice)
+    if driver == "compiled":  # compiled in every load process at once, before any of them sends
+        from .load_pump import warm_up
+
+        warm_up()
 
 
 def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
@@ -373,7 +424,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
     jobs = [(cfg, address, k * cfg.events, per_events[k], per_clients[k], cfg.seed + k) for k in range(procs)]
-    init = (counter, parse_cpus(cfg.load_cpus), cfg.load_nice)
+    init = (counter, parse_cpus(cfg.load_cpus), cfg.load_nice, cfg.load_driver)
     with ctx.Pool(procs, initializer=_init_worker, initargs=init) as pool:
         res = pool.map_async(_drive_star, jobs)
         bar = None
@@ -628,6 +679,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--load-nice", type=int, default=0, choices=range(0, 20), metavar="0-19",
                     help="raise the load processes' niceness by this much, so that on a shared host the server's "
                     "threads get the cores first, as when clients run on other hosts (default 0: equal shares)")
+    ap.add_argument("--load-driver", choices=LOAD_DRIVERS, default="python",
+                    help="python: the load loop in Python; compiled: the same requests and figures from a numba "
+                    "loop on libzmq's C API, which takes less of the CPU the load shares with a server on the same "
+                    "host (Linux; not with --think-ms). Default python")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -648,6 +703,13 @@ def main(argv=None) -> int:
         parse_cpus(cfg.server_cpus), parse_cpus(cfg.load_cpus), parse_think(cfg.think_ms)
     except ValueError as exc:
         parser().error(str(exc))
+    if cfg.load_driver == "compiled":
+        from .load_pump import AVAILABLE
+
+        if parse_think(cfg.think_ms)(np.random.default_rng(0), 1).any():
+            parser().error("--think-ms runs in the Python load loop: leave out --load-driver compiled")
+        if not AVAILABLE:
+            parser().error("--load-driver compiled needs Linux and libzmq's C API through pyzmq; use python")
     if cfg.address:
         ping = zmq.Context.instance().socket(zmq.REQ)
         ping.setsockopt(zmq.LINGER, 0)

@@ -34,11 +34,12 @@ import numba
 import numpy as np
 import zmq
 
+from . import libzmq as Z
 from . import protocol as P
 
 log = logging.getLogger(__name__)
 
-MSG_BYTES = 64  # sizeof(zmq_msg_t) in libzmq 4.x
+MSG_BYTES = Z.MSG_BYTES
 MAX_PARTS = 16  # parts held per message: a request's 14 and a two-part envelope
 ID_BYTES = 256  # a ROUTER routing id is at most 255 bytes
 N_ROWS = 11
@@ -52,28 +53,14 @@ KIND_FAST, KIND_HELD, KIND_ROOM = 1, 2, 3
 
 
 def _libzmq():
-    """libzmq's message functions as ctypes functions, from the library pyzmq's backend is linked with
-    (pyzmq's wheels bundle it; a pyzmq built on a system libzmq links that one). None when not found."""
-    try:
-        from zmq.backend.cython import _zmq
-
-        lib = ctypes.CDLL(_zmq.__file__)
-    except (ImportError, OSError, AttributeError):
-        return None
-    size_t = ctypes.c_size_t  # pointers passed as integers: same width and calling convention on Linux
-
-    def fn(name, restype, *argtypes):
-        f = getattr(lib, name)
-        f.restype, f.argtypes = restype, list(argtypes)
-        return f
-
-    try:
-        return (fn("zmq_msg_init", ctypes.c_int, size_t),
-                fn("zmq_msg_recv", ctypes.c_int, size_t, size_t, ctypes.c_int),
-                fn("zmq_msg_data", ctypes.POINTER(ctypes.c_uint8), size_t), fn("zmq_msg_size", size_t, size_t),
-                fn("zmq_msg_more", ctypes.c_int, size_t), fn("zmq_msg_close", ctypes.c_int, size_t))  # fmt: skip
-    except AttributeError:
-        return None
+    """libzmq's message functions (charon.libzmq), or None when any is missing."""
+    size_t, c_int = ctypes.c_size_t, ctypes.c_int
+    fns = (Z.function(Z.LIB, "zmq_msg_init", c_int, size_t),
+           Z.function(Z.LIB, "zmq_msg_recv", c_int, size_t, size_t, c_int),
+           Z.function(Z.LIB, "zmq_msg_data", ctypes.POINTER(ctypes.c_uint8), size_t),
+           Z.function(Z.LIB, "zmq_msg_size", size_t, size_t), Z.function(Z.LIB, "zmq_msg_more", c_int, size_t),
+           Z.function(Z.LIB, "zmq_msg_close", c_int, size_t))  # fmt: skip
+    return None if any(f is None for f in fns) else fns
 
 
 _C = _libzmq()

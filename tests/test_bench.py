@@ -393,3 +393,65 @@ def test_soak_fits_memory_against_events_after_the_settling_part_and_names_the_p
     g = growth(samples, settle=0.15)
     assert g["malloc_in_use_mb_per_million_events"] == pytest.approx(0.0, abs=1e-9)
     assert g["malloc_free_mb_per_million_events"] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("mode,size", [("req", "200"), ("dealer", "lognormal:200,0.5")])
+def test_compiled_load_driver_answers_as_the_python_loop(tmp_path, mode, size):
+    """--load-driver compiled against a real server: every event answered and counted, photons per event
+    the sizes drawn (log-normal too), and the same figures as the Python loop's on the same load."""
+    import numpy as np
+
+    from charon.load_pump import AVAILABLE
+
+    if not AVAILABLE:
+        pytest.skip("needs Linux and libzmq's C API")
+    srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu"),
+                            detector=sphere_detector(500.0, subdivisions=1))  # fmt: skip
+    try:
+        out = {}
+        for driver in ("compiled", "python"):
+            path = tmp_path / f"{driver}.json"
+            rc = main(["--address", srv.address, "--clients", "5", "--client-mode", mode, "--in-flight", "3",
+                       "--events", "50", "--event-size", size, "--load-procs", "2", "--warmup", "0",
+                       "--load-driver", driver, "--json", str(path), "--no-progress"])  # fmt: skip
+            assert rc == 0
+            out[driver] = json.loads(path.read_text())["batched"]
+        c, p = out["compiled"], out["python"]
+        assert c["events"] == p["events"] == 50 and c["failed"] == p["failed"] == 0
+        assert c["unanswered"] == 0 and c["load_processes"] == 2
+        # The same seeds draw the same sizes in each load process: the same photons went out.
+        assert c["photons_per_s"] * c["wall_s"] == pytest.approx(p["photons_per_s"] * p["wall_s"])
+        if size == "200":
+            assert c["photons_per_s"] == pytest.approx(200 * c["events_per_s"])
+        assert 0 < c["latency_ms"]["p50"] <= c["latency_ms"]["p99"] < 10_000
+        assert 0 < c["load_main_thread_us_per_event"] <= c["load_cpu_us_per_event"]
+        assert np.isfinite(c["load_cpu_cores"])
+    finally:
+        srv.stop()
+        th.join(10)
+
+
+def test_compiled_load_driver_counts_refused_events_as_failed(tmp_path):
+    from charon.load_pump import AVAILABLE
+
+    if not AVAILABLE:
+        pytest.skip("needs Linux and libzmq's C API")
+    srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", max_event_photons=150),
+                            detector=sphere_detector(500.0, subdivisions=1))  # fmt: skip
+    try:
+        path = tmp_path / "r.json"
+        rc = main(["--address", srv.address, "--clients", "3", "--client-mode", "dealer", "--events", "12",
+                   "--event-size", "200", "--load-procs", "1", "--warmup", "0", "--load-driver", "compiled",
+                   "--json", str(path), "--no-progress"])  # fmt: skip
+        assert rc == 0
+        r = json.loads(path.read_text())["batched"]
+        assert r["events"] == 0 and r["failed"] == 12 and r["unanswered"] == 0  # SIM_FAILED: over the limit
+    finally:
+        srv.stop()
+        th.join(10)
+
+
+def test_compiled_load_driver_refuses_think_times(capsys):
+    with pytest.raises(SystemExit):
+        main(["--address", "tcp://127.0.0.1:9", "--load-driver", "compiled", "--think-ms", "exp:5"])
+    assert "--think-ms runs in the Python load loop" in capsys.readouterr().err

@@ -1,0 +1,111 @@
+"""The compiled load generator (charon/load_pump.py) against a ROUTER on loopback that the test answers by hand."""
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from charon import protocol as P
+from charon.load_pump import AVAILABLE, LoadPump
+
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason="needs Linux and libzmq's C API")
+
+
+@pytest.fixture
+def router():
+    """(client factory, ROUTER): the clients are closed with the router, whatever the test did."""
+    ctx = zmq.Context()
+    r = ctx.socket(zmq.ROUTER)
+    r.setsockopt(zmq.LINGER, 0)
+    r.bind("tcp://127.0.0.1:*")
+    address = r.getsockopt_string(zmq.LAST_ENDPOINT)
+    made = []
+
+    def client(kind):
+        s = ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(address)
+        made.append(s)
+        return s
+
+    yield client, r
+    for s in [r, *made]:
+        s.close(0)
+    ctx.term()
+
+
+def _requests(pump, r, n, deadline):
+    """Run the pump in short slices until the router has ``n`` requests; [(envelope, frames)]."""
+    got = []
+    t_end = time.monotonic() + 5
+    while len(got) < n and time.monotonic() < t_end:
+        pump.run(deadline, time.monotonic() + 0.02)
+        while r.poll(0):
+            msg = r.recv_multipart()
+            k = msg.index(b"") + 1 if b"" in msg[:2] else 1
+            got.append((msg[:k], msg[k:]))
+    assert len(got) == n, f"the router got {len(got)} requests of {n}"
+    return got
+
+
+def test_requests_are_dialect_a_photondata_over_the_pool_and_replies_are_counted(router):
+    client, r = router
+    pool = np.arange(11 * 6, dtype=np.float32).reshape(11, 6)
+    sizes = np.array([3, 5, 4, 2])
+    pump = LoadPump([client(zmq.DEALER)], True, 2, sizes, 100, pool)
+    deadline = time.monotonic() + 10
+    first = _requests(pump, r, 2, deadline)  # depth 2: two in flight before any reply
+    for (env, frames), eid, n in zip(first, (100, 101), (3, 5)):
+        assert len(env) == 2 and env[1] == b""  # identity, then the DEALER's empty delimiter
+        assert len(frames) == 13 and frames[0] == P.PHOTONDATA and P.META.unpack(frames[1]) == (eid, n)
+        for row in range(11):
+            np.testing.assert_array_equal(np.frombuffer(frames[2 + row], np.float32), pool[row, :n])
+    env = first[0][0]
+
+    def reply(*frames):
+        r.send_multipart([*env, *frames])
+
+    reply(P.SIM_COMPLETE, P.u32(100), b"", b"", b"")  # answered
+    reply(P.SIM_FAILED, P.u32(101), b"bad input")  # failed: not SIM_COMPLETE
+    second = _requests(pump, r, 2, deadline)  # each reply made room for the next request
+    assert [P.META.unpack(f[1])[0] for _e, f in second] == [102, 103]
+    reply(P.SIM_COMPLETE, P.u32(102), b"", b"", b"")  # answered
+    reply(P.SIM_COMPLETE, P.u32(102), b"", b"", b"")  # a second reply for 102: failed
+    reply(P.SIM_COMPLETE, P.u32(999), b"", b"", b"")  # an event never sent: failed
+    reply(P.SIM_COMPLETE, b"\x01\x02", b"", b"", b"")  # no u32 event id: failed
+    reply(P.SIM_COMPLETE_ASYNC, P.u32(103))  # not SIM_COMPLETE, as the Python loop counts it: failed
+    t_end = time.monotonic() + 5
+    while pump.done < 7 and time.monotonic() < t_end:
+        assert not pump.run(deadline, time.monotonic() + 0.02) or pump.done >= pump.sent
+    assert (pump.sent, pump.done, pump.failed) == (4, 7, 5)
+    sent, rtt, photons = pump.results()
+    np.testing.assert_array_equal(photons, [3, 4])
+    assert np.all(rtt > 0) and np.all(rtt < 10) and np.all(sent > 0) and sent[0] <= sent[1]
+    pump.close()
+
+
+def test_req_clients_keep_one_request_in_flight_and_stop_at_the_deadline(router):
+    client, r = router
+    pool = np.ones((11, 4), np.float32)
+    socks = [client(zmq.REQ) for _ in range(3)]
+    pump = LoadPump(socks, False, 1, np.full(9, 4), 0, pool)
+    deadline = time.monotonic() + 10
+    got = _requests(pump, r, 3, deadline)  # one each, whatever the depth of the event list
+    for env, frames in got:
+        assert env[1] == b"" and len(frames) == 13  # REQ adds the delimiter itself
+        r.send_multipart([*env, P.SIM_COMPLETE, frames[1][:4], b"", b"", b""])
+    got = _requests(pump, r, 3, deadline)  # each answered client sent its next request
+    assert sorted(P.META.unpack(f[1])[0] for _e, f in got) == [3, 4, 5]
+    assert pump.done == 3 and pump.failed == 0
+    # Nobody answers now: the run ends at its deadline with those three unanswered.
+    t0 = time.monotonic()
+    assert pump.run(t0 + 0.2, t0 + 5)
+    assert 0.15 < time.monotonic() - t0 < 2
+    assert pump.sent - pump.done == 3 and len(pump.results()[0]) == 3
+    pump.close()
+
+
+def test_pool_must_hold_the_largest_event():
+    with pytest.raises(ValueError, match=r"pool must be \[11, >= the largest event\]"):
+        LoadPump([], True, 1, np.array([5]), 0, np.zeros((11, 4), np.float32))
