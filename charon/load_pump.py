@@ -121,11 +121,11 @@ def _make_pump():
             msg_recv(p, sock, 0)  # the rest of a message is there once its first part is
 
     @numba.njit(cache=False)
-    def drain(k, socks, dealer, depth_one, sizes, first_id, pool, header, meta, msg, sent_at, ts, state,
+    def drain(k, socks, dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts, state,
               out_sent, out_rtt, out_photons, deadline):  # fmt: skip
         """Every reply waiting on socket ``k``, each followed by the socket's next request while any is left.
         A REQ socket holds one request, so it is read again only when its fd says so; a DEALER's is read
-        until empty, after each send too (a send can take the fd's edge)."""
+        until empty, after each send too (a send can take the fd's edge), whatever its depth."""
         sock = socks[k]
         n_events = sizes.shape[0]
         while True:
@@ -147,7 +147,7 @@ def _make_pump():
             if state[S_SENT] < n_events and t < deadline:
                 send(sock, state[S_SENT], dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts)
                 state[S_SENT] += 1
-            if depth_one:
+            if not dealer:
                 return
 
     @numba.njit(cache=False)
@@ -156,7 +156,6 @@ def _make_pump():
         """Run the load until ``until`` (then return False) or until it is over: every request answered, or
         ``deadline`` passed (True). The first call sends each socket's first ``depth`` requests."""
         n_events = sizes.shape[0]
-        depth_one = depth == 1
         if state[S_STARTED] == 0:
             state[S_STARTED] = 1
             for k in range(socks.shape[0]):
@@ -165,7 +164,7 @@ def _make_pump():
                         send(socks[k], state[S_SENT], dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts)
                         state[S_SENT] += 1
             for k in range(socks.shape[0]):  # replies may have come in while sending
-                drain(k, socks, dealer, depth_one, sizes, first_id, pool, header, meta, msg, sent_at, ts, state,
+                drain(k, socks, dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts, state,
                       out_sent, out_rtt, out_photons, deadline)  # fmt: skip
         max_events = evbuf.shape[0] // ev_bytes
         while True:
@@ -181,8 +180,12 @@ def _make_pump():
                 fd = np.int64(evbuf[o]) | (np.int64(evbuf[o + 1]) << 8) | (np.int64(evbuf[o + 2]) << 16)
                 k = fd_sock[fd] if fd < fd_sock.shape[0] else -1
                 if k >= 0:
-                    drain(k, socks, dealer, depth_one, sizes, first_id, pool, header, meta, msg, sent_at, ts,
+                    drain(k, socks, dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts,
                           state, out_sent, out_rtt, out_photons, deadline)  # fmt: skip
+            if got == 0:  # a quiet wait: read every socket, so that an fd edge missed cannot stall a client
+                for k in range(socks.shape[0]):
+                    drain(k, socks, dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts, state,
+                          out_sent, out_rtt, out_photons, deadline)  # fmt: skip
 
     return pump
 
