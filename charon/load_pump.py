@@ -21,6 +21,7 @@ failed. Client think times (``--think-ms``) stay with the Python loop.
 from __future__ import annotations
 
 import ctypes
+import errno
 import platform
 import select
 import sys
@@ -55,7 +56,8 @@ def _functions():
            Z.function(Z.LIB, "zmq_msg_size", size_t, size_t),
            Z.function(Z.LIB, "zmq_msg_more", c_int, size_t), Z.function(Z.LIB, "zmq_msg_close", c_int, size_t),
            Z.function(Z.LIBC, "clock_gettime", c_int, c_int, size_t),
-           Z.function(Z.LIBC, "epoll_wait", c_int, c_int, size_t, c_int, c_int))  # fmt: skip
+           Z.function(Z.LIBC, "epoll_wait", c_int, c_int, size_t, c_int, c_int),
+           Z.function(Z.LIB, "zmq_errno", c_int))  # fmt: skip
     return None if any(f is None for f in fns) else fns
 
 
@@ -65,7 +67,8 @@ AVAILABLE = _C is not None and sys.platform.startswith("linux")
 
 def _make_pump():
     (zmq_send, msg_init, msg_init_data, msg_send, msg_recv, msg_data, msg_size, msg_more, msg_close,
-     clock_gettime, epoll_wait) = _C  # fmt: skip
+     clock_gettime, epoll_wait, zmq_errno) = _C  # fmt: skip
+    eintr = errno.EINTR
     sndmore, dontwait = int(zmq.SNDMORE), int(zmq.DONTWAIT)
     ok_status = np.frombuffer(P.SIM_COMPLETE, np.uint8).copy()
     ev_bytes, ev_data = EPOLL_EVENT_BYTES, EPOLL_DATA_OFFSET
@@ -76,20 +79,28 @@ def _make_pump():
         return ts[0] + ts[1] * 1e-9
 
     @numba.njit(cache=False)
+    def send_bytes(sock, address, size, flags):
+        """One part, copied; retried when a signal interrupts it, so that a request is never cut in two."""
+        while zmq_send(sock, address, size, flags) < 0 and zmq_errno() == eintr:
+            pass
+
+    @numba.njit(cache=False)
     def send(sock, i, dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts):
         """Request ``i`` of this process: event ``first_id + i``, the first ``sizes[i]`` photons of the pool."""
         n = sizes[i]
         meta[0] = first_id + i
         meta[1] = n
+        sent_at[i] = now(ts)  # as the Python loop: the round trip includes the send
         if dealer:
-            zmq_send(sock, header.ctypes.data, 0, sndmore)
-        zmq_send(sock, header.ctypes.data, header.size, sndmore)
-        zmq_send(sock, meta.ctypes.data, 8, sndmore)
+            send_bytes(sock, header.ctypes.data, 0, sndmore)
+        send_bytes(sock, header.ctypes.data, header.size, sndmore)
+        send_bytes(sock, meta.ctypes.data, 8, sndmore)
         base, row = pool.ctypes.data, pool.strides[0]
+        p = msg.ctypes.data
         for r in range(N_ROWS):
-            msg_init_data(msg.ctypes.data, base + r * row, 4 * n, 0, 0)
-            msg_send(msg.ctypes.data, sock, sndmore if r < N_ROWS - 1 else 0)
-        sent_at[i] = now(ts)
+            msg_init_data(p, base + r * row, 4 * n, 0, 0)
+            while msg_send(p, sock, sndmore if r < N_ROWS - 1 else 0) < 0 and zmq_errno() == eintr:
+                pass  # the message is still ours after a failed send: the same one is sent again
 
     @numba.njit(cache=False)
     def take(sock, msg):
