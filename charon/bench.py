@@ -239,30 +239,51 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
     rng = np.random.default_rng(seed)
     sizes = parse_sizes(cfg.event_size)(rng, n_events)
     think = parse_think(cfg.think_ms)(rng, n_events)  # [n_events] s, a client's pause after the k-th reply
-    thinking = bool(think.any())
-    later: list = []  # heap of (when, k, socket): clients thinking before their next request
     pool = random_event(int(sizes.max()), rng)  # [11, max] float32; events are zero-copy prefixes of its rows
-    if cfg.load_driver == "compiled":
-        return _drive_compiled(cfg, address, first_id, sizes, pool, n_clients, progress)
-    rows = [memoryview(np.ascontiguousarray(pool[r])).cast("B") for r in range(11)]
-    # An event's 11 row frames, by photon count: zmq.Frames over the pool, built once and sent by
-    # reference (no copy, and ~0.3 us a frame instead of ~0.7); the generator's CPU is taken from the
-    # server's when they share a host. Bounded, for log-normal sizes with many distinct counts.
-    row_frames: dict[int, list] = {}
     ctx = zmq.Context()
     kind = zmq.REQ if cfg.client_mode == "req" else zmq.DEALER
     depth = 1 if cfg.client_mode == "req" else cfg.in_flight
     socks = []
-    # Waiting on the sockets' notification fds with epoll costs per ready socket; zmq.Poller asks
-    # every socket for its state on each call (~27 us for 43 sockets), which made it most of the
-    # generator's main thread. The fds signal edges, not messages: every wake-up drains a socket
-    # until Again, and after each send the socket is read again, so no reply is left unseen.
-    selector = selectors.DefaultSelector()
     for _ in range(n_clients):
         s = ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(address)
         socks.append(s)
+    try:
+        if cfg.load_driver == "compiled":
+            return _drive_compiled(cfg, socks, depth, first_id, sizes, pool, progress)
+        return _drive_python(cfg, socks, depth, first_id, sizes, think, pool, progress)
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+
+
+def _load_figures(sent, latencies, photons, failed: int, unanswered: int, t0, t1, cpu_s, main_cpu_s) -> dict:
+    """A load process's raw figures, as :func:`run_load` merges them (either driver)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return dict(sent=sent, latencies=latencies, photons=photons, failed=failed, unanswered=unanswered,
+                t0=t0, t1=t1, cpus=cpus, nice=os.nice(0) if hasattr(os, "nice") else 0,
+                cpu_s=cpu_s, main_cpu_s=main_cpu_s)  # fmt: skip
+
+
+def _drive_python(cfg: BenchConfig, socks: list, depth: int, first_id: int, sizes, think, pool, progress=None):
+    """:func:`_drive`'s loop in Python, with the clients' think times."""
+    n_events = sizes.shape[0]
+    kind = zmq.REQ if cfg.client_mode == "req" else zmq.DEALER
+    thinking = bool(think.any())
+    later: list = []  # heap of (when, k, socket): clients thinking before their next request
+    rows = [memoryview(np.ascontiguousarray(pool[r])).cast("B") for r in range(11)]
+    # An event's 11 row frames, by photon count: zmq.Frames over the pool, built once and sent by
+    # reference (no copy, and ~0.3 us a frame instead of ~0.7); the generator's CPU is taken from the
+    # server's when they share a host. Bounded, for log-normal sizes with many distinct counts.
+    row_frames: dict[int, list] = {}
+    # Waiting on the sockets' notification fds with epoll costs per ready socket; zmq.Poller asks
+    # every socket for its state on each call (~27 us for 43 sockets), which made it most of the
+    # generator's main thread. The fds signal edges, not messages: every wake-up drains a socket
+    # until Again, and after each send the socket is read again, so no reply is left unseen.
+    selector = selectors.DefaultSelector()
+    for s in socks:
         selector.register(s.FD, selectors.EVENT_READ, s)
     sent_at: dict[int, float] = {}
     sent_times, latencies, photons = [], [], []  # per answered event: monotonic send time s, round trip s, photons
@@ -343,28 +364,14 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
         t1 = time.monotonic()
         cpu1, main1 = time.process_time(), time.thread_time()
     selector.close()
-    for s in socks:
-        s.close(0)
-    ctx.term()
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    return dict(sent=sent_times, latencies=latencies, photons=photons, failed=failed, unanswered=next_i - done,
-                t0=t0, t1=t1, cpus=cpus, nice=os.nice(0) if hasattr(os, "nice") else 0,
-                cpu_s=cpu1 - cpu0, main_cpu_s=main1 - main0)  # fmt: skip
+    return _load_figures(sent_times, latencies, photons, failed, next_i - done, t0, t1, cpu1 - cpu0, main1 - main0)
 
 
-def _drive_compiled(cfg: BenchConfig, address: str, first_id: int, sizes, pool, n_clients: int, progress=None):
-    """:func:`_drive` with its loop compiled (load_pump.py): the same sockets, requests and figures."""
+def _drive_compiled(cfg: BenchConfig, socks: list, depth: int, first_id: int, sizes, pool, progress=None):
+    """:func:`_drive`'s loop compiled (load_pump.py): the same requests and figures, no think times."""
     from .load_pump import LoadPump
 
-    ctx = zmq.Context()
-    kind = zmq.REQ if cfg.client_mode == "req" else zmq.DEALER
-    socks = []
-    for _ in range(n_clients):
-        s = ctx.socket(kind)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(address)
-        socks.append(s)
-    pump = LoadPump(socks, kind == zmq.DEALER, 1 if kind == zmq.REQ else cfg.in_flight, sizes, first_id, pool)
+    pump = LoadPump(socks, cfg.client_mode != "req", depth, sizes, first_id, pool)
     reported = 0
     with _gc_paused():
         t0 = time.monotonic()
@@ -380,15 +387,8 @@ def _drive_compiled(cfg: BenchConfig, address: str, first_id: int, sizes, pool, 
     if progress is not None:
         with progress.get_lock():
             progress.value += pump.done - reported
-    sent, rtt, photons = pump.results()
     pump.close()
-    for s in socks:
-        s.close(0)
-    ctx.term()
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    return dict(sent=sent, latencies=rtt, photons=photons, failed=pump.failed, unanswered=pump.sent - pump.done,
-                t0=t0, t1=t1, cpus=cpus, nice=os.nice(0) if hasattr(os, "nice") else 0,
-                cpu_s=cpu1 - cpu0, main_cpu_s=main1 - main0)  # fmt: skip
+    return _load_figures(*pump.results(), pump.failed, pump.sent - pump.done, t0, t1, cpu1 - cpu0, main1 - main0)
 
 
 def _drive_star(args):

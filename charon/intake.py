@@ -26,7 +26,6 @@ Wire layout handled on the fast path (a ROUTER socket; see protocol.py)::
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import sys
 
@@ -52,18 +51,7 @@ M_KIND, M_EVENT, M_N, M_COL, M_ENV, M_IDLEN, M_FLAGS, M_PARTS = range(8)
 KIND_FAST, KIND_HELD, KIND_ROOM = 1, 2, 3
 
 
-def _libzmq():
-    """libzmq's message functions (charon.libzmq), or None when any is missing."""
-    size_t, c_int = ctypes.c_size_t, ctypes.c_int
-    fns = (Z.function(Z.LIB, "zmq_msg_init", c_int, size_t),
-           Z.function(Z.LIB, "zmq_msg_recv", c_int, size_t, size_t, c_int),
-           Z.function(Z.LIB, "zmq_msg_data", ctypes.POINTER(ctypes.c_uint8), size_t),
-           Z.function(Z.LIB, "zmq_msg_size", size_t, size_t), Z.function(Z.LIB, "zmq_msg_more", c_int, size_t),
-           Z.function(Z.LIB, "zmq_msg_close", c_int, size_t))  # fmt: skip
-    return None if any(f is None for f in fns) else fns
-
-
-_C = _libzmq()
+_C = Z.MESSAGE  # libzmq's message functions (charon.libzmq)
 AVAILABLE = _C is not None and sys.platform.startswith("linux")
 
 

@@ -48,3 +48,18 @@ def function(lib, name: str, restype, *argtypes):
         return None
     f.restype, f.argtypes = restype, list(argtypes)
     return f
+
+
+def message_functions():
+    """(zmq_msg_init, zmq_msg_recv, zmq_msg_data, zmq_msg_size, zmq_msg_more, zmq_msg_close), or None when any
+    is missing. ``zmq_msg_data`` returns a uint8 pointer, which ``numba.carray`` wraps without a copy."""
+    size_t, c_int = ctypes.c_size_t, ctypes.c_int
+    fns = (function(LIB, "zmq_msg_init", c_int, size_t),
+           function(LIB, "zmq_msg_recv", c_int, size_t, size_t, c_int),
+           function(LIB, "zmq_msg_data", ctypes.POINTER(ctypes.c_uint8), size_t),
+           function(LIB, "zmq_msg_size", size_t, size_t), function(LIB, "zmq_msg_more", c_int, size_t),
+           function(LIB, "zmq_msg_close", c_int, size_t))  # fmt: skip
+    return None if any(f is None for f in fns) else fns
+
+
+MESSAGE = message_functions()  # shared by the compiled intake and load loop: the same signatures

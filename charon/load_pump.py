@@ -47,18 +47,12 @@ S_SENT, S_DONE, S_FAILED, S_ANSWERED, S_STARTED = range(5)
 
 def _functions():
     size_t, c_int = ctypes.c_size_t, ctypes.c_int
-    fns = (Z.function(Z.LIB, "zmq_send", c_int, size_t, size_t, size_t, c_int),
-           Z.function(Z.LIB, "zmq_msg_init", c_int, size_t),
-           Z.function(Z.LIB, "zmq_msg_init_data", c_int, size_t, size_t, size_t, size_t, size_t),
-           Z.function(Z.LIB, "zmq_msg_send", c_int, size_t, size_t, c_int),
-           Z.function(Z.LIB, "zmq_msg_recv", c_int, size_t, size_t, c_int),
-           Z.function(Z.LIB, "zmq_msg_data", ctypes.POINTER(ctypes.c_uint8), size_t),
-           Z.function(Z.LIB, "zmq_msg_size", size_t, size_t),
-           Z.function(Z.LIB, "zmq_msg_more", c_int, size_t), Z.function(Z.LIB, "zmq_msg_close", c_int, size_t),
-           Z.function(Z.LIBC, "clock_gettime", c_int, c_int, size_t),
-           Z.function(Z.LIBC, "epoll_wait", c_int, c_int, size_t, c_int, c_int),
-           Z.function(Z.LIB, "zmq_errno", c_int))  # fmt: skip
-    return None if any(f is None for f in fns) else fns
+    extra = (Z.function(Z.LIB, "zmq_send", c_int, size_t, size_t, size_t, c_int),
+             Z.function(Z.LIB, "zmq_msg_init_data", c_int, size_t, size_t, size_t, size_t, size_t),
+             Z.function(Z.LIB, "zmq_msg_send", c_int, size_t, size_t, c_int), Z.function(Z.LIB, "zmq_errno", c_int),
+             Z.function(Z.LIBC, "clock_gettime", c_int, c_int, size_t),
+             Z.function(Z.LIBC, "epoll_wait", c_int, c_int, size_t, c_int, c_int))  # fmt: skip
+    return None if Z.MESSAGE is None or any(f is None for f in extra) else Z.MESSAGE + extra
 
 
 _C = _functions()
@@ -66,8 +60,8 @@ AVAILABLE = _C is not None and sys.platform.startswith("linux")
 
 
 def _make_pump():
-    (zmq_send, msg_init, msg_init_data, msg_send, msg_recv, msg_data, msg_size, msg_more, msg_close,
-     clock_gettime, epoll_wait, zmq_errno) = _C  # fmt: skip
+    (msg_init, msg_recv, msg_data, msg_size, msg_more, msg_close,
+     zmq_send, msg_init_data, msg_send, zmq_errno, clock_gettime, epoll_wait) = _C  # fmt: skip
     eintr = errno.EINTR
     sndmore, dontwait = int(zmq.SNDMORE), int(zmq.DONTWAIT)
     ok_status = np.frombuffer(P.SIM_COMPLETE, np.uint8).copy()
