@@ -1,5 +1,26 @@
 """Engine stand-ins shared by the server, router and run-output tests."""
 
+import threading
+
+
+class Gate(threading.Event):
+    """A GatedEngine's gate that also counts the calls that reached it, so that a test waits for "the engine
+    holds the first batch" instead of sleeping and hoping (a sleep was too short on CI's two cores)."""
+
+    def __init__(self):
+        super().__init__()
+        self._entered = threading.Condition()
+        self.entered = 0
+
+    def enter(self):
+        with self._entered:
+            self.entered += 1
+            self._entered.notify_all()
+
+    def wait_entered(self, k: int = 1, timeout: float = 10.0):
+        with self._entered:
+            assert self._entered.wait_for(lambda: self.entered >= k, timeout), f"{self.entered} calls, expected {k}"
+
 
 class GatedEngine:
     """Wraps a real engine; each batch waits until the test opens the gate (keeps the engine occupied)."""
@@ -13,6 +34,8 @@ class GatedEngine:
 
     def propagate(self, batch, keep_photons=False):
         self.calls += 1
+        if isinstance(self.gate, Gate):
+            self.gate.enter()
         assert self.gate.wait(30), "the test never opened the gate"
         return self.inner.propagate(batch)
 

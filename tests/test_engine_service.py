@@ -501,10 +501,10 @@ class _TwoLaneStandIn(_AsyncStandIn):
 def test_two_lanes_keep_two_batches_in_flight_and_answer_in_launch_order():
     eng = _TwoLaneStandIn()
     with _service_and_socket(eng) as (svc, raw):
-        for bid, n_events in ((1, 1), (2, 2), (3, 3)):
+        for bid, n_events in ((1, 1), (2, 2)):  # each launched before the next is sent: two batches, not one
             _send(raw, bid, [4] * n_events, list(range(n_events)))
-            threading.Event().wait(0.1)
-        _wait_launched(eng, 2)
+            _wait_launched(eng, bid)
+        _send(raw, 3, [4] * 3, list(range(3)))
         threading.Event().wait(0.2)
         assert eng.launched == [1, 2]  # two in flight; the third waits for a lane
         eng.finish_flags[1].set()  # the second finishes first: answers keep launch order

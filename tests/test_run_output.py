@@ -18,7 +18,7 @@ from charon.photons import CHERENKOV
 from charon.run_output import RunOutputError, output_path
 from charon.server import ServerConfig, run_in_thread
 from charon.sources import random_event
-from standins import GatedEngine
+from standins import Gate, GatedEngine
 
 SEED = 77
 
@@ -206,7 +206,7 @@ def test_async_events_refused_at_admission_get_one_failure_reply_not_an_ack(det,
 
     out = tmp_path / "runs"
     out.mkdir()
-    gate = threading.Event()
+    gate = Gate()
     srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", output_dir=str(out),
                                          max_queued_photons=1000, max_batch_photons=100_000, max_wait_ms=0),
                             detector=det, engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig()), gate))  # fmt: skip
@@ -215,7 +215,7 @@ def test_async_events_refused_at_admission_get_one_failure_reply_not_an_ack(det,
         assert ask(d, [P.RUN_BEGIN, b"full.root"]).kind == b"ACK"
         rng = np.random.default_rng(0)
         assert ask(d, photondata_frames(1, random_event(600, rng, 100.0))).kind == P.SIM_COMPLETE_ASYNC  # in engine
-        time.sleep(0.2)
+        gate.wait_entered(1)
         assert ask(d, photondata_frames(2, random_event(600, rng, 100.0))).kind == P.SIM_COMPLETE_ASYNC  # queued
         r = ask(d, photondata_frames(3, random_event(600, rng, 100.0)))  # would overfill the queue
         assert r.kind == P.SIM_FAILED and r.event_id == 3 and r.reason.startswith("busy")

@@ -24,7 +24,7 @@ from charon.metrics import _mallinfo2
 from charon.photons import CHERENKOV, SURFACE_DETECT, HitBatch, PhotonBatch
 from charon.server import ServerConfig, run_in_thread
 from charon.sources import point_source, random_event
-from standins import GatedEngine, LanedEngine
+from standins import Gate, GatedEngine, LanedEngine
 
 SEED = 4242
 
@@ -249,21 +249,21 @@ def test_oversized_event_is_split_and_reassembled(det, reference_engine, intake)
 
 
 def test_identical_resent_request_is_simulated_once_and_answers_newest(det, reference_engine, intake):
-    gate = threading.Event()
+    gate = Gate()
     s = Server(det, intake=intake, max_batch_photons=100_000, max_wait_ms=0,
                engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate))  # fmt: skip
     try:
         blocker = s.dealer()
         blocker.submit(1, ev(100, 1))  # occupies the engine until the gate opens
-        time.sleep(0.2)
+        gate.wait_entered(1)
         table = ev(400, 2)
         first, second, third = s.dealer(), s.dealer(), s.dealer()
         first.submit(2, table)  # queued behind the blocker
-        time.sleep(0.1)
+        _wait_for(lambda: s.metric("charon_queued_photons") == 400, "the first request was not queued")
         second.submit(2, table)  # a Lazy-Pirate resend from a new socket: joins
         third.submit(2, ev(400, 3))  # same event id, different photons: a different request
-        time.sleep(0.2)
-        assert s.metric("charon_duplicate_requests_total") == 1
+        _wait_for(lambda: s.metric("charon_queued_photons") == 800, "the third request was not queued")
+        _wait_for(lambda: s.metric("charon_duplicate_requests_total") == 1, "the resend was not joined")
         gate.set()
         r = second.recv(10_000)
         np.testing.assert_array_equal(r.hits["time"], expected_hits(reference_engine, 2, table).table[7])
@@ -365,15 +365,14 @@ def test_event_over_photon_limit(det, reference_engine, intake):
 
 
 def test_full_queue_answers_busy_at_once_and_loses_nothing(det, reference_engine, intake):
-    gate = threading.Event()
+    gate = Gate()
     s = Server(det, intake=intake, max_batch_photons=100_000, max_queued_photons=1000, max_wait_ms=0,
                engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig(seed=SEED)), gate))  # fmt: skip
     try:
         d = s.dealer()
         d.submit(1, ev(600, 1))  # goes to the engine (blocked)
-        time.sleep(0.2)
-        d.submit(2, ev(600, 2))  # queued: 600 of 1000
-        time.sleep(0.1)
+        gate.wait_entered(1)
+        d.submit(2, ev(600, 2))  # queued: 600 of 1000 (one socket: read before the next)
         d.submit(3, ev(600, 3))  # would make 1200: busy
         r = d.recv(2000)
         assert r.kind == P.SIM_FAILED and r.event_id == 3 and r.reason.startswith("busy")
