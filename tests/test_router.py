@@ -143,8 +143,10 @@ def test_worker_killed_mid_run_loses_nothing(cluster, det, reference):
     tables = {i: ev(300, 100 + i) for i in range(12)}
     for i, t in tables.items():
         d.submit(i, t)
-    time.sleep(0.3)
-    assert cluster.router.inflight  # they sit at the stuck worker
+    deadline = time.monotonic() + 10
+    while not cluster.router.inflight:  # they sit at the stuck worker
+        assert time.monotonic() < deadline, "no event reached the stuck worker"
+        time.sleep(0.01)
     cluster.add_worker()  # a healthy worker joins
     cluster.wait_workers(2)
     # The stuck worker hangs: no heartbeats and no replies from now on (a dead process looks the same).
