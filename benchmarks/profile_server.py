@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--detector", default="demo")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--switch-interval", type=float, default=None)
+    ap.add_argument("--intake", default="python", help="the server's --intake (python or compiled)")
     ap.add_argument("--bench-args", default="--clients 256 --load-procs 6 --events 400000 --duration 10 --event-size 1000")
     a = ap.parse_args()
     if a.switch_interval:
@@ -54,7 +55,7 @@ def main():
         p.bind(("127.0.0.1", 0))
         mport = p.getsockname()[1]
     cfg = ServerConfig(bind="tcp://127.0.0.1:0", engine=a.engine if a.engine != "null" else "cpu", detector=a.detector,
-                       metrics_port=mport, log_level="WARNING")
+                       metrics_port=mport, log_level="WARNING", intake=a.intake)
     srv = BatchServer(cfg, engine_factory=NullEngine if a.engine == "null" else None)
     prof = cProfile.Profile()
 

@@ -539,11 +539,15 @@ def engine_busy(each_before: list[dict], each_after: list[dict], wall_s: float) 
     batches in it: a single server, a shared engine, or each GPU's worker or engine with --gpus (front ends
     behind a shared engine run none). ``engine_busy_fraction`` is their mean, so that it stays a fraction
     of one engine's time however many GPUs serve; an engine that ran no batch in the window is not counted."""
-    busy = [(a.get("charon_engine_seconds_total", 0.0) - b.get("charon_engine_seconds_total", 0.0)) / wall_s
-            for a, b in zip(each_after, each_before)
-            if a.get("charon_batches_total", 0.0) > b.get("charon_batches_total", 0.0)]  # fmt: skip
+    ran = [(a, b) for a, b in zip(each_after, each_before)
+           if a.get("charon_batches_total", 0.0) > b.get("charon_batches_total", 0.0)]  # fmt: skip
+
+    def share(name):
+        return [(a.get(name, 0.0) - b.get(name, 0.0)) / wall_s for a, b in ran]
+
+    busy, compute = share("charon_engine_seconds_total"), share("charon_engine_compute_seconds_total")
     return dict(engine_busy_fraction=float(np.mean(busy)) if busy else 0.0, engine_busy_by_engine=busy,
-                engines=len(busy))  # fmt: skip
+                engine_compute_fraction=float(np.mean(compute)) if compute else 0.0, engines=len(busy))  # fmt: skip
 
 
 def front_end_busy(each_before: list[dict], each_after: list[dict], events: list[float], wall_s: float) -> dict | None:
@@ -604,10 +608,11 @@ def _plot(path: str, sweep: list[dict], per_event: dict | None):
         ax[0].axhline(per_event["events_per_s"], color="r", ls="--", label="one event per call")
     ax[0].set(xscale="log", yscale="log", xlabel="--max-batch-photons", ylabel="events / s", title="Throughput")
     ax[0].legend()
-    ax[1].plot(x, [r.get("engine_busy_fraction", np.nan) for r in sweep], "o-", label="batched")
+    ax[1].plot(x, [r.get("engine_busy_fraction", np.nan) for r in sweep], "o-", label="batched: busy")
+    ax[1].plot(x, [r.get("engine_compute_fraction", np.nan) for r in sweep], "s:", label="batched: kernels alone")
     if per_event:
         ax[1].axhline(per_event.get("engine_busy_fraction", np.nan), color="r", ls="--", label="one event per call")
-    ax[1].set(xscale="log", ylim=(0, 1.05), xlabel="--max-batch-photons", ylabel="engine busy / wall",
+    ax[1].set(xscale="log", ylim=(0, 1.05), xlabel="--max-batch-photons", ylabel="engine time / wall",
               title="Engine occupancy")  # fmt: skip
     ax[1].legend()
     for p, st in (("p50", "o-"), ("p95", "s-"), ("p99", "^-")):
@@ -621,10 +626,11 @@ def _plot(path: str, sweep: list[dict], per_event: dict | None):
 def results_table(results: dict) -> str:
     """One line per mode (or per run); the latency split (means, ms) where the server reported it:
     a batch's oldest event's dispatch wait, the engine round trip, and (--procs) the time inside
-    the shared engine. "busy" is the engine's, "fe busy" the busiest front end's socket loop."""
+    the shared engine. "busy" is the engine's, "kern" its kernels' alone, "fe busy" the busiest front end's
+    socket loop."""
     split = any(r.get("engine_roundtrip_ms_mean") is not None for r in results.values())
     head = f"{'mode':>22} {'events/s':>10} {'Mphot/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} " \
-           f"{'busy':>6} {'fe busy':>7} {'batch mean':>11} {'host us/ev':>10}"  # fmt: skip
+           f"{'busy':>6} {'kern':>6} {'fe busy':>7} {'batch mean':>11} {'host us/ev':>10}"  # fmt: skip
     if split:
         head += f" {'wait':>6} {'trip':>6} {'resid':>6}"
     lines = [head]
@@ -632,7 +638,7 @@ def results_table(results: dict) -> str:
         line = (
             f"{mode:>22} {r['events_per_s']:>10.1f} {r['photons_per_s'] / 1e6:>9.3f} {r['latency_ms']['p50']:>8.1f} "
             f"{r['latency_ms']['p95']:>8.1f} {r['latency_ms']['p99']:>8.1f} {r.get('engine_busy_fraction', 0):>6.2f} "
-            f"{(r.get('front_end_busy_fraction') or {}).get('max', 0):>7.2f} "
+            f"{r.get('engine_compute_fraction', 0):>6.2f} {(r.get('front_end_busy_fraction') or {}).get('max', 0):>7.2f} "
             f"{r.get('batch_photons', {}).get('mean', 0):>11.0f} {r.get('host_us_per_event', 0):>10.1f}"
         )  # fmt: skip
         if split:

@@ -396,6 +396,7 @@ class _Running:
     handle: object  # the engine's launch handle, or _Done
     t0: float  # perf_counter at launch
     device_seconds: float | None = None  # busy seconds by the engine's own timing (CUDA events), if it has one
+    compute_seconds: float | None = None  # of which the kernels alone (StageTimes.compute_busy)
     n_photons: int = 0
     n_events: int = 0
 
@@ -698,6 +699,7 @@ class EngineService:
                 hits = self.engine.finish(handle)
             lt = self.engine.last_times
             running.device_seconds = lt.busy if lt.total > 0 else None
+            running.compute_seconds = lt.compute_busy if lt.total > 0 else None
         except Exception as exc:
             log.warning("engine error on a merged batch of %d front-end batches: %r", len(subs), exc)
             out = [(s, self._isolate(s, 0, s.n_events)) for s in subs]
@@ -750,6 +752,8 @@ class EngineService:
         m.batch_seconds.observe(seconds)
         # Device time where the engine measures it (CUDA events), else the call's wall time.
         m.engine_seconds.inc(running.device_seconds if running.device_seconds is not None else seconds)
+        if running.compute_seconds is not None:
+            m.engine_compute_seconds.inc(running.compute_seconds)
         m.max_batch_seen = max(photons, m.max_batch_seen)
         m.batch_photons_max.set(m.max_batch_seen)
 

@@ -42,7 +42,7 @@ class BatchResult:
     batch: Batch
     parts: list[SlotsResult]  # one part unless the batch had to be bisected
     engine_seconds: float
-    times: object  # the engine's StageTimes of the last call
+    times: object  # the engine's StageTimes of this call (a snapshot)
 
 
 class EngineThread:
@@ -134,7 +134,7 @@ class EngineThread:
                     parts = self._run_bisect(batch.slots, batch)
                     dt = time.perf_counter() - t0
                     self.busy.stop()
-                    self.results.append(BatchResult(batch, parts, dt, self.engine.last_times))
+                    self.results.append(BatchResult(batch, parts, dt, self.engine.last_times.snapshot()))
                     notify.send(b"")
         finally:
             try:
@@ -188,7 +188,7 @@ class EngineThread:
                 parts = self._run_bisect(batch.slots, None)
             if not running:
                 self.busy.stop()
-            self.results.append(BatchResult(batch, parts, time.perf_counter() - t0, self.engine.last_times))
+            self.results.append(BatchResult(batch, parts, time.perf_counter() - t0, self.engine.last_times.snapshot()))
             notify.send(b"")
 
     def _run_bisect(self, slots, batch: Batch | None) -> list[SlotsResult]:

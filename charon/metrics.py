@@ -128,6 +128,10 @@ class Metrics:
         self.busy_fraction = Gauge("charon_engine_busy_fraction", "Engine busy time / wall time, last 10 s", registry=r)
         self.busy_fraction.set_function(busy.fraction)
         self.engine_seconds = Counter("charon_engine_seconds", "Engine busy time (CUDA-event time on a GPU)", registry=r)
+        # Busy time above counts from when the host begins to queue a batch; this, the kernels alone.
+        self.engine_compute_seconds = Counter(
+            "charon_engine_compute_seconds", "Engine time in its propagation and hit-demux stages alone (on a GPU: "
+            "the union of the kernels' CUDA-event intervals, without copies or the host's queueing)", registry=r)
         self.host_seconds = Counter("charon_host_seconds", "Socket-loop CPU time: decode, batching, demux, encode",
                                     registry=r)  # fmt: skip
         self.batch_photons_max = Gauge("charon_batch_photons_max", "Largest batch so far", registry=r)

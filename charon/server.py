@@ -724,6 +724,8 @@ class BatchServer:
         m.batch_seconds.observe(res.engine_seconds)
         # Device time where the engine measures it (CUDA events), else the engine thread's wall time.
         m.engine_seconds.inc(res.times.busy if res.times.total > 0 else res.engine_seconds)
+        if res.times.total > 0:  # an engine that times its stages (every real one)
+            m.engine_compute_seconds.inc(res.times.compute_busy)
         m.batch_photons_max.set(max(photons, m.max_batch_seen))
         m.max_batch_seen = max(photons, m.max_batch_seen)
         log.info(

@@ -124,6 +124,7 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         assert by_second and all(v is None or v > 0 for v in by_second)
         assert r["photons_per_s"] == pytest.approx(200 * r["events_per_s"])
         assert 0 < r["engine_busy_fraction"] <= 1.0
+        assert 0 < r["engine_compute_fraction"] <= r["engine_busy_fraction"]  # the kernels alone: less
         assert r["batch_photons"]["mean"] >= 200 and r["batch_photons"]["max"] >= r["batch_photons"]["mean"]
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"]
         # The server's share of the latency: positive, and within what the clients saw (it is part of it).
@@ -185,13 +186,16 @@ def test_front_end_busy_counts_only_the_endpoints_that_answered_events():
 def test_engine_busy_is_per_engine_over_the_endpoints_that_ran_batches():
     from charon.bench import engine_busy
 
-    def m(batches, seconds):
-        return {"charon_batches_total": batches, "charon_engine_seconds_total": seconds}
+    def m(batches, seconds, compute):
+        return {"charon_batches_total": batches, "charon_engine_seconds_total": seconds,
+                "charon_engine_compute_seconds_total": compute}  # fmt: skip
 
-    # Two GPUs' engines (busy 3 and 1 s of a 4 s window) and a front end behind one of them (no batches).
-    before = [m(10, 1.0), m(0, 0.0), m(5, 2.0)]
-    after = [m(30, 4.0), m(0, 0.0), m(9, 3.0)]
+    # Two GPUs' engines (busy 3 and 1 s of a 4 s window; kernels 2 and 0.4 s of it) and a front end behind one
+    # of them (no batches).
+    before = [m(10, 1.0, 0.5), m(0, 0.0, 0.0), m(5, 2.0, 1.0)]
+    after = [m(30, 4.0, 2.5), m(0, 0.0, 0.0), m(9, 3.0, 1.4)]
     got = engine_busy(before, after, 4.0)
+    assert got.pop("engine_compute_fraction") == pytest.approx(0.3)  # (2 / 4 + 0.4 / 4) / 2
     assert got == {"engine_busy_fraction": 0.5, "engine_busy_by_engine": [0.75, 0.25], "engines": 2}
     assert engine_busy(before[1:2], after[1:2], 4.0)["engines"] == 0
 

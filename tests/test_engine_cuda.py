@@ -423,7 +423,8 @@ def test_busy_time_is_the_union_of_device_intervals(intervals, busy):
     from charon.engines.base import StageTimes
     from charon.engines.cuda import CUDAEngine
 
-    eng = SimpleNamespace(last_times=StageTimes(), _latest=None, _event_sets=[])
+    eng = SimpleNamespace(last_times=StageTimes(), _latest=[None, None], _event_sets=[],
+                          _sweep=lambda *a: CUDAEngine._sweep(eng, *a))  # fmt: skip
     got = []
     for a, b in intervals:
         ev = [_StampedEvent(a)] + [_StampedEvent(b)] * 6
@@ -432,6 +433,32 @@ def test_busy_time_is_the_union_of_device_intervals(intervals, busy):
         got.append(eng.last_times.busy)
     np.testing.assert_allclose(got, busy, atol=1e-12)
     assert len(eng._event_sets) == len(intervals) - 1  # every event set but the latest end's is reused
+
+
+def test_compute_time_is_the_union_of_kernel_intervals_swept_apart_from_busy_time():
+    """Each batch: busy (events 0 to 4) and compute (1 to 3) intervals. The two unions are swept apart (the
+    batch that ends last differs between them), and an event set is reused only once neither sweep needs it."""
+    from types import SimpleNamespace
+
+    from charon.engines.base import StageTimes
+    from charon.engines.cuda import CUDAEngine
+
+    # (busy start, compute start, compute end, busy end): busy union [0, 40], compute union [2, 8] + [9, 15] + [26, 39]
+    batches = [(0, 2, 8, 10), (5, 9, 11, 30), (11, 10, 15, 20), (25, 26, 39, 40)]
+    eng = SimpleNamespace(last_times=StageTimes(), _latest=[None, None], _event_sets=[],
+                          _sweep=lambda *a: CUDAEngine._sweep(eng, *a))  # fmt: skip
+    got, reused = [], []
+    for k, (a, c, d, b) in enumerate(batches):
+        ev = [_StampedEvent(t) for t in (a, c, (c + d) / 2, d, b, b, b)]
+        eng.last_times = StageTimes(copy_in=c - a, propagate=(d - c) / 2, demux=(d - c) / 2, copy_out=b - d)
+        CUDAEngine._account(eng, SimpleNamespace(events=ev, k=k))
+        got.append((eng.last_times.busy, eng.last_times.compute_busy))
+        reused.append(len(eng._event_sets))
+    np.testing.assert_allclose(got, [(10, 6), (20, 2), (0, 4), (10, 13)], atol=1e-12)
+    assert sum(b for b, _c in got) == 40 and sum(c for _b, c in got) == 6 + 6 + 13
+    # After the third batch the second ends last by busy time, the third by compute time: both kept.
+    assert reused == [0, 1, 1, 3]
+    assert [x.k for x in eng._latest] == [3, 3]
 
 
 @REAL_GPU
@@ -569,3 +596,15 @@ def test_one_process_server_with_two_lanes_answers_each_event_as_alone(tiny_det,
             d.close()
         srv.stop()
         th.join(30)
+
+
+def test_stage_times_snapshot_is_not_overwritten_by_the_next_batch():
+    """The engine thread hands each batch's times to the socket loop, which reads them later: by then the
+    engine has reused its own StageTimes for the next batch (with lanes, often)."""
+    from charon.engines.base import StageTimes
+
+    live = StageTimes(copy_in=1.0, propagate=2.0, overlap=0.5, compute_overlap=0.25, extra={"concurrent_copy_out": 3.0})
+    kept = live.snapshot()
+    live.propagate, live.overlap, live.extra["concurrent_copy_out"] = 9.0, 0.0, 0.0
+    assert (kept.total, kept.busy, kept.compute_busy) == (3.0, 2.5, 1.75)
+    assert kept.extra == {"concurrent_copy_out": 3.0}

@@ -253,6 +253,9 @@ def test_front_ends_batches_are_merged_into_one_engine_call(det, ref, handoff):
         assert [sorted(c.tolist()) for c in sh.engine.calls] == [[0], list(range(1, 8))]
         m = sh.service.metrics.registry.get_sample_value
         assert m("charon_batches_total") == 2 and m("charon_photons_total") == 2400
+        # The CPU engine's stages are all compute: kernel time and busy time agree (both counted by the service).
+        busy = m("charon_engine_seconds_total")
+        assert busy > 0 and m("charon_engine_compute_seconds_total") == pytest.approx(busy)
         fm = sh.fronts[0][0].metrics.registry.get_sample_value
         assert fm("charon_batches_total") == 0 and fm("charon_events_total") == 5  # engine figures live in the service
         other = {"shm": "socket", "socket": "shm"}[handoff]

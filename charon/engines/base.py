@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -37,6 +37,8 @@ class StageTimes:
     # Of ``total``, the seconds during which batches collected before this one were still on
     # the device (several lanes run batches concurrently): not counted twice in busy time.
     overlap: float = 0.0
+    # Of ``propagate + demux`` (the kernels), the seconds other batches' kernels already covered.
+    compute_overlap: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -47,6 +49,15 @@ class StageTimes:
     def busy(self) -> float:
         """This batch's share of the union of device-busy intervals (busy fraction numerator)."""
         return max(0.0, self.total - self.overlap)
+
+    def snapshot(self) -> "StageTimes":
+        """A copy that the engine's next batch does not overwrite (results are read later, on another thread)."""
+        return replace(self, extra=dict(self.extra))
+
+    @property
+    def compute_busy(self) -> float:
+        """This batch's share of the union of its kernels' intervals: no copies, no host queueing."""
+        return max(0.0, self.propagate + self.demux - self.compute_overlap)
 
 
 class Engine(abc.ABC):

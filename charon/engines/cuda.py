@@ -13,7 +13,8 @@ launched while another runs starts at once: a small batch's device time is
 dominated by its slowest photons (about 0.6 ms on the H200 for the last few
 bounces, whatever the batch size), and the next batch fills the SMs that tail
 leaves idle. Busy time is then the union of the batches' device intervals
-(:meth:`CUDAEngine._account`), not their sum.
+(:meth:`CUDAEngine._account`), not their sum; compute time the union of their
+kernels' intervals alone.
 """
 
 from __future__ import annotations
@@ -427,7 +428,8 @@ class CUDAEngine(Engine):
         # CHARON_CUDA_DISPATCH=numba asks for it.
         self._use_prebound = not simulator() and os.environ.get("CHARON_CUDA_DISPATCH", "prebound") != "numba"
         self._event_sets: list[list] = []  # timing-event sets of accounted batches, reused
-        self._latest = None  # the collected batch whose compute ended last (busy-time union)
+        # The collected batches whose busy and compute intervals ended last (the two unions, _account).
+        self._latest: list = [None, None]
         self.lanes = [_Lane(self) for _ in range(self.config.lanes)]
         self._free_lanes = list(reversed(self.lanes))
         self.stream.synchronize()
@@ -480,28 +482,41 @@ class CUDAEngine(Engine):
         return self._event_sets.pop() if self._event_sets else [_event() for _ in range(7)]
 
     def _account(self, launch: _Launch) -> None:
-        """Busy time as the union of device intervals, swept in collection (= launch) order.
+        """Busy time as the union of device intervals, swept in collection (= launch) order, twice.
 
-        A batch's compute interval runs from its start event (0) to its done event (4).
+        A batch's busy interval runs from its start event (0) to its done event (4); its compute
+        interval from the end of its copy-in (1) to the end of its hit scatter (3). The start event
+        is recorded when the host begins to queue the batch, so on an idle stream the busy interval
+        also holds the host's time to queue the copies and launches: busy near 1 says a batch was
+        always in flight. The compute intervals hold the kernels alone (and a kernel's wait for SMs
+        another lane holds, which the union absorbs): their union is how long the SMs had work.
+
         Only the part after the latest end among batches collected before it is new
-        busy time: ``overlap`` is the rest. Collection follows launch order, so the
+        time: ``overlap`` (``compute_overlap``) is the rest. Collection follows launch order, so the
         batches before it cover [their first start, latest end] without a gap that this
         one could straddle unless it started after that end (then overlap is 0)."""
-        ev = launch.events
         t = self.last_times
-        latest = self._latest
+        t.overlap, first = self._sweep(0, launch, 0, 4)
+        t.compute_overlap, second = self._sweep(1, launch, 1, 3)
+        for done in {id(d): d for d in (first, second) if d is not None}.values():
+            if all(done is not latest for latest in self._latest):  # no sweep measures from it any more
+                self._event_sets.append(done.events)
+
+    def _sweep(self, k: int, launch: _Launch, a: int, b: int) -> tuple:
+        """Sweep ``k`` over intervals (events ``a`` to ``b``): (this batch's overlap with those before it,
+        the batch this sweep no longer needs, or None)."""
+        ev = launch.events
+        latest = self._latest[k]
         if latest is None:
-            t.overlap = 0.0
-            self._latest = launch
-            return
-        compute = _elapsed(ev[0], ev[4])
+            self._latest[k] = launch
+            return 0.0, None
+        span = _elapsed(ev[a], ev[b])
         # Negative when this batch started after the latest one had ended: no overlap.
-        t.overlap = min(max(_elapsed(ev[0], latest.events[4]), 0.0), max(compute, 0.0))
-        if _elapsed(latest.events[4], ev[4]) >= 0:  # this one ends last: it bounds the next overlap
-            self._latest, done = launch, latest
-        else:
-            done = launch
-        self._event_sets.append(done.events)
+        overlap = min(max(_elapsed(ev[a], latest.events[b]), 0.0), max(span, 0.0))
+        if _elapsed(latest.events[b], ev[b]) >= 0:  # this one ends last: it bounds the next overlap
+            self._latest[k] = launch
+            return overlap, latest
+        return overlap, launch
 
     def host_alloc(self, n, dtype):
         """Pinned host memory: the batcher assembles batches straight into it."""
