@@ -67,6 +67,9 @@ class BenchConfig:
     # "python": the load loop in Python; "compiled": the same requests from a numba loop on libzmq's C API
     # (load_pump.py), so that the load takes less of the CPU it shares with the server on one host.
     load_driver: str = "python"
+    # Each mode measured this many times, the modes alternating round after round, so that drift of the
+    # host's speed (10-20 % between runs on the lent GPU hosts) hits every mode alike.
+    rounds: int = 1
 
 
 LOAD_DRIVERS = ("python", "compiled")
@@ -584,6 +587,23 @@ def _p99_by_second(sent_rel, rtt) -> list:
             for k in range(int(sec.max()) + 1)]  # fmt: skip
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run whose events/s is the median of ``runs`` (the lower of the middle two for an even count):
+    a whole measured run, so that its figures belong together."""
+    return sorted(runs, key=lambda r: r["events_per_s"])[(len(runs) - 1) // 2]
+
+
+def speedup(rounds: dict) -> dict | None:
+    """Batched over per-event events/s: each round's (the two measured minutes apart) and of the medians;
+    None until both modes have a run."""
+    batched, per_event = rounds.get("batched", []), rounds.get("per_event", [])
+    pairs = [(b["events_per_s"], p["events_per_s"]) for b, p in zip(batched, per_event) if p["events_per_s"] > 0]
+    if not pairs:
+        return None
+    return dict(by_round=[b / p for b, p in pairs],
+                of_medians=median_run(batched)["events_per_s"] / median_run(per_event)["events_per_s"])  # fmt: skip
+
+
 def with_p99_bound(res: dict, server_args: list[str]) -> dict:
     """Add the issue's latency bound for a spawned server: its --max-wait-ms plus two batch times (the
     mean wall time of one engine call, launch to results), and whether p99 stayed under it."""
@@ -689,6 +709,10 @@ def parser() -> argparse.ArgumentParser:
                     help="python: the load loop in Python; compiled: the same requests and figures from a numba "
                     "loop on libzmq's C API, which takes less of the CPU the load shares with a server on the same "
                     "host (Linux; not with --think-ms). Default python")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every mode (batched, each --sweep-batch cap, per-event) this many times, the "
+                    "modes alternating round after round, so that the host's drift hits them alike; each mode "
+                    "reports its median run, the JSON every run and the speed-up of each round (default 1)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -701,8 +725,10 @@ def main(argv=None) -> int:
     cfg = BenchConfig(**{k: v for k, v in vars(a).items() if k in BenchConfig.__dataclass_fields__})
     if not cfg.spawn_server and not cfg.address:
         parser().error("give --address of a running server or --spawn-server")
-    if (cfg.compare_per_event or cfg.sweep_batch) and not cfg.spawn_server:
-        parser().error("--compare-per-event and --sweep-batch start their own servers: add --spawn-server")
+    if cfg.rounds < 1:
+        parser().error("--rounds must be at least 1")
+    if (cfg.compare_per_event or cfg.sweep_batch or cfg.rounds > 1) and not cfg.spawn_server:
+        parser().error("--compare-per-event, --sweep-batch and --rounds start their own servers: add --spawn-server")
     if cfg.server_cpus and not cfg.spawn_server:
         parser().error("--server-cpus pins a spawned server: add --spawn-server (or pin a running one with taskset)")
     try:
@@ -726,14 +752,15 @@ def main(argv=None) -> int:
         if not ok:
             print(f"charon-bench: no answer to PING from {cfg.address} within 5 s", file=sys.stderr)
             return 2
-    results, sweep = {}, []
+    results, sweep, rounds = {}, [], {}
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), host=os.uname().nodename, config=asdict(cfg),
                 server_args=server_args)  # fmt: skip
 
-    def save():  # after every mode, so that a later failure keeps what was measured
+    def save():  # after every run, so that a later failure keeps what was measured
         if cfg.json:
+            extra = dict(rounds=rounds, speedup=speedup(rounds)) if cfg.rounds > 1 else {}
             with open(cfg.json, "w") as fh:
-                json.dump(dict(meta=meta, **results, sweep=sweep), fh, indent=1)
+                json.dump(dict(meta=meta, **results, sweep=sweep, **extra), fh, indent=1)
 
     def measure(extra: list[str]) -> dict:
         if cfg.spawn_server:
@@ -748,24 +775,35 @@ def main(argv=None) -> int:
         urls = cfg.metrics_url.split(",") if cfg.metrics_url and "," in cfg.metrics_url else cfg.metrics_url
         return run_load(cfg, cfg.address, urls)
 
-    results["batched"] = measure([])
-    save()
-    if cfg.sweep_batch:
-        for v in cfg.sweep_batch.split(","):
-            r = measure(["--max-batch-photons", v])
-            r["max_batch_photons"] = count(v)
-            sweep.append(r)
-            results[f"batched@{v}"] = r
-            save()
+    modes = [("batched", [])]
+    for v in cfg.sweep_batch.split(",") if cfg.sweep_batch else []:
+        modes.append((f"batched@{v}", ["--max-batch-photons", v]))
     if cfg.compare_per_event:
         # ChAR0N's way: one event per engine call and one call at a time (no second lane queued
         # behind the running call), whatever the batched server was given.
-        results["per_event"] = measure(["--max-batch-events", "1", "--engine-lanes", "1"])
-        save()
+        modes.append(("per_event", ["--max-batch-events", "1", "--engine-lanes", "1"]))
+    for k in range(cfg.rounds):
+        for mode, extra in modes:
+            if cfg.rounds > 1:
+                print(f"charon-bench: round {k + 1} of {cfg.rounds}: {mode}", file=sys.stderr)
+            r = measure(extra)
+            if mode.startswith("batched@"):
+                r["max_batch_photons"] = count(mode.split("@", 1)[1])
+            rounds.setdefault(mode, []).append(r)
+            results[mode] = median_run(rounds[mode])
+            sweep[:] = [results[m] for m, _ in modes if m.startswith("batched@") and m in results]
+            save()
     print(results_table(results))
     if "per_event" in results and results["per_event"]["events_per_s"] > 0:
         ratio = results["batched"]["events_per_s"] / results["per_event"]["events_per_s"]
         print(f"speed-up batched / per-event: {ratio:.1f}x")
+    if cfg.rounds > 1:
+        for mode, runs in rounds.items():
+            each = ", ".join(f"{r['events_per_s']:.0f}" for r in runs)
+            print(f"{mode}: events/s by round: {each}")
+        if (su := speedup(rounds)) is not None:
+            print(f"speed-up by round: {', '.join(f'{x:.1f}x' for x in su['by_round'])}; "
+                  f"of the medians: {su['of_medians']:.1f}x")
     for mode, r in results.items():
         if "p99_bound_ms" in r:
             print(f"{mode}: p99 {r['latency_ms']['p99']:.1f} ms against --max-wait-ms + 2 batch times = "

@@ -156,14 +156,22 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
 def test_spawned_servers_compare_per_event_and_sweep(tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(["--spawn-server", "--clients", "8", "--events", "80", "--event-size", "300", "--compare-per-event",
-               "--sweep-batch", "600,1e5", "--json", str(out), "--plot", str(png), "--no-progress", "--warmup", "0",
-               "--", "--engine", "cpu", "--detector", "sphere"])  # fmt: skip
+               "--sweep-batch", "600", "--rounds", "2", "--json", str(out), "--plot", str(png), "--no-progress",
+               "--warmup", "0", "--", "--engine", "cpu", "--detector", "sphere"])  # fmt: skip
     assert rc == 0
     r = json.loads(out.read_text())
     assert KEYS <= set(r["batched"]) and KEYS <= set(r["per_event"])
     assert r["per_event"]["batch_photons"]["max"] == 300  # one event per engine call
     assert r["batched@600"]["batch_photons"]["max"] <= 600
-    assert len(r["sweep"]) == 2 and png.stat().st_size > 10_000
+    assert len(r["sweep"]) == 1 and png.stat().st_size > 10_000
+    # --rounds 2: every mode twice; each reports its slower run (the lower median of two), a run it made.
+    assert {m: len(runs) for m, runs in r["rounds"].items()} == {"batched": 2, "batched@600": 2, "per_event": 2}
+    for mode, runs in r["rounds"].items():
+        assert r[mode] == min(runs, key=lambda x: x["events_per_s"])
+    assert r["sweep"] == [r["batched@600"]]
+    by_round = [b["events_per_s"] / p["events_per_s"] for b, p in zip(r["rounds"]["batched"], r["rounds"]["per_event"])]
+    assert r["speedup"]["by_round"] == pytest.approx(by_round)
+    assert r["speedup"]["of_medians"] == pytest.approx(r["batched"]["events_per_s"] / r["per_event"]["events_per_s"])
     for mode in ("batched", "per_event", "batched@600"):  # default --max-wait-ms 1 plus two batch times
         m = r[mode]
         assert m["p99_bound_ms"] == pytest.approx(1.0 + 2e3 * m["batch_seconds_mean"])
@@ -238,6 +246,25 @@ def test_metrics_ports_add_the_local_routers_after_the_servers():
 def test_bench_refuses_compare_without_spawn():
     with pytest.raises(SystemExit):
         main(["--address", "tcp://127.0.0.1:1", "--compare-per-event"])
+
+
+@pytest.mark.parametrize("args, says", [(["--address", "tcp://127.0.0.1:1", "--rounds", "2"], "add --spawn-server"),
+                                        (["--spawn-server", "--rounds", "0"], "--rounds must be at least 1")])
+def test_bench_refuses_rounds_it_cannot_run(args, says, capsys):
+    with pytest.raises(SystemExit):
+        main(args)
+    assert says in capsys.readouterr().err
+
+
+def test_median_run_and_speed_up_by_round():
+    from charon.bench import median_run, speedup
+
+    runs = [{"events_per_s": v, "k": k} for k, v in enumerate((50.0, 40.0, 60.0))]
+    assert median_run(runs)["k"] == 0 and median_run(runs[:2])["k"] == 1  # odd: the middle; even: the lower
+    per_event = [{"events_per_s": v} for v in (1.0, 2.0, 1.5)]
+    got = speedup({"batched": runs, "per_event": per_event})
+    assert got["by_round"] == [50.0, 20.0, 40.0] and got["of_medians"] == 50.0 / 1.5
+    assert speedup({"batched": runs}) is None  # no per-event run yet
 
 
 def test_bench_fails_fast_without_a_server():
