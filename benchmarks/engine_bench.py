@@ -83,6 +83,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--lanes", type=int, default=1, help="CUDA lanes (--engine-lanes)")
     ap.add_argument("--pipeline", type=int, default=0, help="also run N batches back to back through the lanes")
+    ap.add_argument("--min-blocks", type=int, default=0, help="CUDA: the propagation kernel's launch bound "
+                    "(blocks per SM; 0: the compiler's choice)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rows = []
@@ -95,7 +97,8 @@ def main(argv=None):
         print(f"# {name}: {det.n_triangles} triangles, {det.n_channels} channels; detector build {t_det:.2f} s, "
               f"BVH build {bvh.build_seconds:.2f} s ({bvh.n_nodes} nodes)", flush=True)  # fmt: skip
         sizes = [int(float(s)) for s in args.sizes.split(",")]
-        config = EngineConfig(seed=1, max_batch_photons=max(sizes), lanes=args.lanes)
+        config = EngineConfig(seed=1, max_batch_photons=max(sizes), lanes=args.lanes,
+                              min_blocks_per_sm=args.min_blocks)
         eng = create_engine(args.engine, det, config)
         t0 = time.perf_counter()
         eng.warm_up()

@@ -658,7 +658,8 @@ def results_table(results: dict) -> str:
         line = (
             f"{mode:>22} {r['events_per_s']:>10.1f} {r['photons_per_s'] / 1e6:>9.3f} {r['latency_ms']['p50']:>8.1f} "
             f"{r['latency_ms']['p95']:>8.1f} {r['latency_ms']['p99']:>8.1f} {r.get('engine_busy_fraction', 0):>6.2f} "
-            f"{r.get('engine_compute_fraction', 0):>6.2f} {(r.get('front_end_busy_fraction') or {}).get('max', 0):>7.2f} "
+            f"{r.get('engine_compute_fraction', 0):>6.2f} "
+            f"{(r.get('front_end_busy_fraction') or {}).get('max', 0):>7.2f} "
             f"{r.get('batch_photons', {}).get('mean', 0):>11.0f} {r.get('host_us_per_event', 0):>10.1f}"
         )  # fmt: skip
         if split:

@@ -76,13 +76,16 @@ def _elapsed(a, b) -> float:
     return a.elapsed_time(b) / 1e3
 
 
-@functools.lru_cache(maxsize=1)
-def cuda_kernels():
+@functools.lru_cache(maxsize=4)
+def cuda_kernels(min_blocks_per_sm: int = 0):
+    """The kernels; ``min_blocks_per_sm`` > 0 compiles the propagation kernel with that launch bound."""
     k = build(cuda.jit(device=True))
     propagate_photon = k.propagate_photon
     hit_channel = k.hit_channel
 
-    @cuda.jit
+    bound = {} if simulator() or min_blocks_per_sm <= 0 else {"launch_bounds": (THREADS_PER_BLOCK, min_blocks_per_sm)}
+
+    @cuda.jit(**bound)  # the simulator's jit takes no launch bound (nor needs one)
     def propagate_kernel(table, flags, last_hit, channel, is_hit, slot, event_id, first_index, offsets, seed,
                          max_steps, tri_channel, node_lo, node_hi, node_first, node_count, v0, e1, e2,
                          tri_inner, tri_outer, tri_surface, mat_n, mat_abs, mat_sca,
@@ -417,7 +420,7 @@ class CUDAEngine(Engine):
         if self.config.lanes < 1:
             raise EngineError("--engine-lanes must be >= 1")
         cuda.select_device(self.config.device)
-        self.k = cuda_kernels()
+        self.k = cuda_kernels(self.config.min_blocks_per_sm)
         self.stream = cuda.stream()  # geometry upload; each lane has its own stream for batches
         t = kernel_tables(detector)
         self.tables = t
