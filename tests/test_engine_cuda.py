@@ -110,6 +110,25 @@ def gpu_pair():
 
 
 @REAL_GPU
+def test_launch_bound_caps_registers_and_changes_no_hit(gpu_pair):
+    """min_blocks_per_sm recompiles the propagation kernel under a launch bound: fewer registers per thread,
+    the same arithmetic, so the same hits bit for bit."""
+    from charon.engines.cuda import CUDAEngine
+
+    det, gpu, _ = gpu_pair
+    bound = CUDAEngine(det, EngineConfig(seed=11, max_batch_photons=1 << 16, min_blocks_per_sm=8))
+    for e in (gpu, bound):
+        e.warm_up()  # compiled, so that the kernels report their registers
+    regs = [next(iter(e.k.propagate_kernel.get_regs_per_thread().values())) for e in (gpu, bound)]
+    assert regs[1] <= 65536 // (8 * 128) < regs[0]  # 8 blocks of 128 threads: at most 64 registers each
+    tables = [random_event(n, np.random.default_rng(4)) for n in (9_000, 3_000)]
+    want, got = (e.propagate(_batch(tables, [3, 4])) for e in (gpu, bound))
+    assert want.n_hits > 100
+    for f in ("offsets", "channel", "table", "flags"):
+        np.testing.assert_array_equal(getattr(want, f), getattr(got, f))
+
+
+@REAL_GPU
 def test_gpu_batch_invariance_and_rerun(gpu_pair):
     det, gpu, _ = gpu_pair
     rng = np.random.default_rng(1)
