@@ -530,6 +530,9 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         # --procs: the share of front-end batches whose photons reached the shared engine through shared memory.
         shm, sock = d("charon_handoff_batches_total:shm"), d("charon_handoff_batches_total:socket")
         res["handoff_shm_fraction"] = shm / (shm + sock) if shm + sock else None
+        # --procs: how many front ends' batches each engine call merged (the engine thread's work goes per
+        # front-end batch: a longer --max-wait-ms hands over fewer, larger ones).
+        res["front_end_batches_per_engine_call"] = (shm + sock) / nb if shm + sock and nb else None
         # Segments the shared engine mapped and pinned in the window (front ends' buffers growing), and the
         # time its thread spent on that and on unpinning retired ones: all front ends wait meanwhile.
         res["handoff_segments_mapped"] = d("charon_handoff_segments_mapped_total") if shm else None

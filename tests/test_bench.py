@@ -143,6 +143,7 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         assert 0 < r["load_main_thread_us_per_event"] <= r["load_cpu_us_per_event"]
         assert 0 < r["load_cpu_cores"] <= 2 * 2
         assert r["handoff_shm_fraction"] is None  # one process: no hand-off to a shared engine
+        assert r["front_end_batches_per_engine_call"] is None
         assert r["handoff_segments_mapped"] is None and r["handoff_pin_ms"] is None
         # Per batch: the oldest event's wait for dispatch and the engine round trip, both within
         # the server-side share (each batch's oldest event waited both).
