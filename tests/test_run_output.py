@@ -316,7 +316,7 @@ def file_closed(path, timeout=10.0) -> bool:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("server", [{"output_idle_seconds": 0.6}], indirect=True)
+@pytest.mark.parametrize("server", [{"output_idle_seconds": 1.0}], indirect=True)
 def test_a_silent_clients_run_is_closed_readable_while_an_active_one_goes_on(server):
     """A client that dies mid-run must not hold its file open, unfinished, until the server stops."""
     srv, out, dealer = server
@@ -328,7 +328,7 @@ def test_a_silent_clients_run_is_closed_readable_while_an_active_one_goes_on(ser
         assert ask(silent, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
     dead = out / "dead.charon.ntuple.root"
     t0 = time.monotonic()
-    for eid, t in live_events.items():  # one event every 0.2 s: never 0.6 s silent
+    for eid, t in live_events.items():  # one event every 0.2 s: never 1 s silent, even on a slow CI host
         assert ask(active, photondata_frames(eid, t)).kind == P.SIM_COMPLETE_ASYNC
         time.sleep(0.2)
     assert time.monotonic() - t0 > 2.0
