@@ -291,11 +291,13 @@ def test_results_table_shows_the_latency_split_only_where_the_server_reported_it
     from charon.bench import results_table
 
     row = {"events_per_s": 1000.0, "photons_per_s": 1e6, "latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0},
-           "engine_busy_fraction": 0.5, "batch_photons": {"mean": 5000.0}, "host_us_per_event": 40.0}
+           "engine_busy_fraction": 0.5, "engine_compute_fraction": 0.375, "batch_photons": {"mean": 5000.0},
+           "host_us_per_event": 40.0}  # fmt: skip
     plain = results_table({"batched": row}).splitlines()
     assert len(plain) == 2 and "trip" not in plain[0]
     busiest = results_table({"batched": row | {"front_end_busy_fraction": {"mean": 0.5, "max": 0.93}}}).splitlines()
-    assert "fe busy" in busiest[0] and busiest[1].split()[6:8] == ["0.50", "0.93"]  # beside the engine's busy
+    assert "kern" in busiest[0] and "fe busy" in busiest[0]
+    assert busiest[1].split()[6:9] == ["0.50", "0.38", "0.93"]  # the engine's busy, its kernels', the front ends'
     split = results_table({"a_1": row | {"dispatch_wait_ms_mean": 1.25, "engine_roundtrip_ms_mean": 3.5,
                                          "engine_residence_ms_mean": None}}).splitlines()
     assert split[0].split()[-3:] == ["wait", "trip", "resid"]

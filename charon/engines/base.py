@@ -25,7 +25,8 @@ class EngineConfig:
     max_batch_photons: int = 5_000_000  # preallocated capacity (CUDA)
     lanes: int = 1  # CUDA: batches launched and not yet finished at once, each with its own device buffers
     # CUDA: blocks of the propagation kernel that must fit on one SM at once (its launch bound), which caps
-    # its registers per thread; 0 leaves the compiler's own choice.
+    # its registers per thread; 0 leaves the compiler's own choice. Not a charon-batch flag: bounds measured
+    # no faster (benchmarks/RESULTS.md, twenty-second session); engine_bench.py --min-blocks sets it.
     min_blocks_per_sm: int = 0
 
 
