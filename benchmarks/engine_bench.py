@@ -60,6 +60,18 @@ def pipelined(eng, batches: list, n_batches: int) -> dict:
                 batch_ms=wall / n_batches * 1e3)
 
 
+def pinned_copies(eng, batch: PhotonBatch, k: int) -> list:
+    """``k`` copies of ``batch`` in the engine's pinned memory: one per lane, since a launch reads its
+    host memory late."""
+    out = []
+    for _ in range(k):
+        table = eng.host_alloc(batch.table.size, np.float32).reshape(batch.table.shape)
+        flags = eng.host_alloc(batch.n_photons, np.uint32)
+        table[...], flags[...] = batch.table, batch.flags
+        out.append(PhotonBatch(table, flags, batch.slot, batch.offsets, batch.event_id, batch.first_index))
+    return out
+
+
 def kernel_resources(eng) -> dict:
     """Registers and local memory per thread of the CUDA propagation kernel (empty for other engines)."""
     k = getattr(eng, "k", None)
@@ -131,11 +143,7 @@ def main(argv=None):
                   f"out {st.copy_out * 1e3:7.3f} ms  hits {hits}", flush=True)  # fmt: skip
             if args.pipeline and hasattr(eng, "launch"):
                 copies = [b]
-                for _ in range(args.lanes - 1):  # one pinned batch per lane: a launch reads its host memory late
-                    t2 = alloc(batch.table.size, np.float32).reshape(batch.table.shape)
-                    f2 = alloc(n, np.uint32)
-                    t2[...], f2[...] = batch.table, batch.flags
-                    copies.append(PhotonBatch(t2, f2, batch.slot, batch.offsets, batch.event_id, batch.first_index))
+                copies += pinned_copies(eng, batch, args.lanes - 1)
                 pipelined(eng, copies, 2 * args.lanes)  # settle
                 pipe = pipelined(eng, copies, args.pipeline)
                 row["pipeline"] = dict(lanes=args.lanes, **pipe)

@@ -27,7 +27,7 @@ import json
 import time
 
 import numpy as np
-from engine_bench import kernel_resources, make_batch, pipelined
+from engine_bench import kernel_resources, make_batch, pinned_copies, pipelined
 
 from charon.engines import create_engine
 from charon.engines.base import EngineConfig
@@ -58,17 +58,6 @@ def variants(batch: PhotonBatch) -> dict:
     ident = np.arange(n)
     return {"as-drawn": reorder(ident, False), "event-sorted": reorder(within, False),
             "one-event": reorder(ident, True), "one-event-sorted": reorder(across, True)}  # fmt: skip
-
-
-def pinned_copies(eng, batch: PhotonBatch, k: int) -> list:
-    """``k`` copies of ``batch`` in pinned memory (one per lane: a launch reads its host memory late)."""
-    out = []
-    for _ in range(k):
-        t = eng.host_alloc(batch.table.size, np.float32).reshape(batch.table.shape)
-        f = eng.host_alloc(batch.n_photons, np.uint32)
-        t[...], f[...] = batch.table, batch.flags
-        out.append(PhotonBatch(t, f, batch.slot, batch.offsets, batch.event_id, batch.first_index))
-    return out
 
 
 def main(argv=None):

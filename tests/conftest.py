@@ -29,6 +29,29 @@ def rng():
     return np.random.default_rng(12345)
 
 
+@pytest.fixture
+def zmq_pair():
+    """``zmq_pair(bind_kind, connect_kind)``: two sockets of a fresh context on a random loopback port, the
+    first bound, the second connected, both closed (no linger) with the context after the test."""
+    import zmq
+
+    ctx, made = zmq.Context(), []
+
+    def make(bind_kind, connect_kind):
+        a, b = ctx.socket(bind_kind), ctx.socket(connect_kind)
+        made.extend((a, b))
+        for s in (a, b):
+            s.setsockopt(zmq.LINGER, 0)
+        port = a.bind_to_random_port("tcp://127.0.0.1")
+        b.connect(f"tcp://127.0.0.1:{port}")
+        return a, b
+
+    yield make
+    for s in made:
+        s.close(0)
+    ctx.term()
+
+
 def pytest_collection_modifyitems(config, items):
     real_gpu = os.environ.get("CHARON_TEST_REAL_GPU") == "1"
     skip_gpu = pytest.mark.skip(reason="needs a real GPU: set CHARON_TEST_REAL_GPU=1 on a CUDA machine")

@@ -18,18 +18,9 @@ pytestmark = pytest.mark.skipif(not AVAILABLE, reason="needs libzmq's C API thro
 
 
 @pytest.fixture
-def pair():
+def pair(zmq_pair):
     """A ROUTER (the server's side) and a DEALER sending with an empty delimiter, as REQ does; random port."""
-    ctx = zmq.Context()
-    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
-    for s in (router, dealer):
-        s.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    yield router, dealer
-    router.close(0)
-    dealer.close(0)
-    ctx.term()
+    return zmq_pair(zmq.ROUTER, zmq.DEALER)
 
 
 def take_all(intake: Intake, expected: int, timeout: float = 10.0) -> list:

@@ -11,17 +11,8 @@ from charon.sockets import poll, recv_message, send_message
 
 
 @pytest.fixture
-def pair():
-    ctx = zmq.Context()
-    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    for s in (a, b):
-        s.setsockopt(zmq.LINGER, 0)
-    port = a.bind_to_random_port("tcp://127.0.0.1")
-    b.connect(f"tcp://127.0.0.1:{port}")
-    yield a, b
-    a.close(0)
-    b.close(0)
-    ctx.term()
+def pair(zmq_pair):
+    return zmq_pair(zmq.PAIR, zmq.PAIR)
 
 
 def _recv(sock):
