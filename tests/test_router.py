@@ -399,7 +399,9 @@ def test_gpus_behind_several_local_routers_lose_no_event_when_a_gpu_worker_dies(
         assert len(routers) == 1 and len(workers) == 2 and len(kids) == 3
         assert len(_children(routers[0])) == 2  # the two routers
         for w in workers:  # each GPU worker: two front ends, one per router
-            while len(fronts := _children(w)) < 2:  # started once the worker's engine is compiled
+            # Started once the worker's engine is compiled. A child caught between fork and exec still shows
+            # its parent's command line (with both routers in --connect): wait until both have exec'd.
+            while len(fronts := [f for f in _children(w) if cmdline(f) not in ([], cmdline(w))]) < 2:
                 assert time.monotonic() < deadline, f"GPU worker {w} started {len(fronts)} front ends, not 2"
                 time.sleep(0.2)
             assert len(fronts) == 2, fronts

@@ -370,21 +370,22 @@ def test_a_slow_clients_run_end_after_the_close_is_acknowledged(server):
 
 
 def test_a_run_with_events_in_flight_is_not_closed_however_long_they_take(det, tmp_path):
-    import threading
-
     out = tmp_path / "runs"
     out.mkdir()
-    gate = threading.Event()
+    gate = Gate()
+    # The idle period must outlast the gap between RUN_BEGIN and the event on a loaded two-core host (0.3 s
+    # did not, once, on CI: the run was closed before the event came), and the wait below is three of them.
     srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", output_dir=str(out),
-                                         output_idle_seconds=0.3, max_wait_ms=0),
+                                         output_idle_seconds=1.0, max_wait_ms=0),
                             detector=det, engine_factory=lambda: GatedEngine(CPUEngine(det, EngineConfig()), gate))  # fmt: skip
     d = DealerClient(srv.address)
     path = out / "held.charon.ntuple.root"
+    frames = photondata_frames(1, random_event(100, np.random.default_rng(0), 100.0))  # made before the run begins
     try:
         assert ask(d, [P.RUN_BEGIN, b"held.root"]).kind == b"ACK"
-        assert ask(d, photondata_frames(1, random_event(100, np.random.default_rng(0), 100.0))).kind == \
-            P.SIM_COMPLETE_ASYNC  # fmt: skip
-        assert not file_closed(path, timeout=1.2)  # four idle periods with the event in the engine
+        assert ask(d, frames).kind == P.SIM_COMPLETE_ASYNC
+        gate.wait_entered(1)  # the event is in the engine
+        assert not file_closed(path, timeout=3.0)  # three idle periods with the event in the engine
         gate.set()
         assert ask(d, [P.RUN_END]).kind == b"ACK"
         with uproot.open(path) as f:

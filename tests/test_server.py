@@ -288,7 +288,7 @@ def test_lazy_pirate_client_retry_is_joined(det, intake):
     s = Server(det, intake=intake, max_wait_ms=0,
                engine_factory=lambda: Slow(CPUEngine(det, EngineConfig(seed=SEED)), None))  # fmt: skip
     try:
-        c = s.req(timeout_ms=250, retries=5)
+        c = s.req(timeout_ms=250, retries=20)  # resends while the 0.6 s batch runs; room for a slow CI host
         r = c.simulate(77, ev(300, 77))
         assert r.kind == P.SIM_COMPLETE and r.event_id == 77 and c.resends >= 1
         assert s.metric("charon_duplicate_requests_total") >= 1
@@ -610,7 +610,9 @@ def test_lanes_look_at_a_long_batch_less_often_as_it_runs(det):
         eng.gates[0].set()
         assert d.recv(10_000).event_id == 0
         elapsed = time.monotonic() - t0
-        assert 20 < calls < 400, calls  # checked all along, but not every 50 us (10 000 in 0.5 s)
+        # Checked all along, but not every 50 us (10 000 in 0.5 s). ~150 on an idle host; a starved thread
+        # oversleeps each check and makes fewer, hence the low floor.
+        assert 5 < calls < 400, calls
         assert elapsed < 0.5 + 1.0  # noticed soon after the gate opened (about a sixteenth of its time; slack for CI)
     finally:
         for g in eng.gates:
