@@ -70,6 +70,9 @@ class BenchConfig:
     # Each mode measured this many times, the modes alternating round after round, so that drift of the
     # host's speed (10-20 % between runs on the lent GPU hosts) hits every mode alike.
     rounds: int = 1
+    # With --rounds: each mode's server is started once and kept for every round (the idle ones sleep in
+    # poll while another is measured), instead of a fresh server per run: on a GPU host a start costs ~20 s.
+    keep_servers: bool = False
 
 
 LOAD_DRIVERS = ("python", "compiled")
@@ -498,6 +501,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         res.update(
             # Each engine's busy share (several with --gpus): the mean, and each one's beside it.
             **engine_busy(each_before, each_after, fig["wall_s"]),
+            # The max is the server's own gauge, over its life: with --keep-servers, every round so far.
             batch_photons=dict(mean=d("charon_batch_photons_sum") / nb if nb else 0.0,
                                max=after.get("charon_batch_photons_max", 0.0)),  # fmt: skip
             batches=nb,
@@ -717,6 +721,10 @@ def parser() -> argparse.ArgumentParser:
                     help="measure every mode (batched, each --sweep-batch cap, per-event) this many times, the "
                     "modes alternating round after round, so that the host's drift hits them alike; each mode "
                     "reports its median run, the JSON every run and the speed-up of each round (default 1)")
+    ap.add_argument("--keep-servers", action="store_true",
+                    help="with --spawn-server: start each mode's server once and keep it for every round, "
+                    "instead of a fresh one per run (saves ~20 s a run on a GPU host; the servers not being "
+                    "measured stay idle beside the one that is)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap
 
@@ -733,6 +741,8 @@ def main(argv=None) -> int:
         parser().error("--rounds must be at least 1")
     if (cfg.compare_per_event or cfg.sweep_batch or cfg.rounds > 1) and not cfg.spawn_server:
         parser().error("--compare-per-event, --sweep-batch and --rounds start their own servers: add --spawn-server")
+    if cfg.keep_servers and not cfg.spawn_server:
+        parser().error("--keep-servers keeps the servers it spawns between rounds: add --spawn-server")
     if cfg.server_cpus and not cfg.spawn_server:
         parser().error("--server-cpus pins a spawned server: add --spawn-server (or pin a running one with taskset)")
     try:
@@ -766,16 +776,30 @@ def main(argv=None) -> int:
             with open(cfg.json, "w") as fh:
                 json.dump(dict(meta=meta, **results, sweep=sweep, **extra), fh, indent=1)
 
-    def measure(extra: list[str]) -> dict:
+    kept: dict[str, tuple] = {}  # --keep-servers: mode -> (address, metrics URL(s)) of its server
+
+    def start(extra: list[str], stack: contextlib.ExitStack):
+        for attempt in range(3):
+            try:
+                return stack.enter_context(spawned_server(server_args + extra, cpus=parse_cpus(cfg.server_cpus)))
+            except ServerStartError as exc:  # e.g. a port taken between choosing and binding it
+                if attempt == 2:
+                    raise
+                print(f"charon-bench: {exc}; retrying with other ports", file=sys.stderr)
+
+    def measure(mode: str, extra: list[str], servers: contextlib.ExitStack) -> dict:
         if cfg.spawn_server:
-            for attempt in range(3):
-                try:
-                    with spawned_server(server_args + extra, cpus=parse_cpus(cfg.server_cpus)) as (addr, murl):
-                        return with_p99_bound(run_load(cfg, addr, murl), server_args + extra)
-                except ServerStartError as exc:  # e.g. a port taken between choosing and binding it
-                    if attempt == 2:
-                        raise
-                    print(f"charon-bench: {exc}; retrying with other ports", file=sys.stderr)
+            if cfg.keep_servers:
+                if mode not in kept:
+                    kept[mode] = start(extra, servers)
+                addr, murl = kept[mode]
+                res = run_load(cfg, addr, murl)
+            else:
+                with contextlib.ExitStack() as one:
+                    addr, murl = start(extra, one)
+                    res = run_load(cfg, addr, murl)
+            res["server"] = addr  # which server process served the run (a fresh one per run unless kept)
+            return with_p99_bound(res, server_args + extra)
         urls = cfg.metrics_url.split(",") if cfg.metrics_url and "," in cfg.metrics_url else cfg.metrics_url
         return run_load(cfg, cfg.address, urls)
 
@@ -786,17 +810,18 @@ def main(argv=None) -> int:
         # ChAR0N's way: one event per engine call and one call at a time (no second lane queued
         # behind the running call), whatever the batched server was given.
         modes.append(("per_event", ["--max-batch-events", "1", "--engine-lanes", "1"]))
-    for k in range(cfg.rounds):
-        for mode, extra in modes:
-            if cfg.rounds > 1:
-                print(f"charon-bench: round {k + 1} of {cfg.rounds}: {mode}", file=sys.stderr)
-            r = measure(extra)
-            if mode.startswith("batched@"):
-                r["max_batch_photons"] = count(mode.split("@", 1)[1])
-            rounds.setdefault(mode, []).append(r)
-            results[mode] = median_run(rounds[mode])
-            sweep[:] = [results[m] for m, _ in modes if m.startswith("batched@") and m in results]
-            save()
+    with contextlib.ExitStack() as servers:  # --keep-servers: every mode's server, stopped at the end
+        for k in range(cfg.rounds):
+            for mode, extra in modes:
+                if cfg.rounds > 1:
+                    print(f"charon-bench: round {k + 1} of {cfg.rounds}: {mode}", file=sys.stderr)
+                r = measure(mode, extra, servers)
+                if mode.startswith("batched@"):
+                    r["max_batch_photons"] = count(mode.split("@", 1)[1])
+                rounds.setdefault(mode, []).append(r)
+                results[mode] = median_run(rounds[mode])
+                sweep[:] = [results[m] for m, _ in modes if m.startswith("batched@") and m in results]
+                save()
     print(results_table(results))
     if "per_event" in results and results["per_event"]["events_per_s"] > 0:
         ratio = results["batched"]["events_per_s"] / results["per_event"]["events_per_s"]

@@ -171,6 +171,8 @@ def test_spawned_servers_compare_per_event_and_sweep(tmp_path):
     for mode, runs in r["rounds"].items():
         assert same(r[mode], min(runs, key=lambda x: x["events_per_s"]))
     assert len(r["sweep"]) == 1 and same(r["sweep"][0], r["batched@600"])
+    servers = [run["server"] for runs in r["rounds"].values() for run in runs]
+    assert len(set(servers)) == 6  # a fresh server for every run
     by_round = [b["events_per_s"] / p["events_per_s"] for b, p in zip(r["rounds"]["batched"], r["rounds"]["per_event"])]
     assert r["speedup"]["by_round"] == pytest.approx(by_round)
     assert r["speedup"]["of_medians"] == pytest.approx(r["batched"]["events_per_s"] / r["per_event"]["events_per_s"])
@@ -245,13 +247,33 @@ def test_metrics_ports_add_the_local_routers_after_the_servers():
     assert [worker_metrics_port(config, i) for i in (0, 1)] == [9000, 9005] and router_metrics_port(config) == 9010
 
 
+@pytest.mark.slow
+def test_kept_servers_serve_every_round_of_their_mode(tmp_path):
+    """--keep-servers: one server per mode for all the rounds, each run's figures still its own window's."""
+    out = tmp_path / "r.json"
+    rc = main(["--spawn-server", "--keep-servers", "--clients", "8", "--events", "60", "--event-size", "300",
+               "--compare-per-event", "--rounds", "2", "--json", str(out), "--no-progress", "--warmup", "0", "--",
+               "--engine", "cpu", "--detector", "sphere"])  # fmt: skip
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert {m: len({run["server"] for run in runs}) for m, runs in r["rounds"].items()} == {"batched": 1,
+                                                                                            "per_event": 1}
+    assert r["rounds"]["batched"][0]["server"] != r["rounds"]["per_event"][0]["server"]
+    for mode, runs in r["rounds"].items():
+        for run in runs:  # the second round counts only its own events and batches, not the first's too
+            assert 0 < run["batches"] <= 60 and sum(run["events_by_endpoint"]) <= 60, (mode, run["batches"])
+    assert all(run["batches"] == sum(run["events_by_endpoint"]) for run in r["rounds"]["per_event"])
+    assert r["per_event"]["batch_photons"]["max"] == 300
+
+
 def test_bench_refuses_compare_without_spawn():
     with pytest.raises(SystemExit):
         main(["--address", "tcp://127.0.0.1:1", "--compare-per-event"])
 
 
 @pytest.mark.parametrize("args, says", [(["--address", "tcp://127.0.0.1:1", "--rounds", "2"], "add --spawn-server"),
-                                        (["--spawn-server", "--rounds", "0"], "--rounds must be at least 1")])
+                                        (["--spawn-server", "--rounds", "0"], "--rounds must be at least 1"),
+                                        (["--address", "tcp://127.0.0.1:1", "--keep-servers"], "add --spawn-server")])
 def test_bench_refuses_rounds_it_cannot_run(args, says, capsys):
     with pytest.raises(SystemExit):
         main(args)
