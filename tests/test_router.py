@@ -383,6 +383,7 @@ def test_gpus_behind_several_local_routers_lose_no_event_when_a_gpu_worker_dies(
                              "--metrics-port", str(mport), "--heartbeat-interval", "0.2",
                              "--log-level", "WARNING"])  # fmt: skip
     c = ReqClient(f"tcp://127.0.0.1:{port}", timeout_ms=2000, retries=0)
+    dealers = []  # closed however the test ends (a failure once left them to the garbage collector's warning)
 
     def cmdline(pid):
         try:
@@ -407,7 +408,17 @@ def test_gpus_behind_several_local_routers_lose_no_event_when_a_gpu_worker_dies(
             assert len(fronts) == 2, fronts
             connects = {cmdline(f)[cmdline(f).index(b"--connect") + 1] for f in fronts}
             assert len(connects) == 2 and all(b"," not in a for a in connects)  # one router each, both routers
-        dealers = [DealerClient(f"tcp://127.0.0.1:{port}") for _ in range(24)]
+        # A front end that has exec'd may not have registered yet, and a router without workers answers
+        # NO_WORKERS (once, on CI): wait until each router has one front end of each GPU worker.
+        while True:
+            try:
+                if all(_metric(mport + 6 + k, "charon_router_workers") == 2 for k in (0, 1)):
+                    break
+            except OSError:  # a router's metrics endpoint not up yet
+                pass
+            assert time.monotonic() < deadline, "the front ends did not register with both routers"
+            time.sleep(0.2)
+        dealers += [DealerClient(f"tcp://127.0.0.1:{port}") for _ in range(24)]
         for k in range(48):
             dealers[k % 24].submit(k, ev(200, k))
         replies = [d.recv(30_000) for d in dealers for _ in range(2)]
@@ -425,10 +436,10 @@ def test_gpus_behind_several_local_routers_lose_no_event_when_a_gpu_worker_dies(
         while len(set(w for w in _children(proc.pid) if b"--connect" in cmdline(w)) - {workers[0]}) < 2:
             assert time.monotonic() < deadline + 60, "the killed GPU worker was not restarted"
             time.sleep(0.2)
-        for d in dealers:
-            d.close()
         kill_launcher_and_expect_every_child_to_end(proc, port)
     finally:
+        for d in dealers:
+            d.close()
         c.close()
         proc.terminate()
         proc.wait(30)
