@@ -257,7 +257,7 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
         socks.append(s)
     try:
         if cfg.load_driver == "compiled":
-            return _drive_compiled(cfg, socks, depth, first_id, sizes, pool, progress)
+            return _drive_compiled(cfg, socks, depth, first_id, sizes, think, pool, progress)
         return _drive_python(cfg, socks, depth, first_id, sizes, think, pool, progress)
     finally:
         for s in socks:
@@ -373,11 +373,11 @@ def _drive_python(cfg: BenchConfig, socks: list, depth: int, first_id: int, size
     return _load_figures(sent_times, latencies, photons, failed, next_i - done, t0, t1, cpu1 - cpu0, main1 - main0)
 
 
-def _drive_compiled(cfg: BenchConfig, socks: list, depth: int, first_id: int, sizes, pool, progress=None):
-    """:func:`_drive`'s loop compiled (load_pump.py): the same requests and figures, no think times."""
+def _drive_compiled(cfg: BenchConfig, socks: list, depth: int, first_id: int, sizes, think, pool, progress=None):
+    """:func:`_drive`'s loop compiled (load_pump.py): the same requests, think times and figures."""
     from .load_pump import LoadPump
 
-    pump = LoadPump(socks, cfg.client_mode != "req", depth, sizes, first_id, pool)
+    pump = LoadPump(socks, cfg.client_mode != "req", depth, sizes, first_id, pool, think)
     reported = 0
     with _gc_paused():
         t0 = time.monotonic()
@@ -716,7 +716,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--load-driver", choices=LOAD_DRIVERS, default="python",
                     help="python: the load loop in Python; compiled: the same requests and figures from a numba "
                     "loop on libzmq's C API, which takes less of the CPU the load shares with a server on the same "
-                    "host (Linux; not with --think-ms). Default python")
+                    "host (Linux). Default python")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every mode (batched, each --sweep-batch cap, per-event) this many times, the "
                     "modes alternating round after round, so that the host's drift hits them alike; each mode "
@@ -752,8 +752,6 @@ def main(argv=None) -> int:
     if cfg.load_driver == "compiled":
         from .load_pump import AVAILABLE
 
-        if parse_think(cfg.think_ms)(np.random.default_rng(0), 1).any():
-            parser().error("--think-ms runs in the Python load loop: leave out --load-driver compiled")
         if not AVAILABLE:
             parser().error("--load-driver compiled needs Linux and libzmq's C API through pyzmq; use python")
     if cfg.address:

@@ -15,7 +15,9 @@ Wire layout sent (PROTOCOL.md, dialect A; a DEALER adds the empty delimiter a RE
 The eleven rows are zero-copy messages over the load process's photon pool (``zmq_msg_init_data`` with no
 free function: the pool outlives the sockets). A reply counts as answered when its status frame is
 exactly ``SIM_COMPLETE`` and its event id is one in flight, as in the Python loop; anything else counts as
-failed. Client think times (``--think-ms``) stay with the Python loop.
+failed. With client think times (``--think-ms``) the request that follows the k-th reply waits ``think[k]``
+in a table of due times (one slot per request a client may hold), as the Python loop's heap does; the wait
+is ``epoll_wait``'s, to the millisecond, which delays a send, never a measured round trip.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ EPOLL_EVENT_BYTES, EPOLL_DATA_OFFSET = (12, 4) if _PACKED else (16, 8)
 MAX_EVENTS = 64  # fds taken per epoll_wait
 CLOCK_MONOTONIC = 1  # time.monotonic's clock on Linux: the send times are compared with the parent's
 # State (``LoadPump.state``, int64): requests sent, replies taken, failed replies, answered (kept) events,
-# whether the first requests went out.
-S_SENT, S_DONE, S_FAILED, S_ANSWERED, S_STARTED = range(5)
+# whether the first requests went out, requests waiting out a think time.
+S_SENT, S_DONE, S_FAILED, S_ANSWERED, S_STARTED, S_LATER = range(6)
 
 
 def _functions():
@@ -127,10 +129,11 @@ def _make_pump():
 
     @numba.njit(cache=False)
     def drain(k, socks, dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts, state,
-              out_sent, out_rtt, out_photons, deadline):  # fmt: skip
-        """Every reply waiting on socket ``k``, each followed by the socket's next request while any is left.
-        A REQ socket holds one request, so it is read again only when its fd says so; a DEALER's is read
-        until empty, after each send too (a send can take the fd's edge), whatever its depth."""
+              out_sent, out_rtt, out_photons, deadline, think, later_at, later_sock):  # fmt: skip
+        """Every reply waiting on socket ``k``, each followed by the socket's next request while any is left,
+        at once or after the client's think time (into a free slot of ``later_at``). A REQ socket holds
+        one request, so it is read again only when its fd says so; a DEALER's is read until empty, after
+        each send too (a send can take the fd's edge), whatever its depth."""
         sock = socks[k]
         n_events = sizes.shape[0]
         while True:
@@ -149,17 +152,50 @@ def _make_pump():
                 sent_at[i] = -1.0  # answered: a second reply for it counts as failed
             else:
                 state[S_FAILED] += 1
-            if state[S_SENT] < n_events and t < deadline:
-                send(sock, state[S_SENT], dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts)
-                state[S_SENT] += 1
+            if state[S_SENT] + state[S_LATER] < n_events and t < deadline:
+                pause = think[state[S_DONE] - 1]
+                if pause > 0.0:  # the client works on its next event first
+                    for j in range(later_at.shape[0]):
+                        if later_at[j] < 0.0:
+                            later_at[j] = t + pause
+                            later_sock[j] = k
+                            state[S_LATER] += 1
+                            break
+                else:
+                    send(sock, state[S_SENT], dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts)
+                    state[S_SENT] += 1
             if not dealer:
                 return
 
     @numba.njit(cache=False)
+    def due(socks, dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts, state, out_sent, out_rtt,
+            out_photons, deadline, think, later_at, later_sock):  # fmt: skip
+        """Send every request whose think time is over (none past the deadline); the time the next one is
+        due, or +inf."""
+        t = now(ts)
+        nxt = np.inf
+        for j in range(later_at.shape[0]):
+            if later_at[j] < 0.0:
+                continue
+            if later_at[j] <= t:
+                later_at[j] = -1.0
+                state[S_LATER] -= 1
+                if t < deadline:
+                    k = later_sock[j]
+                    send(socks[k], state[S_SENT], dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts)
+                    state[S_SENT] += 1
+                    drain(k, socks, dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts, state,
+                          out_sent, out_rtt, out_photons, deadline, think, later_at, later_sock)  # fmt: skip
+            else:
+                nxt = min(nxt, later_at[j])
+        return nxt
+
+    @numba.njit(cache=False)
     def pump(socks, fd_sock, epfd, evbuf, dealer, depth, sizes, first_id, pool, header, meta, msg, sent_at, ts,
-             state, out_sent, out_rtt, out_photons, deadline, until):  # fmt: skip
-        """Run the load until ``until`` (then return False) or until it is over: every request answered, or
-        ``deadline`` passed (True). The first call sends each socket's first ``depth`` requests."""
+             state, out_sent, out_rtt, out_photons, deadline, until, think, later_at, later_sock):  # fmt: skip
+        """Run the load until ``until`` (then return False) or until it is over: every request answered and
+        none waiting out a think time, or ``deadline`` passed (True). The first call sends each socket's
+        first ``depth`` requests."""
         n_events = sizes.shape[0]
         if state[S_STARTED] == 0:
             state[S_STARTED] = 1
@@ -170,15 +206,19 @@ def _make_pump():
                         state[S_SENT] += 1
             for k in range(socks.shape[0]):  # replies may have come in while sending
                 drain(k, socks, dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts, state,
-                      out_sent, out_rtt, out_photons, deadline)  # fmt: skip
+                      out_sent, out_rtt, out_photons, deadline, think, later_at, later_sock)  # fmt: skip
         max_events = evbuf.shape[0] // ev_bytes
         while True:
+            nxt = np.inf
+            if state[S_LATER] > 0:
+                nxt = due(socks, dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts, state, out_sent,
+                          out_rtt, out_photons, deadline, think, later_at, later_sock)  # fmt: skip
             t = now(ts)
-            if state[S_DONE] >= state[S_SENT] or t >= deadline:
+            if (state[S_DONE] >= state[S_SENT] and state[S_LATER] == 0) or t >= deadline:
                 return True  # checked before waiting: no idle wait after the last reply in the timed span
             if t >= until:
                 return False
-            wait_ms = int((min(until, deadline) - t) * 1e3) + 1
+            wait_ms = int((min(until, deadline, nxt) - t) * 1e3) + 1
             got = epoll_wait(epfd, evbuf.ctypes.data, max_events, wait_ms)
             for e in range(max(got, 0)):
                 o = e * ev_bytes + ev_data
@@ -186,11 +226,11 @@ def _make_pump():
                 k = fd_sock[fd] if fd < fd_sock.shape[0] else -1
                 if k >= 0:
                     drain(k, socks, dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts,
-                          state, out_sent, out_rtt, out_photons, deadline)  # fmt: skip
+                          state, out_sent, out_rtt, out_photons, deadline, think, later_at, later_sock)  # fmt: skip
             if got == 0:  # a quiet wait: read every socket, so that an fd edge missed cannot stall a client
                 for k in range(socks.shape[0]):
                     drain(k, socks, dealer, sizes, first_id, pool, header, meta, msg, sent_at, ts, state,
-                          out_sent, out_rtt, out_photons, deadline)  # fmt: skip
+                          out_sent, out_rtt, out_photons, deadline, think, later_at, later_sock)  # fmt: skip
 
     return pump
 
@@ -211,11 +251,13 @@ class LoadPump:
     """One load process's sockets and their requests, driven by the compiled loop.
 
     ``sizes`` [n_events] int64, photons of each request; ``pool`` [11, >= max(sizes)] float32, the photons
-    every request takes its first ``sizes[i]`` columns of (C-contiguous rows). After :meth:`run` returns True,
+    every request takes its first ``sizes[i]`` columns of (C-contiguous rows); ``think`` [n_events] float64 s
+    or None, the pause after the k-th reply before its client's next request. After :meth:`run` returns True,
     :meth:`results` gives each answered event's send time (s, ``time.monotonic``'s clock), round trip (s) and
     photons."""
 
-    def __init__(self, socks: list, dealer: bool, depth: int, sizes: np.ndarray, first_id: int, pool: np.ndarray):
+    def __init__(self, socks: list, dealer: bool, depth: int, sizes: np.ndarray, first_id: int, pool: np.ndarray,
+                 think: np.ndarray | None = None):
         self._run = _compiled()
         self.socks = socks  # the pyzmq sockets: they own the handles
         self.handles = np.array([s.underlying for s in socks], np.uint64)  # [n_sockets] void* as integers
@@ -224,6 +266,12 @@ class LoadPump:
         self.pool = np.ascontiguousarray(pool, np.float32)
         if self.pool.ndim != 2 or self.pool.shape[0] != N_ROWS or (self.sizes.size and self.sizes.max() > pool.shape[1]):
             raise ValueError(f"pool must be [11, >= the largest event], not {pool.shape}")
+        self.think = np.zeros(self.sizes.size, np.float64) if think is None else np.ascontiguousarray(think, np.float64)
+        if self.think.shape != self.sizes.shape or (self.think < 0).any() or not np.isfinite(self.think).all():
+            raise ValueError(f"think must be [n_events] finite seconds >= 0, not shape {self.think.shape}")
+        # A client holds at most ``depth`` requests, in flight or waiting out a think time: one slot each.
+        self.later_at = np.full(len(socks) * self.depth, -1.0)  # [slots] s when due (time.monotonic), -1 free
+        self.later_sock = np.zeros(len(socks) * self.depth, np.int64)  # [slots] socket index
         self.epoll = select.epoll()
         fds = [s.FD for s in socks]
         self.fd_sock = np.full(max(fds, default=0) + 1, -1, np.int64)  # [max fd + 1] socket index by fd
@@ -237,7 +285,7 @@ class LoadPump:
         self.ts = np.zeros(2, np.int64)  # struct timespec
         n = self.sizes.size
         self.sent_at = np.zeros(n, np.float64)  # [n_events] s, send time of each request in flight, -1 answered
-        self.state = np.zeros(5, np.int64)
+        self.state = np.zeros(6, np.int64)
         self.out_sent = np.empty(n, np.float64)  # [answered] s
         self.out_rtt = np.empty(n, np.float64)  # [answered] s
         self.out_photons = np.empty(n, np.int64)  # [answered]
@@ -247,7 +295,7 @@ class LoadPump:
         return bool(self._run(self.handles, self.fd_sock, self.epoll.fileno(), self.evbuf, self.dealer, self.depth,
                               self.sizes, self.first_id, self.pool, self.header, self.meta, self.msg, self.sent_at,
                               self.ts, self.state, self.out_sent, self.out_rtt, self.out_photons, float(deadline),
-                              float(until)))  # fmt: skip
+                              float(until), self.think, self.later_at, self.later_sock))  # fmt: skip
 
     @property
     def sent(self) -> int:

@@ -116,3 +116,54 @@ def test_req_clients_keep_one_request_in_flight_and_stop_at_the_deadline(router)
 def test_pool_must_hold_the_largest_event():
     with pytest.raises(ValueError, match=r"pool must be \[11, >= the largest event\]"):
         LoadPump([], True, 1, np.array([5]), 0, np.zeros((11, 4), np.float32))
+
+
+def test_a_client_thinks_before_its_next_request_and_the_wait_is_not_in_its_round_trip(router):
+    """--think-ms in the compiled loop: the request after the k-th reply leaves think[k] after it, as in the
+    Python loop; round trips run from a request to its reply and leave the pause out."""
+    client, r = router
+    pool = np.ones((11, 4), np.float32)
+    think = np.array([0.3, 0.0, 0.0, 0.0])  # after the 1st reply: 300 ms; after the 2nd: at once
+    pump = LoadPump([client(zmq.REQ)], False, 1, np.full(4, 4), 0, pool, think)
+    deadline = time.monotonic() + 30  # the load's end, far past what the test needs
+    (env, frames), = _requests(pump, r, 1, deadline)
+    r.send_multipart([*env, P.SIM_COMPLETE, frames[1][:4], b"", b"", b""])
+    answered = time.monotonic()
+    (env, frames), = _requests(pump, r, 1, deadline)
+    assert time.monotonic() - answered >= 0.3  # not before the think time
+    assert P.META.unpack(frames[1])[0] == 1 and pump.sent == 2
+    r.send_multipart([*env, P.SIM_COMPLETE, frames[1][:4], b"", b"", b""])
+    answered = time.monotonic()
+    (env, frames), = _requests(pump, r, 1, deadline)  # no think time after the 2nd reply
+    assert P.META.unpack(frames[1])[0] == 2
+    # The slots hold the 300 ms until it is over: the run is not over while a request waits in one.
+    r.send_multipart([*env, P.SIM_COMPLETE, frames[1][:4], b"", b"", b""])
+    (env, frames), = _requests(pump, r, 1, deadline)
+    r.send_multipart([*env, P.SIM_COMPLETE, frames[1][:4], b"", b"", b""])
+    t_end = time.monotonic() + 20
+    while not pump.run(deadline, time.monotonic() + 0.02) and time.monotonic() < t_end:
+        pass
+    assert (pump.sent, pump.done, pump.failed) == (4, 4, 0)
+    _sent, rtt, _photons = pump.results()
+    assert len(rtt) == 4 and rtt.max() < 0.3  # the pause is the client's, not the round trip's
+    pump.close()
+
+
+def test_a_think_time_is_held_past_an_idle_wait_and_dropped_at_the_deadline(router):
+    """A request still thinking at the deadline is never sent; the run ends at the deadline, not after."""
+    client, r = router
+    pool = np.ones((11, 4), np.float32)
+    pump = LoadPump([client(zmq.DEALER)], True, 1, np.full(3, 4), 0, pool, np.full(3, 5.0))
+    t0 = time.monotonic()
+    deadline = t0 + 0.5
+    (env, frames), = _requests(pump, r, 1, deadline)
+    r.send_multipart([*env, P.SIM_COMPLETE, frames[1][:4], b"", b"", b""])
+    while not pump.run(deadline, time.monotonic() + 0.02):
+        assert time.monotonic() - t0 < 5  # the 5 s think time would outlast the deadline
+    assert pump.sent == 1 and pump.done == 1 and not r.poll(0)
+
+
+def test_think_times_must_match_the_events_and_be_finite():
+    for bad in (np.zeros(2), np.array([0.1, -1.0, 0.0]), np.array([0.0, np.inf, 0.0])):
+        with pytest.raises(ValueError, match="think must be"):
+            LoadPump([], True, 1, np.full(3, 4), 0, np.zeros((11, 4), np.float32), bad)
