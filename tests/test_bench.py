@@ -135,9 +135,9 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"]
         # The server's share of the latency: positive, and within what the clients saw (it is part of it).
         assert 0 < r["server_latency_ms_mean"] <= r["latency_ms"]["p99"]
-        # Tails over 10 and 30 ms, the clients' and the server's own (from its histogram's buckets).
+        # Tails over 3, 10 and 30 ms, the clients' and the server's own (from its histogram's buckets).
         for share in (r["latency_share_over_ms"], r["server_latency_share_over_ms"]):
-            assert set(share) == {"10", "30"} and 0 <= share["30"] <= share["10"] <= 1
+            assert set(share) == {"3", "10", "30"} and 0 <= share["30"] <= share["10"] <= share["3"] <= 1
         assert r["server_latency_share_over_ms"]["30"] < 0.5  # the buckets were read (a missing one reads as 1)
         assert r["engine_residence_ms_mean"] is None  # one process: no shared engine
         assert r["engine_thread_busy_fraction"] is None
@@ -513,3 +513,19 @@ def test_compiled_load_driver_counts_refused_events_as_failed(tmp_path):
         srv.stop()
         th.join(10)
 
+
+
+def test_latency_shares_are_read_at_bucket_bounds_of_the_servers_histogram():
+    """A threshold that is not one of charon_event_seconds' bucket bounds would read as no events under it
+    (a share of 1) rather than fail: each must be a bound, and its label the one prometheus-client writes."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from charon.bench import SHARE_OVER_MS
+    from charon.metrics import _SECOND_BUCKETS
+
+    r = CollectorRegistry()
+    Histogram("h", "h", buckets=_SECOND_BUCKETS, registry=r).observe(0.002)
+    text = generate_latest(r).decode()
+    for ms in SHARE_OVER_MS:
+        assert float(ms) / 1e3 in _SECOND_BUCKETS
+        assert f'h_bucket{{le="{float(ms) / 1e3}"}}' in text
