@@ -1,6 +1,6 @@
 """Where the server's host time goes under load: run charon-batch in-process, drive it with charon-bench.
 
-    python benchmarks/profile_server.py --engine cuda|cpu|null [--profile] [--switch-interval S]
+    python benchmarks/profile_server.py --engine cuda|cpu|null [--profile] [--switch-interval S] [--engine-lanes L]
 
 `null` answers every batch with no hits at once (no engine work), which
 separates the socket loop's own cost from its interplay with the engine
@@ -47,6 +47,7 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--switch-interval", type=float, default=None)
     ap.add_argument("--intake", default="python", help="the server's --intake (python or compiled)")
+    ap.add_argument("--engine-lanes", type=int, default=1, help="the server's --engine-lanes (CUDA)")
     ap.add_argument("--bench-args", default="--clients 256 --load-procs 6 --events 400000 --duration 10 --event-size 1000")
     a = ap.parse_args()
     if a.switch_interval:
@@ -55,7 +56,7 @@ def main():
         p.bind(("127.0.0.1", 0))
         mport = p.getsockname()[1]
     cfg = ServerConfig(bind="tcp://127.0.0.1:0", engine=a.engine if a.engine != "null" else "cpu", detector=a.detector,
-                       metrics_port=mport, log_level="WARNING", intake=a.intake)
+                       metrics_port=mport, log_level="WARNING", intake=a.intake, engine_lanes=a.engine_lanes)
     srv = BatchServer(cfg, engine_factory=NullEngine if a.engine == "null" else None)
     prof = cProfile.Profile()
 
@@ -78,6 +79,7 @@ def main():
     th.join()
     if a.profile:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats("charon", 30)  # the loop's own steps, inclusive
 
 
 if __name__ == "__main__":
