@@ -486,7 +486,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         photons_per_s=fig["photons_per_s"],
         latency_ms=fig["latency_ms"],
         whole_run=whole,
-        # Share of the window's events slower than 10 and 30 ms, beside the server's own (below).
+        # Share of the window's events slower than 3, 10 and 30 ms (SHARE_OVER_MS), beside the server's own (below).
         latency_share_over_ms=fig["share_over_ms"],
         # p99 of the events sent in each second of the run: where in the run the slow ones were.
         latency_p99_ms_by_second=_p99_by_second(sent - t_start, rtt),
