@@ -133,7 +133,6 @@ def test_a_client_thinks_before_its_next_request_and_the_wait_is_not_in_its_roun
     assert time.monotonic() - answered >= 0.3  # not before the think time
     assert P.META.unpack(frames[1])[0] == 1 and pump.sent == 2
     r.send_multipart([*env, P.SIM_COMPLETE, frames[1][:4], b"", b"", b""])
-    answered = time.monotonic()
     (env, frames), = _requests(pump, r, 1, deadline)  # no think time after the 2nd reply
     assert P.META.unpack(frames[1])[0] == 2
     # The slots hold the 300 ms until it is over: the run is not over while a request waits in one.
