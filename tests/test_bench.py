@@ -139,6 +139,14 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         for share in (r["latency_share_over_ms"], r["server_latency_share_over_ms"]):
             assert set(share) == {"3", "10", "30"} and 0 <= share["30"] <= share["10"] <= share["3"] <= 1
         assert r["server_latency_share_over_ms"]["30"] < 0.5  # the buckets were read (a missing one reads as 1)
+        # Its percentiles from the same buckets: ordered, and none above the bucket bound over the clients' own
+        # (every event's time in the server is part of its round trip; the estimate stays in its bucket).
+        from charon.metrics import _EVENT_BUCKETS
+
+        inside = r["server_latency_ms"]
+        assert 0 < inside["p50"] <= inside["p95"] <= inside["p99"]
+        for p in ("p50", "p99"):
+            assert inside[p] <= 1e3 * min(b for b in _EVENT_BUCKETS if 1e3 * b >= r["latency_ms"][p])
         assert r["engine_residence_ms_mean"] is None  # one process: no shared engine
         assert r["engine_thread_busy_fraction"] is None
         assert r["events_by_endpoint"] == [60]  # one endpoint answered every event
@@ -328,9 +336,10 @@ def test_results_table_shows_the_latency_split_only_where_the_server_reported_it
     assert "kern" in busiest[0] and "fe busy" in busiest[0]
     assert busiest[1].split()[6:9] == ["0.50", "0.38", "0.93"]  # the engine's busy, its kernels', the front ends'
     split = results_table({"a_1": row | {"dispatch_wait_ms_mean": 1.25, "engine_roundtrip_ms_mean": 3.5,
-                                         "engine_residence_ms_mean": None}}).splitlines()
-    assert split[0].split()[-3:] == ["wait", "trip", "resid"]
-    assert split[1].split()[0] == "a_1" and split[1].split()[-3:] == ["1.25", "3.50", "0.00"]
+                                         "engine_residence_ms_mean": None,
+                                         "server_latency_ms": {"p50": 1.0, "p95": 2.0, "p99": 2.75}}}).splitlines()
+    assert split[0].split()[-5:] == ["wait", "trip", "resid", "srv", "p99"]
+    assert split[1].split()[0] == "a_1" and split[1].split()[-4:] == ["1.25", "3.50", "0.00", "2.75"]
 
 
 def test_cpu_lists_parse_and_name_what_is_wrong():
@@ -518,14 +527,48 @@ def test_compiled_load_driver_counts_refused_events_as_failed(tmp_path):
 def test_latency_shares_are_read_at_bucket_bounds_of_the_servers_histogram():
     """A threshold that is not one of charon_event_seconds' bucket bounds would read as no events under it
     (a share of 1) rather than fail: each must be a bound, and its label the one prometheus-client writes."""
-    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from prometheus_client import generate_latest
 
     from charon.bench import SHARE_OVER_MS
-    from charon.metrics import _SECOND_BUCKETS
+    from charon.metrics import _EVENT_BUCKETS, BusyClock, Metrics
 
-    r = CollectorRegistry()
-    Histogram("h", "h", buckets=_SECOND_BUCKETS, registry=r).observe(0.002)
-    text = generate_latest(r).decode()
+    m = Metrics(BusyClock())
+    m.event_seconds.observe(0.002)
+    text = generate_latest(m.registry).decode()  # the histogram charon-bench reads
     for ms in SHARE_OVER_MS:
-        assert float(ms) / 1e3 in _SECOND_BUCKETS
-        assert f'h_bucket{{le="{float(ms) / 1e3}"}}' in text
+        assert float(ms) / 1e3 in _EVENT_BUCKETS
+        assert f'charon_event_seconds_bucket{{le="{float(ms) / 1e3}"}} 1.0' in text
+
+
+def test_histogram_quantile_reads_buckets_as_promql_does():
+    """Checked against hand-worked values and against numpy's percentile of the observations binned."""
+    import numpy as np
+
+    from charon.bench import histogram_quantile, server_latency_ms
+
+    inf = float("inf")
+    # 100 events in (1, 2] ms, 100 in (2, 4]: the median sits at the 2 ms bound, p75 half-way into (2, 4].
+    bounds, cum = [0.001, 0.002, 0.004, inf], [0, 100, 200, 200]
+    assert histogram_quantile(bounds, cum, 0.5) == pytest.approx(0.002)
+    assert histogram_quantile(bounds, cum, 0.75) == pytest.approx(0.003)
+    assert histogram_quantile(bounds, cum, 0.25) == pytest.approx(0.0015)
+    assert histogram_quantile([0.001, inf], [10, 10], 0.5) == pytest.approx(0.0005)  # the first bucket from 0
+    assert histogram_quantile([0.001, inf], [0, 10], 0.5) == 0.001  # in +Inf: the largest finite bound
+    assert histogram_quantile([0.001, inf], [0, 0], 0.5) is None
+    # Observations from a known distribution: each estimate lies in the bucket of the true percentile.
+    from charon.metrics import _EVENT_BUCKETS
+
+    rng = np.random.default_rng(5)
+    x = rng.lognormal(np.log(2e-3), 0.4, 20000)
+    bounds = [*_EVENT_BUCKETS, inf]
+    cum = [float((x <= b).sum()) for b in bounds]
+    for q in (0.5, 0.95, 0.99):
+        true = np.quantile(x, q)
+        i = int(np.searchsorted(bounds, true))
+        lo = 0.0 if i == 0 else bounds[i - 1]
+        assert lo <= histogram_quantile(bounds, cum, q) <= bounds[i]
+    # The window's counts: the scrape after minus the one before, keyed as scrape_each keeps them.
+    key = "charon_event_seconds_bucket:"
+    before = {f"{key}0.001": 5.0, f"{key}0.002": 5.0, f"{key}+Inf": 5.0}
+    after = {f"{key}0.001": 5.0, f"{key}0.002": 105.0, f"{key}+Inf": 105.0}
+    assert server_latency_ms(before, after)["p50"] == pytest.approx(1.5)
