@@ -545,6 +545,7 @@ def test_histogram_quantile_reads_buckets_as_promql_does():
     import numpy as np
 
     from charon.bench import histogram_quantile, server_latency_ms
+    from charon.metrics import _EVENT_BUCKETS
 
     inf = float("inf")
     # 100 events in (1, 2] ms, 100 in (2, 4]: the median sits at the 2 ms bound, p75 half-way into (2, 4].
@@ -556,8 +557,6 @@ def test_histogram_quantile_reads_buckets_as_promql_does():
     assert histogram_quantile([0.001, inf], [0, 10], 0.5) == 0.001  # in +Inf: the largest finite bound
     assert histogram_quantile([0.001, inf], [0, 0], 0.5) is None
     # Observations from a known distribution: each estimate lies in the bucket of the true percentile.
-    from charon.metrics import _EVENT_BUCKETS
-
     rng = np.random.default_rng(5)
     x = rng.lognormal(np.log(2e-3), 0.4, 20000)
     bounds = [*_EVENT_BUCKETS, inf]
