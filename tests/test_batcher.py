@@ -43,6 +43,41 @@ def test_assembled_batch_equals_the_concatenated_events_including_a_split_one():
         np.testing.assert_array_equal(got, ref)
 
 
+def test_one_slot_batches_equal_the_reference_whatever_the_rows_are():
+    """A batch of one slot takes its own path (the usual batch below saturation): a whole event whose rows
+    are decoded frames or a [11, n] view of a wider table (the compiled intake's arena), and both pieces
+    of a split event, in a buffer that earlier held a larger batch with other values."""
+    rng = np.random.default_rng(5)
+    t = random_event(700, rng)
+    fl = (np.arange(700) * 7 % 5).astype(np.uint32)
+    arena = np.zeros((N_ROWS + 1, 2000), np.float32)
+    arena[:N_ROWS, 600:1300] = t
+    buf = HostBuffer()
+    big = Batcher(FCFSQueue(), max_batch_photons=10_000)
+    big.add(_request(1, random_event(1500, rng), np.full(1500, 0xFFFF, np.uint32)))
+    big.assemble(big.take(), buf)
+    whole_rows = EventRequest(7, 700, arena[:N_ROWS, 600:1300], fl, (7, 700), None, 0.0)
+    cases = [(_request(7, t, None), 1000, [(0, 700, np.zeros(700, np.uint32))]),
+             (whole_rows, 1000, [(0, 700, fl)]),
+             (_request(7, t, fl), 400, [(0, 400, fl[:400]), (400, 300, fl[400:])])]  # split: two one-slot batches
+    for req, cap, pieces in cases:
+        batcher = Batcher(FCFSQueue(), max_batch_photons=cap)
+        batcher.add(req)
+        for start, count, want_flags in pieces:
+            slots = batcher.take()
+            assert [(s.start, s.count) for s in slots] == [(start, count)]
+            p = batcher.assemble(slots, buf).photons
+            want = PhotonBatch.from_events([t[:, start : start + count]], [7], flags=[want_flags], first_index=[start])
+            for got, ref in ((p.table, want.table), (p.flags, want.flags), (p.slot, want.slot),
+                             (p.offsets, want.offsets), (p.event_id, want.event_id),
+                             (p.first_index, want.first_index)):  # fmt: skip
+                np.testing.assert_array_equal(got, ref)
+                assert got.dtype == ref.dtype
+            assert p.rows.shape == (N_ROWS + 1, count) and np.shares_memory(p.rows, buf.words)
+            np.testing.assert_array_equal(p.rows[N_ROWS].view(np.uint32), want_flags)
+        assert batcher.queued_photons == 0 and batcher.take() == []
+
+
 def test_flags_of_requests_without_any_are_zero_even_after_a_buffer_held_others():
     """A reused buffer: a dialect-A event's flags are written as zeros, not left from the previous batch."""
     rng = np.random.default_rng(4)

@@ -56,6 +56,11 @@ class HostBuffer:
         self._alloc = alloc
         self.capacity = 0
         self.words = np.empty(0, np.float32)  # [(N_ROWS + 2) * capacity] float32 (flags and slots as bits)
+        # A one-slot batch's index arrays (_assemble_one), written in place: like the rows, they belong
+        # to the batch this buffer holds until its results are collected.
+        self.one_offsets = np.zeros(2, np.int64)  # [2] int64: 0, n
+        self.one_event_id = np.zeros(1, np.uint32)  # [1] uint32
+        self.one_first_index = np.zeros(1, np.uint32)  # [1] uint32
 
     def reserve(self, n: int, limit: int) -> None:
         if n <= self.capacity:
@@ -124,6 +129,8 @@ def assemble(slots: list[Slot], buf: HostBuffer, limit: int) -> Batch:
 
     Not one copy per slot and row: at 1000-photon events numpy's per-call overhead
     (~1 us) was most of the cost, twelve calls per event; now it is twelve per batch."""
+    if len(slots) == 1:
+        return _assemble_one(slots[0], buf, limit)
     counts = np.fromiter((s.count for s in slots), np.int64, len(slots))
     offsets = np.zeros(len(slots) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -158,3 +165,35 @@ def assemble(slots: list[Slot], buf: HostBuffer, limit: int) -> Batch:
         rows=rows_block,
     )
     return Batch(slots, photons, buf)
+
+
+def _assemble_one(s: Slot, buf: HostBuffer, limit: int) -> Batch:
+    """A batch of one slot, the usual batch below saturation: the same layout as :func:`assemble`'s, in
+    one concatenation into the buffer's flat words instead of ~30 numpy calls.
+
+    Why it matters: a lightly loaded server runs this once per event after sleeping in ``poll``, when
+    every numpy call is several times slower than back to back (caches cold); on an H100 host the
+    general path then took 113-145 us for one event (benchmarks/RESULTS.md, twenty-fifth session)."""
+    req, a, n = s.request, s.start, s.count
+    buf.reserve(n, limit)
+    rows = req.rows if n == req.n else [row[a : a + n] for row in req.rows]  # 11 rows (arrays or a [11, n] view)
+    f = _no_flags(n) if req.flags is None else req.flags[a : a + n]
+    words = buf.words[: (N_ROWS + 1) * n]  # rows of n photons, one after the other: the [N_ROWS + 1, n] block
+    np.concatenate([*rows, f.view(np.float32)], out=words)
+    rows_block = words.reshape(N_ROWS + 1, n)
+    table, flags = split_rows(rows_block)
+    slot = buf.slot(n)
+    slot.fill(0)
+    buf.one_offsets[1] = n
+    buf.one_event_id[0] = req.event_id
+    buf.one_first_index[0] = a
+    photons = PhotonBatch(
+        table=table,
+        flags=flags,
+        slot=slot,
+        offsets=buf.one_offsets,
+        event_id=buf.one_event_id,
+        first_index=buf.one_first_index,
+        rows=rows_block,
+    )
+    return Batch([s], photons, buf)
