@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from .server import DISPATCH_RULES, GPUS_SHARE, INTAKES, BatchServer, ServerConfig, default_log_config
+from .server import DISPATCH_RULES, ENGINE_DRIVERS, GPUS_SHARE, INTAKES, BatchServer, ServerConfig, default_log_config
 
 OUTPUT_IDLE_HELP = (
     "with --output-dir: close a run whose client has sent nothing for this long and has no event in flight, as "
@@ -43,6 +43,11 @@ HELP = {
     "a batch runs starts beside it on a free lane (when the queue is as large as the latest batch): 2 lanes cut "
     "the tail at light load (H100, ~260 events/s: p99 4.7-5.0 to 3.3-3.5 ms) and cost a saturated process 0-11 %% "
     "of its events/s, by host; 3 measured worse than 2 (benchmarks/RESULTS.md)",
+    "engine_driver": "what runs the engine's batches in one process: thread (an engine thread, which wakes the "
+    "socket loop with each batch's results) or loop (the socket loop itself, through the CUDA engine's "
+    "asynchronous calls: no hand-off between threads, and once a batch is nearly due the loop turns without "
+    "sleeping, spending a CPU core while the GPU finishes it; on an H100 host at ~250 events/s the clients' p50 "
+    "was 0.3 ms lower, benchmarks/RESULTS.md). --engine cuda, without --procs",
     "ping_reply": "reply to PING: PONG (ratpac-two, seed text) or ACK (ChAR0N client branch)",
     "reply_layout": "auto (13-frame request -> compact, 14-frame -> full), compact or full",
     "queue_policy": "queue policy for choosing the next events to batch",
@@ -114,6 +119,7 @@ CHOICES = {
     "accept": ("auto", "reuseport", "proxy"),
     "handoff": ("auto", "shm", "socket"),
     "intake": INTAKES,
+    "engine_driver": ENGINE_DRIVERS,
 }
 
 

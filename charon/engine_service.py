@@ -786,6 +786,10 @@ class ServiceLink:
         self._next_id = 0
         self._start_timeout = start_timeout
 
+    def due_ms(self) -> float | None:
+        """A result from the service wakes the socket loop (:attr:`wake_socket`)."""
+        return None
+
     def start(self, timeout: float | None = None):
         probe, why = None, "/dev/shm is not usable here"
         if self.handoff != "socket" and shm_available():

@@ -192,14 +192,22 @@ class EngineThread:
             notify.send(b"")
 
     def _run_bisect(self, slots, batch: Batch | None) -> list[SlotsResult]:
-        """Run a batch; on an engine error, split it in halves until the failing events are isolated."""
-        if batch is None:  # a half: rebuild from the requests (the failed call may have overwritten the buffer)
-            batch = assemble(slots, HostBuffer(), sum(s.count for s in slots))
-        try:
-            return [SlotsResult(slots, self.engine.propagate(batch.photons), None)]
-        except Exception as exc:
-            log.warning("engine error on %d event(s): %r", len(slots), exc)
-            if len(slots) == 1:
-                return [SlotsResult(slots, None, f"engine error: {exc!r}")]
-            h = len(slots) // 2
-            return self._run_bisect(slots[:h], None) + self._run_bisect(slots[h:], None)
+        return run_bisect(self.engine, slots, batch)
+
+    def due_ms(self) -> float | None:
+        """The socket loop need not look at the engine on its own: a result wakes it (:attr:`wake_socket`)."""
+        return None
+
+
+def run_bisect(engine, slots, batch: Batch | None) -> list[SlotsResult]:
+    """Run a batch; on an engine error, split it in halves until the failing events are isolated."""
+    if batch is None:  # a half: rebuild from the requests (the failed call may have overwritten the buffer)
+        batch = assemble(slots, HostBuffer(), sum(s.count for s in slots))
+    try:
+        return [SlotsResult(slots, engine.propagate(batch.photons), None)]
+    except Exception as exc:
+        log.warning("engine error on %d event(s): %r", len(slots), exc)
+        if len(slots) == 1:
+            return [SlotsResult(slots, None, f"engine error: {exc!r}")]
+        h = len(slots) // 2
+        return run_bisect(engine, slots[:h], None) + run_bisect(engine, slots[h:], None)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import zmq
 
 from . import protocol as P
+from .engine_loop import LoopEngine
 from .engine_thread import BatchResult, EngineThread
 from .engines import EngineConfig, create_engine
 from .geometry import Detector, resolve_detector
@@ -50,6 +51,10 @@ FLUSH_MS = 2000  # after a drain: how long the last replies may take to leave (a
 # itself (SO_REUSEPORT, reuseport.py) and the kernel spreads the client connections over all of them.
 GPUS_SHARE = ("router", "port")
 INTAKES = ("python", "compiled")  # how the client socket's requests are received and checked (intake.py)
+# What runs the engine's batches in one process: "thread", an engine thread that wakes the socket loop with
+# results (engine_thread.py), or "loop", the socket loop itself through the CUDA engine's asynchronous calls,
+# with no hand-off between threads (engine_loop.py).
+ENGINE_DRIVERS = ("thread", "loop")
 
 
 @dataclass
@@ -68,6 +73,7 @@ class ServerConfig:
     max_event_photons: int = 50_000_000
     max_steps: int = 100
     engine_lanes: int = 1
+    engine_driver: str = "thread"
     ping_reply: str = "PONG"
     reply_layout: str = "auto"
     queue_policy: str = "fcfs"
@@ -121,6 +127,15 @@ class ServerConfig:
             raise ValueError("--drain-seconds must be >= 0")
         if self.engine_lanes < 1:
             raise ValueError("--engine-lanes must be >= 1")
+        if self.engine_driver not in ENGINE_DRIVERS:
+            raise ValueError(f"--engine-driver must be one of {', '.join(ENGINE_DRIVERS)}")
+        if self.engine_driver == "loop":
+            if self.engine in ("cpu", "chroma"):
+                raise ValueError(f"--engine-driver loop needs the CUDA engine's asynchronous calls; --engine "
+                                 f"{self.engine} has none: use --engine cuda or --engine-driver thread")  # fmt: skip
+            if self.procs > 1:
+                raise ValueError("--engine-driver loop drives the engine of one process; the front ends of "
+                                 "--procs share one engine process: leave --procs out or use --engine-driver thread")
         if self.accept not in ("auto", "reuseport", "proxy"):
             raise ValueError("--accept must be auto, reuseport or proxy")
         if self.accept == "reuseport":
@@ -257,6 +272,7 @@ class BatchServer:
         self.metrics = Metrics(self.busy)
         self.batcher = Batcher(make_queue(config.queue_policy), config.max_batch_photons, config.max_batch_events)
         self._dispatch_idle = config.dispatch == "idle"
+        self._batches_moved = 0  # batches submitted plus results collected: whether a turn did any work
         # Queued or in-flight requests by (event_id, n), for resend de-duplication.
         self.by_key: dict[tuple, list[EventRequest]] = {}
         self.runs = RunBook(config.output_dir, config.output_basket_events, self._reply,
@@ -344,6 +360,8 @@ class BatchServer:
             from .engine_service import ServiceLink
 
             self.engine_thread = ServiceLink(self.ctx, self.config.engine_service, handoff=self.config.handoff)
+        elif self.config.engine_driver == "loop":
+            self.engine_thread = LoopEngine(self._engine_factory, self.busy)
         else:
             self.engine_thread = EngineThread(self.ctx, self._engine_factory, self.busy)
         engine = self.engine_thread.start()
@@ -416,8 +434,9 @@ class BatchServer:
         self.started.set()
         poller = self._poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        wake = self.engine_thread.wake_socket
-        poller.register(wake, zmq.POLLIN)
+        wake = self.engine_thread.wake_socket  # None: the loop drives the engine and looks at it every turn
+        if wake is not None:
+            poller.register(wake, zmq.POLLIN)
         runs_closed = self.runs.wake_fd if self.runs is not None else None  # a run's file closed off the loop
         if runs_closed is not None:
             poller.register(runs_closed, zmq.POLLIN)
@@ -426,16 +445,18 @@ class BatchServer:
             while not self._stop.is_set():
                 events = poll(poller, self._poll_timeout_ms())
                 t_busy = time.perf_counter()
-                self._turn(events)
-                self.metrics.host_seconds.inc(time.perf_counter() - t_busy)
+                if self._turn(events):  # a turn that only looked at the GPU is waiting, not host work
+                    self.metrics.host_seconds.inc(time.perf_counter() - t_busy)
             self._drain()
         finally:
             self._close()
 
-    def _turn(self, events: dict, read: bool = True, draining: bool = False):
-        """One turn of the loop: finished batches, closed run files, then (``read``) requests, then dispatch."""
+    def _turn(self, events: dict, read: bool = True, draining: bool = False) -> bool:
+        """One turn of the loop: finished batches, closed run files, then (``read``) requests, then dispatch.
+        False when it found nothing to do (no socket ready, no batch finished or dispatched)."""
         wake, runs_closed = self._wakes
-        if wake in events:
+        moved = self._batches_moved
+        if wake is None or wake in events:
             self.engine_thread.poll_results()
             self._collect_results()
         if runs_closed is not None:
@@ -457,6 +478,7 @@ class BatchServer:
         self._maybe_dispatch()
         if self.config.connect:
             self._worker_housekeeping(reconnect=not draining)
+        return bool(events) or self._batches_moved != moved
 
     def flush_ms(self) -> int:
         """How long the client socket may keep sending once closed: after a drain, its last replies are
@@ -518,8 +540,11 @@ class BatchServer:
     def _poll_timeout_ms(self) -> float:
         """Milliseconds until the next batch is due (0: now), or a cap when only a message can change that."""
         cap = 100.0 if not self.config.connect else max(1.0, self.config.heartbeat_interval * 500)
-        oldest = self.batcher.queue.oldest_arrival()
         et = self.engine_thread
+        due = et.due_ms()  # None unless the loop drives the engine: then it looks at the GPU by then
+        if due is not None:
+            cap = min(cap, due)
+        oldest = self.batcher.queue.oldest_arrival()
         beside = self._lane_free_for_queue()
         if oldest is None or (et.in_flight and not et.pipelined and not beside) or et.in_flight >= et.max_in_flight:
             return cap  # a result wakes the loop
@@ -673,6 +698,7 @@ class BatchServer:
             if oldest is not None:
                 self.metrics.dispatch_wait_seconds.observe(batch.dispatched - oldest)
             et.submit(batch)
+            self._batches_moved += 1
             self.metrics.queued_photons.set(self.batcher.queued_photons)
 
     def _lane_free_for_queue(self) -> bool:
@@ -692,6 +718,7 @@ class BatchServer:
         while et.results:
             res: BatchResult = et.results.popleft()
             et.in_flight -= 1
+            self._batches_moved += 1
             self.metrics.engine_roundtrip_seconds.observe(time.monotonic() - res.batch.dispatched)
             self._buffers.append(res.batch.buffer)
             self._demux(res)

@@ -580,9 +580,11 @@ def test_borrowed_hits_are_the_owned_hits_in_the_lanes_pinned_buffers(gpu_pair):
 
 
 @pytest.mark.slow
-def test_one_process_server_with_two_lanes_answers_each_event_as_alone(tiny_det, cuda_engine_tiny):
-    """charon-batch --engine cuda --engine-lanes 2 without --procs: the engine thread uses both lanes, and
-    each event's hits are those of the event propagated alone (simulator here, the GPU on the device)."""
+@pytest.mark.parametrize("driver", ["thread", "loop"])
+def test_one_process_server_with_two_lanes_answers_each_event_as_alone(tiny_det, cuda_engine_tiny, driver):
+    """charon-batch --engine cuda --engine-lanes 2 without --procs: the engine thread, or the socket loop
+    itself (--engine-driver loop), uses both lanes, and each event's hits are those of the event propagated
+    alone (simulator here, the GPU on the device)."""
     from charon.client import DealerClient
     from charon.engines.cuda import CUDAEngine, simulator
     from charon.server import ServerConfig, run_in_thread
@@ -594,8 +596,8 @@ def test_one_process_server_with_two_lanes_answers_each_event_as_alone(tiny_det,
         return eng
 
     srv, th = run_in_thread(ServerConfig(bind="tcp://127.0.0.1:0", engine="cuda", seed=5, engine_lanes=2,
-                                         max_batch_photons=4096, max_wait_ms=0.0), detector=tiny_det,
-                            engine_factory=factory)  # fmt: skip
+                                         max_batch_photons=4096, max_wait_ms=0.0, engine_driver=driver),
+                            detector=tiny_det, engine_factory=factory)  # fmt: skip
     d = None
     try:
         assert srv.address, "the server did not start"

@@ -48,7 +48,7 @@ def expected_hits(engine, event_id, table, flags=None):
 
 class Server:
     def __init__(self, det, engine_factory=None, **kw):
-        cfg = ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", seed=SEED, **kw)
+        cfg = ServerConfig(**{"bind": "tcp://127.0.0.1:0", "engine": "cpu", "seed": SEED, **kw})
         self.srv, self.thread = run_in_thread(cfg, detector=det, engine_factory=engine_factory)
         self.address = self.srv.address
         self.clients = []
@@ -508,6 +508,10 @@ def test_dispatch_idle_still_coalesces_while_the_engine_runs(det, reference_engi
         s.stop()
 
 
+# What runs a laned engine's batches (engine_thread.py, engine_loop.py): each lanes test runs with both.
+DRIVERS = ["thread", "loop"]
+
+
 def _laned_server(det, lanes=2, fail_at=None, **kw):
     holder = {}
 
@@ -515,6 +519,8 @@ def _laned_server(det, lanes=2, fail_at=None, **kw):
         holder["e"] = LanedEngine(CPUEngine(det, EngineConfig(seed=SEED)), lanes=lanes, fail_at=fail_at)
         return holder["e"]
 
+    if kw.get("engine_driver") == "loop":
+        kw["engine"] = "cuda"  # the stand-in plays the CUDA engine's asynchronous calls (a config with cpu is refused)
     s = Server(det, engine_factory=factory, max_batch_photons=100_000, **kw)
     return s, holder["e"]
 
@@ -526,10 +532,11 @@ def _wait_for(cond, what, timeout=10):
         time.sleep(0.005)
 
 
-def test_lanes_start_a_lone_event_beside_the_running_one(det, reference_engine):
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_lanes_start_a_lone_event_beside_the_running_one(det, reference_engine, driver):
     """--engine-lanes 2 in one process: an event that arrives while another's batch runs starts on the
     second lane at once (the GPU runs both), instead of waiting for the first to finish."""
-    s, eng = _laned_server(det, max_wait_ms=60.0)
+    s, eng = _laned_server(det, max_wait_ms=60.0, engine_driver=driver)
     try:
         assert s.srv.engine_thread.lanes == 2 and s.srv.engine_thread.max_in_flight == 3
         d = s.dealer()
@@ -560,10 +567,11 @@ def test_lanes_start_a_lone_event_beside_the_running_one(det, reference_engine):
         s.stop()
 
 
-def test_lanes_do_not_start_a_smaller_batch_beside_a_running_one(det):
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_lanes_do_not_start_a_smaller_batch_beside_a_running_one(det, driver):
     """Behind a running batch, a free lane takes the queue only once it is as large as the latest batch
     submitted (the shared engine's rule): under load, batches do not shrink to whatever just arrived."""
-    s, eng = _laned_server(det, max_wait_ms=0.0)
+    s, eng = _laned_server(det, max_wait_ms=0.0, engine_driver=driver)
     try:
         d = s.dealer()
         d.submit(0, ev(100, 0))
@@ -620,9 +628,35 @@ def test_lanes_look_at_a_long_batch_less_often_as_it_runs(det):
         s.stop()
 
 
+def test_loop_driver_spins_while_a_batch_runs_but_counts_no_host_time_for_it(det, reference_engine):
+    """--engine-driver loop: while a batch runs the loop turns without sleeping (it checks the GPU, ~1000s
+    of times here), and those turns are waiting, not host work: charon_host_seconds grows by what the event
+    itself cost, not by the half second the batch was held."""
+    s, eng = _laned_server(det, max_wait_ms=0.0, engine_driver="loop")
+    try:
+        d = s.dealer()
+        table = ev(100, 0)
+        d.submit(0, table)
+        _wait_for(lambda: len(eng.launched) == 1, "first launch")
+        host0, checks0 = s.metric("charon_host_seconds_total"), eng.ready_calls
+        time.sleep(0.5)
+        held_host, checks = s.metric("charon_host_seconds_total") - host0, eng.ready_calls - checks0
+        eng.gates[0].set()
+        r = d.recv(10_000)
+        assert r.kind == P.SIM_COMPLETE
+        np.testing.assert_array_equal(r.hits["time"], expected_hits(reference_engine, 0, table).table[7])
+        assert checks > 100, checks  # it looked at the GPU all along (the thread driver: ~150 in 0.5 s at most)
+        assert held_host < 0.05, held_host
+    finally:
+        for g in eng.gates:
+            g.set()
+        s.stop()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("fail_at", ["launch", "finish"])
-def test_lanes_engine_error_fails_only_the_guilty_event(det, reference_engine, fail_at):
-    s, eng = _laned_server(det, fail_at=fail_at, max_wait_ms=100.0, dispatch="wait")
+def test_lanes_engine_error_fails_only_the_guilty_event(det, reference_engine, fail_at, driver):
+    s, eng = _laned_server(det, fail_at=fail_at, max_wait_ms=100.0, dispatch="wait", engine_driver=driver)
     try:
         d = s.dealer()
         tables = {i: ev(200, i) for i in range(6)}
@@ -647,6 +681,13 @@ def test_lanes_engine_error_fails_only_the_guilty_event(det, reference_engine, f
         s.stop()
 
 
+def _engine_state(**kw):
+    """What _poll_timeout_ms reads of an engine thread, with no result due at a given time (due_ms None)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(due_ms=lambda: None, **kw)
+
+
 def test_poll_timeout_until_the_next_batch_is_due(det, monkeypatch):
     """Milliseconds until the oldest event's wait is over (fractions kept: charon.sockets.poll waits them)."""
     from types import SimpleNamespace
@@ -656,7 +697,7 @@ def test_poll_timeout_until_the_next_batch_is_due(det, monkeypatch):
 
     srv = BatchServer(ServerConfig(bind="tcp://127.0.0.1:0", engine="cpu", max_wait_ms=1.0, dispatch="wait"),
                       detector=det)  # fmt: skip
-    srv.engine_thread = SimpleNamespace(in_flight=0, pipelined=False, max_in_flight=2, lanes=1, last_submitted=0)
+    srv.engine_thread = _engine_state(in_flight=0, pipelined=False, max_in_flight=2, lanes=1, last_submitted=0)
     monkeypatch.setattr(server_mod.time, "monotonic", lambda: 100.0)
     monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: 100.0 - 0.0007)
     assert srv._poll_timeout_ms() == pytest.approx(0.3)
@@ -668,19 +709,28 @@ def test_poll_timeout_until_the_next_batch_is_due(det, monkeypatch):
     monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: 100.0 - 0.0007)
     assert srv._poll_timeout_ms() == 0.0
     for pipelined in (False, True):
-        srv.engine_thread = SimpleNamespace(in_flight=1, pipelined=pipelined, max_in_flight=8, lanes=1,
+        srv.engine_thread = _engine_state(in_flight=1, pipelined=pipelined, max_in_flight=8, lanes=1,
                                             last_submitted=0)  # fmt: skip
         assert srv._poll_timeout_ms() == (pytest.approx(0.3) if pipelined else 100.0)
     # --engine-lanes 2 in one process: a free lane beside the running batch takes the queue at once when
     # it holds as many photons as the batch submitted last, else the queue waits for a result.
     monkeypatch.setattr(srv.batcher, "queued_photons", 500)
     for last, want in ((500, 0.0), (501, 100.0)):
-        srv.engine_thread = SimpleNamespace(in_flight=1, pipelined=False, max_in_flight=3, lanes=2, last_submitted=last)
+        srv.engine_thread = _engine_state(in_flight=1, pipelined=False, max_in_flight=3, lanes=2, last_submitted=last)
         assert srv._poll_timeout_ms() == want
-    srv.engine_thread = SimpleNamespace(in_flight=2, pipelined=False, max_in_flight=3, lanes=2, last_submitted=1)
+    srv.engine_thread = _engine_state(in_flight=2, pipelined=False, max_in_flight=3, lanes=2, last_submitted=1)
     assert srv._poll_timeout_ms() == 100.0  # both lanes busy
     monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: None)
     assert srv._poll_timeout_ms() == 100.0  # nothing queued: only a message or a result can wake it
+    # --engine-driver loop: nothing wakes the loop when a batch is done, so it sleeps no longer than the
+    # engine says (engine_loop.py), whatever else it waits for.
+    srv.engine_thread = SimpleNamespace(due_ms=lambda: 0.4, in_flight=2, pipelined=False, max_in_flight=3, lanes=2,
+                                        last_submitted=1)  # fmt: skip
+    assert srv._poll_timeout_ms() == pytest.approx(0.4)
+    monkeypatch.setattr(srv.batcher.queue, "oldest_arrival", lambda: 100.0 - 0.0007)
+    srv._dispatch_idle = False
+    srv.engine_thread.in_flight = 1
+    assert srv._poll_timeout_ms() == pytest.approx(0.3)  # the queue's wait ends first
 
 
 def test_metrics_endpoint_serves_prometheus_text(det):
