@@ -3,7 +3,8 @@
 Data flows one way:
 
     ROUTER socket -> decode (protocol) -> queue (scheduler.queue) -> batch (scheduler.batcher)
-    -> engine thread (engine_thread) -> hits + per-event offsets -> demux (per request) -> encode -> socket
+    -> engine thread (engine_thread; or the loop itself, engine_loop) -> hits + per-event offsets
+    -> demux (per request) -> encode -> socket
 
 The loop owns the sockets and every scheduler structure; the engine thread
 only sees finished batches. A request identical to one still queued or in
