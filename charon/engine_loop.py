@@ -20,14 +20,11 @@ to the events that cause it), same metrics as the engine thread.
 from __future__ import annotations
 
 import collections
-import logging
 import time
 
-from .engine_thread import BatchResult, SlotsResult, run_bisect
+from .engine_thread import BatchResult, finish, host_buffer, launch
 from .metrics import BusyClock
 from .scheduler.batcher import Batch, HostBuffer
-
-log = logging.getLogger("charon.engine")
 
 
 class LoopEngine:
@@ -74,8 +71,7 @@ class LoopEngine:
         return engine
 
     def host_buffer(self) -> HostBuffer:
-        alloc = getattr(self.engine, "host_alloc", None)
-        return HostBuffer(alloc) if alloc else HostBuffer()
+        return host_buffer(self.engine)
 
     def submit(self, batch: Batch) -> None:
         self.in_flight += 1
@@ -89,12 +85,7 @@ class LoopEngine:
         if not self._running:
             self.busy.start()
         t0 = time.perf_counter()
-        try:
-            handle = self.engine.launch(batch.photons)
-        except Exception as exc:  # finished through the bisecting path, which reports per event
-            log.warning("engine launch failed on %d event(s): %r", len(batch.slots), exc)
-            handle = None
-        self._running.append((batch, handle, t0))
+        self._running.append((batch, launch(self.engine, batch), t0))
 
     def due_ms(self) -> float | None:
         """Milliseconds until the loop should look at the oldest running batch (0: at every turn), None when
@@ -115,14 +106,7 @@ class LoopEngine:
             self._finish(batch, handle, t0)
 
     def _finish(self, batch: Batch, handle, t0: float) -> None:
-        parts = None
-        if handle is not None:
-            try:
-                parts = [SlotsResult(batch.slots, self.engine.finish(handle), None)]
-            except Exception as exc:
-                log.warning("engine error on %d event(s): %r", len(batch.slots), exc)
-        if parts is None:
-            parts = run_bisect(self.engine, batch.slots, None)
+        parts = finish(self.engine, batch, handle)
         dt = time.perf_counter() - t0
         times = self.engine.last_times.snapshot()
         if handle is not None and times.total > 0:

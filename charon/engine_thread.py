@@ -104,8 +104,7 @@ class EngineThread:
         self.wake_socket.close(0)
 
     def host_buffer(self) -> HostBuffer:
-        alloc = getattr(self.engine, "host_alloc", None)
-        return HostBuffer(alloc) if alloc else HostBuffer()
+        return host_buffer(self.engine)
 
     # ------------------------------------------------------------- thread
     def _run(self):
@@ -166,26 +165,14 @@ class EngineThread:
                 if not running:
                     self.busy.start()
                 t0 = time.perf_counter()
-                try:
-                    handle = self.engine.launch(batch.photons)
-                except Exception as exc:  # run it through the bisecting path, which reports per event
-                    log.warning("engine launch failed on %d event(s): %r", len(batch.slots), exc)
-                    handle = None
-                running.append((batch, handle, t0))
+                running.append((batch, launch(self.engine, batch), t0))
             if not running:
                 continue
             batch, handle, t0 = running[0]
             if handle is not None and len(running) < self.lanes and not stopping and not self.engine.ready(handle):
                 continue  # a lane is free: keep listening for a batch while this one runs
             running.popleft()
-            parts = None
-            if handle is not None:
-                try:
-                    parts = [SlotsResult(batch.slots, self.engine.finish(handle), None)]
-                except Exception as exc:
-                    log.warning("engine error on %d event(s): %r", len(batch.slots), exc)
-            if parts is None:
-                parts = self._run_bisect(batch.slots, None)
+            parts = finish(self.engine, batch, handle)
             if not running:
                 self.busy.stop()
             self.results.append(BatchResult(batch, parts, time.perf_counter() - t0, self.engine.last_times.snapshot()))
@@ -197,6 +184,33 @@ class EngineThread:
     def due_ms(self) -> float | None:
         """The socket loop need not look at the engine on its own: a result wakes it (:attr:`wake_socket`)."""
         return None
+
+
+def host_buffer(engine) -> HostBuffer:
+    """A batch buffer in the engine's host memory (pinned, for the CUDA engine) where it offers some."""
+    alloc = getattr(engine, "host_alloc", None)
+    return HostBuffer(alloc) if alloc else HostBuffer()
+
+
+def launch(engine, batch: Batch):
+    """Launch a batch on a free lane of an asynchronous engine; None when the launch failed (:func:`finish`
+    then runs it through the bisecting path, which reports per event)."""
+    try:
+        return engine.launch(batch.photons)
+    except Exception as exc:
+        log.warning("engine launch failed on %d event(s): %r", len(batch.slots), exc)
+        return None
+
+
+def finish(engine, batch: Batch, handle) -> list[SlotsResult]:
+    """A launched batch's results (waits for the GPU); where its launch (``handle`` None) or finish failed,
+    the batch's events run again, bisected until the failing ones are isolated."""
+    if handle is not None:
+        try:
+            return [SlotsResult(batch.slots, engine.finish(handle), None)]
+        except Exception as exc:
+            log.warning("engine error on %d event(s): %r", len(batch.slots), exc)
+    return run_bisect(engine, batch.slots, None)
 
 
 def run_bisect(engine, slots, batch: Batch | None) -> list[SlotsResult]:

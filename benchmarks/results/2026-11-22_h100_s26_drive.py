@@ -1,6 +1,10 @@
 """Light-load A/B in-process: the engine driven by its thread (charon today) or by the socket loop itself
 (launch in the loop, poll(0) + ready() once the batch is due: no thread hand-off), and the batcher's
-one-slot path or the general one (e1ed73c). Per-event traces as in the twenty-fifth session's turns.py."""
+one-slot path or the general one (e1ed73c). Per-event traces as in the twenty-fifth session's turns.py.
+
+--asm old imports .s26/old_batcher.py, made from the general batcher as it was (not kept here, it is in git):
+    git show e1ed73c:charon/scheduler/batcher.py | sed 's/from \.\.photons/from charon.photons/;
+        s/from \.queue/from charon.scheduler.queue/; s/from \.request/from charon.scheduler.request/' > .s26/old_batcher.py"""
 import socket, subprocess, sys, threading, time, collections, argparse, json, os
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".s26")
 from profile_server import NullEngine
