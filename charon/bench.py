@@ -22,6 +22,7 @@ import os
 import selectors
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -53,6 +54,7 @@ class BenchConfig:
     sweep_batch: str | None = None
     json: str | None = None
     plot: str | None = None
+    trace: str | None = None  # .npz of every run's answered events (send time, round trip, load process)
     seed: int = 1
     timeout_s: float = 600.0
     progress: bool = True
@@ -240,22 +242,41 @@ def _gc_paused():
         gc.unfreeze()
 
 
-def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clients: int, seed: int, progress=None):
-    """One load process: ``n_clients`` sockets on one poller. Returns raw figures for merging."""
-    rng = np.random.default_rng(seed)
-    sizes = parse_sizes(cfg.event_size)(rng, n_events)
-    think = parse_think(cfg.think_ms)(rng, n_events)  # [n_events] s, a client's pause after the k-th reply
-    pool = random_event(int(sizes.max()), rng)  # [11, max] float32; events are zero-copy prefixes of its rows
-    ctx = zmq.Context()
-    kind = zmq.REQ if cfg.client_mode == "req" else zmq.DEALER
-    depth = 1 if cfg.client_mode == "req" else cfg.in_flight
-    socks = []
-    for _ in range(n_clients):
-        s = ctx.socket(kind)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(address)
-        socks.append(s)
+START_TIMEOUT_S = 600.0  # how long a load process waits for the others to be ready (imports, compiling)
+
+
+def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clients: int, seed: int, progress=None,
+           start=None):
+    """One load process: ``n_clients`` sockets on one poller. Returns raw figures for merging.
+
+    ``start``: a barrier every load process waits at once its sockets are connected, so that they all begin
+    together. Each process compiles the compiled driver for seconds; without it the first ones would be
+    measured while the others still compile beside the server, and then send their clients' first requests
+    all at once inside the measured window."""
+    socks, ctx = [], zmq.Context()
     try:
+        try:
+            rng = np.random.default_rng(seed)
+            sizes = parse_sizes(cfg.event_size)(rng, n_events)
+            think = parse_think(cfg.think_ms)(rng, n_events)  # [n_events] s, a client's pause after the k-th reply
+            pool = random_event(int(sizes.max()), rng)  # [11, max] float32; events are zero-copy prefixes of its rows
+            kind = zmq.REQ if cfg.client_mode == "req" else zmq.DEALER
+            depth = 1 if cfg.client_mode == "req" else cfg.in_flight
+            for _ in range(n_clients):
+                s = ctx.socket(kind)
+                s.setsockopt(zmq.LINGER, 0)
+                socks.append(s)
+                s.connect(address)
+        except BaseException:
+            if start is not None:
+                start.abort()  # the others stop waiting for this one
+            raise
+        if start is not None:
+            try:
+                start.wait(START_TIMEOUT_S)
+            except threading.BrokenBarrierError:
+                raise RuntimeError(f"load process of events {first_id}..{first_id + n_events - 1}: another load "
+                                   f"process failed, or was not ready within {START_TIMEOUT_S:g} s") from None
         if cfg.load_driver == "compiled":
             return _drive_compiled(cfg, socks, depth, first_id, sizes, think, pool, progress)
         return _drive_python(cfg, socks, depth, first_id, sizes, think, pool, progress)
@@ -398,15 +419,15 @@ def _drive_compiled(cfg: BenchConfig, socks: list, depth: int, first_id: int, si
 
 
 def _drive_star(args):
-    return _drive(*args, progress=_PROGRESS)
+    return _drive(*args, progress=_PROGRESS, start=_START)
 
 
-_PROGRESS = None
+_PROGRESS = _START = None
 
 
-def _init_worker(counter, cpus=None, nice=0, driver="python"):
-    global _PROGRESS
-    _PROGRESS = counter
+def _init_worker(counter, cpus=None, nice=0, driver="python", start=None):
+    global _PROGRESS, _START
+    _PROGRESS, _START = counter, start
     pin(cpus)
     if nice:
         os.nice(nice)
@@ -430,7 +451,8 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
     jobs = [(cfg, address, k * cfg.events, per_events[k], per_clients[k], cfg.seed + k) for k in range(procs)]
-    init = (counter, parse_cpus(cfg.load_cpus), cfg.load_nice, cfg.load_driver)
+    # Every process takes one job (the pool has as many, and each holds its process at the barrier).
+    init = (counter, parse_cpus(cfg.load_cpus), cfg.load_nice, cfg.load_driver, ctx.Barrier(procs))
     with ctx.Pool(procs, initializer=_init_worker, initargs=init) as pool:
         res = pool.map_async(_drive_star, jobs)
         bar = None
@@ -467,6 +489,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         return np.concatenate([np.asarray(p[key], dtype=np.float64) for p in parts])
 
     sent, rtt, ph = cat("sent"), cat("latencies"), cat("photons")  # [answered] s, s, photons
+    proc = np.concatenate([np.full(len(p["sent"]), k, np.int16) for k, p in enumerate(parts)])  # [answered]
     t_start, t_end = min(p["t0"] for p in parts), max(p["t1"] for p in parts)
     whole = _window_figures(sent, rtt, ph, t_start, t_end)
     # A run that ended within its warm-up is measured whole (t_window stayed None).
@@ -479,6 +502,8 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         unanswered=sum(p["unanswered"] for p in parts),
         wall_s=fig["wall_s"],
         warmup_s=t_open - t_start,  # left out before the window; 0 when the run was measured whole
+        # When each load process began sending, s after the first did: a spread start is a transient.
+        load_starts_s=sorted(p["t0"] - t_start for p in parts),
         load_processes=procs,
         load_cpus=sorted(set().union(*(p["cpus"] for p in parts))),  # where the load ran
         load_nice=max(p["nice"] for p in parts),  # the load processes' niceness (--load-nice added to the bench's)
@@ -496,6 +521,8 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         load_cpu_us_per_event=1e6 * load_cpu / answered,
         load_main_thread_us_per_event=1e6 * sum(p["main_cpu_s"] for p in parts) / answered,
     )
+    # Per-event records for --trace; main() takes them out before the figures are written as JSON.
+    res["_trace"] = dict(sent=sent - t_start, rtt=rtt, photons=ph, proc=proc, window=np.float64(t_open - t_start))
     if metrics_url:
         nb = d("charon_batch_photons_count")
         res.update(
@@ -744,6 +771,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep-batch", help="comma-separated --max-batch-photons values to sweep (needs --spawn-server)")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--plot", help="write a PNG of throughput, occupancy and latency against batch size")
+    ap.add_argument("--trace", metavar="PATH.npz",
+                    help="write every run's answered events here, to find where and in which load process the "
+                         "slow ones were: arrays MODE_ROUND_sent (s after the load started), _rtt (s), "
+                         "_photons, _proc (load process), _window (s the measured window opened)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--load-procs", type=int, default=max(1, (os.cpu_count() or 2) // 4),
                     help="processes generating the load, so that the generator is not the bottleneck "
@@ -806,10 +837,13 @@ def main(argv=None) -> int:
             print(f"charon-bench: no answer to PING from {cfg.address} within 5 s", file=sys.stderr)
             return 2
     results, sweep, rounds = {}, [], {}
+    traces: dict[str, np.ndarray] = {}  # --trace: "MODE_ROUND_FIELD" -> array
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), host=os.uname().nodename, config=asdict(cfg),
                 server_args=server_args)  # fmt: skip
 
     def save():  # after every run, so that a later failure keeps what was measured
+        if cfg.trace:
+            np.savez_compressed(cfg.trace, **traces)
         if cfg.json:
             extra = dict(rounds=rounds, speedup=speedup(rounds)) if cfg.rounds > 1 else {}
             with open(cfg.json, "w") as fh:
@@ -855,6 +889,8 @@ def main(argv=None) -> int:
                 if cfg.rounds > 1:
                     print(f"charon-bench: round {k + 1} of {cfg.rounds}: {mode}", file=sys.stderr)
                 r = measure(mode, extra, servers)
+                for field, v in r.pop("_trace").items():
+                    traces[f"{mode}_{k + 1}_{field}"] = v
                 if mode.startswith("batched@"):
                     r["max_batch_photons"] = count(mode.split("@", 1)[1])
                 rounds.setdefault(mode, []).append(r)

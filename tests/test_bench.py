@@ -106,8 +106,71 @@ def test_bench_leaves_the_warm_up_out_of_the_measured_window(tmp_path):
         th.join(10)
 
 
+def _start_gated_drive(address, start, cfg=None):
+    """``_drive`` of a 2-client load process in a thread, behind the ``start`` barrier: (thread, outcome)."""
+    import threading
+
+    from charon.bench import BenchConfig, _drive
+
+    cfg = cfg or BenchConfig(clients=2, events=2, event_size="10", duration=0.3, progress=False)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["figures"] = _drive(cfg, address, 0, 2, 2, 1, start=start)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th, outcome
+
+
+def test_load_processes_send_nothing_until_every_one_is_ready():
+    """The load processes start together: one connected early sends nothing while another is still getting
+    ready (compiling, in a real run), and starts once the last one reaches the barrier."""
+    import threading
+    import time
+
+    import zmq
+
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    start = threading.Barrier(2)
+    th, outcome = _start_gated_drive(f"tcp://127.0.0.1:{port}", start)
+    try:
+        assert router.poll(400) == 0  # connected, and waiting for the other process
+        assert th.is_alive() and start.n_waiting == 1
+        t_release = time.monotonic()
+        start.wait(5)  # the last process is ready
+        assert router.poll(5000) == zmq.POLLIN  # now the clients send
+        th.join(10)
+        fig = outcome["figures"]
+        assert fig["t0"] >= t_release and fig["unanswered"] == 2  # unanswered: the router never replies
+    finally:
+        router.close(0)
+
+
+def test_a_load_process_that_fails_before_the_start_releases_the_others():
+    import threading
+
+    start = threading.Barrier(3)
+    waiting, w_out = _start_gated_drive("tcp://127.0.0.1:1", start)  # connects (nothing listens), then waits
+    failing, f_out = _start_gated_drive("tcp://no-port-given", start)  # its connect fails
+    failing.join(10)
+    waiting.join(10)
+    assert not waiting.is_alive() and not failing.is_alive()
+    assert "no-port-given" in str(f_out["error"])  # its own error, as it was
+    assert isinstance(w_out["error"], RuntimeError) and "another load process failed" in str(w_out["error"])
+    assert start.broken
+
+
 def test_bench_against_running_server_reports_every_figure(tmp_path):
     import socket
+
+    import numpy as np
 
     with socket.socket() as p:
         p.bind(("127.0.0.1", 0))
@@ -118,12 +181,20 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         out = tmp_path / "r.json"
         rc = main(["--address", srv.address, "--metrics-url", f"http://127.0.0.1:{mport}/metrics", "--clients", "6",
                    "--client-mode", "dealer", "--in-flight", "3", "--events", "60", "--event-size", "200",
-                   "--load-procs", "2",
+                   "--load-procs", "2", "--trace", str(tmp_path / "t.npz"),
                    "--warmup", "0", "--json", str(out), "--no-progress"])  # fmt: skip
         assert rc == 0
         r = json.loads(out.read_text())["batched"]
+        assert "_trace" not in r
+        with np.load(tmp_path / "t.npz") as t:  # the same events as the figures, each with its load process
+            assert sorted(t.files) == [f"batched_1_{f}" for f in ("photons", "proc", "rtt", "sent", "window")]
+            assert np.bincount(t["batched_1_proc"]).tolist() == [30, 30] and (t["batched_1_photons"] == 200).all()
+            assert float(t["batched_1_window"]) == 0 and t["batched_1_sent"].min() >= 0
+            assert np.percentile(t["batched_1_rtt"], 99) * 1e3 == pytest.approx(r["latency_ms"]["p99"])
         assert KEYS <= set(r)
         assert r["events"] == 60 and r["failed"] == 0 and r["load_processes"] == 2
+        starts = r["load_starts_s"]  # s after the first process began sending, one per process
+        assert len(starts) == 2 and starts[0] == 0 and 0 <= starts[1] < r["whole_run"]["wall_s"]
         assert r["warmup_s"] == 0 and r["whole_run"]["events"] == 60  # --warmup 0: the window is the whole run
         assert r["whole_run"]["latency_ms"] == r["latency_ms"]
         by_second = r["latency_p99_ms_by_second"]
