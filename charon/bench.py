@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from . import protocol as P
 from .cli import batch_parser, count
 from .cpus import parse_cpus, pin
+from .metrics import read_thread_times
 from .ports import free_port, free_port_range
 from .sockets import recv_message, send_message
 from .sources import random_event
@@ -123,6 +124,9 @@ def scrape_each(url) -> list[dict]:
                     one[key] = one.get(key, 0.0) + s.value
                 elif s.name == "charon_event_seconds_bucket":  # kept per bound: the server's own latency tail
                     key = f"{s.name}:{s.labels.get('le', '')}"
+                    one[key] = one.get(key, 0.0) + s.value
+                elif s.name.startswith("process_thread_"):  # kept per thread: its CPU time and wait for a CPU
+                    key = f"{s.name}:{s.labels.get('thread', '')}"
                     one[key] = one.get(key, 0.0) + s.value
                 elif not s.labels or s.name.startswith("charon_failed"):
                     one[s.name] = one.get(s.name, 0.0) + s.value
@@ -277,13 +281,44 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
             except threading.BrokenBarrierError:
                 raise RuntimeError(f"load process of events {first_id}..{first_id + n_events - 1}: another load "
                                    f"process failed, or was not ready within {START_TIMEOUT_S:g} s") from None
-        if cfg.load_driver == "compiled":
-            return _drive_compiled(cfg, socks, depth, first_id, sizes, think, pool, progress)
-        return _drive_python(cfg, socks, depth, first_id, sizes, think, pool, progress)
+        wait0 = _own_wait_s()
+        drive = _drive_compiled if cfg.load_driver == "compiled" else _drive_python
+        fig = drive(cfg, socks, depth, first_id, sizes, think, pool, progress)
+        fig["wait_s"] = _own_wait_s() - wait0  # the process's threads' wait for a CPU while it drove the load
+        return fig
     finally:
         for s in socks:
             s.close(0)
         ctx.term()
+
+
+def _own_wait_s() -> float:
+    """Seconds this process's threads have waited for a CPU (Linux schedstat; 0 where unreadable)."""
+    return sum(w for _, w in read_thread_times().values())
+
+
+def host_steal_s() -> float | None:
+    """CPU time the hypervisor took from this host's CPUs so far (``steal`` of /proc/stat), s; None elsewhere."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK") if fields[0] == "cpu" and len(fields) > 8 else None
+    except (OSError, ValueError):
+        return None
+
+
+def thread_times(before: dict, after: dict) -> dict:
+    """{thread: {cpu_ms, wait_ms}} over a window, from two scrapes of one endpoint (threads of one name summed;
+    a thread that ended in between is left out rather than counted negative)."""
+    out = {}
+    for key, v in after.items():
+        if key.startswith("process_thread_cpu_seconds_total:"):
+            name = key.split(":", 1)[1]
+            wkey = f"process_thread_wait_seconds_total:{name}"
+            cpu, wait = v - before.get(key, 0.0), after.get(wkey, 0.0) - before.get(wkey, 0.0)
+            if cpu >= 0 and wait >= 0:
+                out[name] = dict(cpu_ms=1e3 * cpu, wait_ms=1e3 * wait)
+    return out
 
 
 def _load_figures(sent, latencies, photons, failed: int, unanswered: int, t0, t1, cpu_s, main_cpu_s) -> dict:
@@ -446,6 +481,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
     per_events = [cfg.events // procs + (k < cfg.events % procs) for k in range(procs)]
     each_before = scrape_each(metrics_url)
     before = merged(each_before)
+    steal0 = host_steal_s()
     # Load processes are spawned even when there is one, so that the progress bar, the
     # measurement and the code path are the same whatever --load-procs is.
     ctx = mp.get_context("spawn")
@@ -473,6 +509,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
                 t_window = time.monotonic()
                 each_before = scrape_each(metrics_url)
                 before = merged(each_before)
+                steal0 = host_steal_s()
             if bar is not None:
                 bar.n = min(counter.value, cfg.events)
                 bar.refresh()
@@ -481,6 +518,7 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         parts = res.get()
     each_after = scrape_each(metrics_url)
     after = merged(each_after)
+    steal1 = host_steal_s()
 
     def d(name):
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -520,9 +558,15 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         load_cpu_cores=load_cpu / whole["wall_s"],
         load_cpu_us_per_event=1e6 * load_cpu / answered,
         load_main_thread_us_per_event=1e6 * sum(p["main_cpu_s"] for p in parts) / answered,
+        # Where a tail can come from other than charon's code: the time the load processes' threads were ready
+        # and waited for a CPU (whole run), and the CPU time the hypervisor took from this host in the window
+        # (summed over its CPUs; None off Linux). The servers' own threads' waits are server_threads.
+        load_wait_ms=1e3 * sum(p["wait_s"] for p in parts),
+        host_steal_ms=None if steal0 is None or steal1 is None else 1e3 * (steal1 - steal0),
     )
     # Per-event records for --trace; main() takes them out before the figures are written as JSON.
-    res["_trace"] = dict(sent=sent - t_start, rtt=rtt, photons=ph, proc=proc, window=np.float64(t_open - t_start))
+    res["_trace"] = dict(sent=sent - t_start, rtt=rtt, photons=ph, proc=proc, window=np.float64(t_open - t_start),
+                         start_unix=np.float64(t_start + time.time() - time.monotonic()))  # to line up with vmstat -t
     if metrics_url:
         nb = d("charon_batch_photons_count")
         res.update(
@@ -539,6 +583,9 @@ def run_load(cfg: BenchConfig, address: str, metrics_url) -> dict:
         # how evenly the clients' connections were spread.
         res["events_by_endpoint"] = [a.get("charon_events_total", 0.0) - b.get("charon_events_total", 0.0)
                                      for a, b in zip(each_after, each_before)]  # fmt: skip
+        # Each endpoint's threads: CPU time, and time ready to run but waiting for a CPU (a host's stall).
+        res["server_threads"] = [thread_times(b, a) for a, b in zip(each_after, each_before)]
+        res["server_wait_ms"] = sum(t["wait_ms"] for one in res["server_threads"] for t in one.values())
         res["front_end_busy_fraction"] = front_end_busy(each_before, each_after, res["events_by_endpoint"],
                                                         fig["wall_s"])  # fmt: skip
         ne, nr = d("charon_event_seconds_count"), d("charon_engine_residence_seconds_count")

@@ -8,7 +8,7 @@ import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _PHOTON_BUCKETS = (1e2, 1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 5e6, 1e7)
 _SECOND_BUCKETS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -108,6 +108,68 @@ class MallocCollector:
             yield GaugeMetricFamily(f"process_malloc_{name}_bytes", doc, value=float(value))
 
 
+def _thread_names() -> dict[int, str]:
+    """Python's threads by native id: their names ("MainThread", the engine thread's, ...)."""
+    return {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+
+
+def read_thread_times(task_dir: str = "/proc/self/task", names: dict[int, str] | None = None) -> dict:
+    """{thread: (cpu s, wait s)} of this process's threads from Linux's schedstat, summed by name; {} where
+    unreadable. A thread's name is Python's for Python threads (``MainThread``, ...), else its ``comm``
+    (``ZMQbg/IO/0``: libzmq's I/O threads). Wait is the kernel's ``run_delay``: time the thread was runnable
+    and no CPU ran it. Threads that ended are not counted, so a sum can fall; read them as rates."""
+    import os
+
+    names = _thread_names() if names is None else names
+    out: dict[str, tuple[float, float]] = {}
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"{task_dir}/{tid}/schedstat") as fh:
+                cpu_ns, wait_ns = (int(x) for x in fh.read().split()[:2])
+            name = names.get(int(tid))
+            if name is None:
+                with open(f"{task_dir}/{tid}/comm") as fh:
+                    name = fh.read().strip()
+        except (OSError, ValueError):  # the thread ended meanwhile, or no schedstat in this kernel
+            continue
+        c, w = out.get(name, (0.0, 0.0))
+        out[name] = (c + cpu_ns * 1e-9, w + wait_ns * 1e-9)
+    return out
+
+
+class ThreadTimesCollector:
+    """Each thread's CPU time and its wait for a CPU (Linux schedstat, read when scraped):
+    ``process_thread_cpu_seconds_total`` and ``process_thread_wait_seconds_total``, labelled by thread.
+
+    A latency tail can arise in the server's code or because a thread ready to run was not given a CPU: other
+    processes on the host took the cores, or the thread was on a CPU being moved. The wait separates the two
+    (benchmarks/RESULTS.md, twenty-seventh session). A CPU taken by the hypervisor (steal) is not counted in
+    it. Costs two small file reads per thread per scrape, nothing per event."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, read=read_thread_times):
+        self._read = read
+        if registry is not None:
+            registry.register(self)
+
+    def collect(self):
+        times = self._read()
+        if not times:
+            return
+        cpu = CounterMetricFamily("process_thread_cpu_seconds", "CPU time of each of the process's threads "
+                                  "(Linux schedstat; threads of one name summed)", labels=["thread"])  # fmt: skip
+        wait = CounterMetricFamily("process_thread_wait_seconds", "Time each thread was ready to run and waited "
+                                   "for a CPU (Linux schedstat run_delay)", labels=["thread"])  # fmt: skip
+        for name, (c, w) in sorted(times.items()):
+            cpu.add_metric([name], c)
+            wait.add_metric([name], w)
+        yield cpu
+        yield wait
+
+
 class Metrics:
     def __init__(self, busy: BusyClock):
         r = self.registry = CollectorRegistry()
@@ -116,6 +178,7 @@ class Metrics:
         # endpoint, so an operator sees which process grows (benchmarks/RESULTS.md: memory over millions of events).
         ProcessCollector(registry=r)
         MallocCollector(registry=r)  # whether a growing RSS is memory in use or the allocator's free memory
+        ThreadTimesCollector(registry=r)  # whether a thread waited for a CPU (a host's stalls) or worked
         self.events = Counter("charon_events", "Events answered with SIM_COMPLETE", registry=r)
         self.accepted = Counter("charon_accepted_events", "Events taken for simulation (queued); minus those "
                                 "answered or failed: what a stop would drain", registry=r)  # fmt: skip
@@ -198,6 +261,7 @@ class RouterMetrics:
     def __init__(self, inflight, waiting, workers):
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)  # the router process's memory, descriptors and CPU, as a server's (Metrics)
+        ThreadTimesCollector(registry=r)
         MallocCollector(registry=r)
         self.events = Counter("charon_router_events", "PHOTONDATA requests taken for a worker (resends joined to "
                               "one in flight not counted)", registry=r)  # fmt: skip

@@ -169,6 +169,7 @@ def test_a_load_process_that_fails_before_the_start_releases_the_others():
 
 def test_bench_against_running_server_reports_every_figure(tmp_path):
     import socket
+    import time
 
     import numpy as np
 
@@ -186,10 +187,18 @@ def test_bench_against_running_server_reports_every_figure(tmp_path):
         assert rc == 0
         r = json.loads(out.read_text())["batched"]
         assert "_trace" not in r
+        # The server's threads over the window (Linux): its socket loop worked, and waits are times, not negative.
+        if r["server_threads"][0]:
+            main_thread = r["server_threads"][0]["MainThread"]
+            assert main_thread["cpu_ms"] > 0 and main_thread["wait_ms"] >= 0
+            assert r["server_wait_ms"] >= main_thread["wait_ms"]
+        assert r["load_wait_ms"] >= 0 and (r["host_steal_ms"] is None or r["host_steal_ms"] >= 0)
         with np.load(tmp_path / "t.npz") as t:  # the same events as the figures, each with its load process
-            assert sorted(t.files) == [f"batched_1_{f}" for f in ("photons", "proc", "rtt", "sent", "window")]
+            assert sorted(t.files) == [f"batched_1_{f}" for f in ("photons", "proc", "rtt", "sent", "start_unix",
+                                                                  "window")]
             assert np.bincount(t["batched_1_proc"]).tolist() == [30, 30] and (t["batched_1_photons"] == 200).all()
             assert float(t["batched_1_window"]) == 0 and t["batched_1_sent"].min() >= 0
+            assert abs(float(t["batched_1_start_unix"]) - time.time()) < 600  # the wall clock's, for vmstat -t
             assert np.percentile(t["batched_1_rtt"], 99) * 1e3 == pytest.approx(r["latency_ms"]["p99"])
         assert KEYS <= set(r)
         assert r["events"] == 60 and r["failed"] == 0 and r["load_processes"] == 2
@@ -642,3 +651,28 @@ def test_histogram_quantile_reads_buckets_as_promql_does():
     before = {f"{key}0.001": 5.0, f"{key}0.002": 5.0, f"{key}+Inf": 5.0}
     after = {f"{key}0.001": 5.0, f"{key}0.002": 105.0, f"{key}+Inf": 105.0}
     assert server_latency_ms(before, after)["p50"] == pytest.approx(1.5)
+
+
+def test_thread_times_over_a_window_leave_out_threads_that_ended():
+    from charon.bench import thread_times
+
+    cpu, wait = "process_thread_cpu_seconds_total:", "process_thread_wait_seconds_total:"
+    before = {cpu + "MainThread": 1.0, wait + "MainThread": 0.5, cpu + "ZMQbg/IO/0": 2.0, wait + "ZMQbg/IO/0": 0.1,
+              cpu + "Thread-3": 9.0, wait + "Thread-3": 1.0, "charon_events_total": 5.0}  # fmt: skip
+    after = {cpu + "MainThread": 1.25, wait + "MainThread": 0.5, cpu + "ZMQbg/IO/0": 2.5, wait + "ZMQbg/IO/0": 0.125,
+             cpu + "Thread-3": 0.5, wait + "Thread-3": 0.0, "charon_events_total": 9.0}  # fmt: skip
+    got = thread_times(before, after)
+    assert got == {"MainThread": {"cpu_ms": 250.0, "wait_ms": 0.0},
+                   "ZMQbg/IO/0": {"cpu_ms": 500.0, "wait_ms": pytest.approx(25.0)}}
+
+
+def test_host_steal_reads_the_cpu_line_of_proc_stat():
+    from charon.bench import host_steal_s
+
+    got = host_steal_s()
+    if not os.path.exists("/proc/stat"):
+        assert got is None
+    else:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+        assert got == pytest.approx(int(fields[8]) / os.sysconf("SC_CLK_TCK"), abs=0.5)
