@@ -676,3 +676,40 @@ def test_host_steal_reads_the_cpu_line_of_proc_stat():
         with open("/proc/stat") as fh:
             fields = fh.readline().split()
         assert got == pytest.approx(int(fields[8]) / os.sysconf("SC_CLK_TCK"), abs=0.5)
+
+
+def test_hiccup_meter_records_a_stop_it_did_not_wait_for(tmp_path):
+    """A process stopped for 150 ms did not run and did not wait for a CPU either (it was not runnable): the
+    meter sees a gap of that length with no guest wait, as it would for a CPU its hypervisor took away."""
+    import signal
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    script = Path(__file__).parent.parent / "benchmarks" / "hiccups.py"
+    cpu = min(os.sched_getaffinity(0))
+    out = tmp_path / "h.json"
+    p = subprocess.Popen([sys.executable, str(script), "--cpus", str(cpu), "--seconds", "1.5", "--json", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, text=True)  # fmt: skip
+    try:
+        assert "watching 1 CPUs" in p.stderr.readline()  # the meter spins from here
+        time.sleep(0.2)
+        t_stop = time.time()
+        os.killpg(p.pid, signal.SIGSTOP)
+        time.sleep(0.15)
+        os.killpg(p.pid, signal.SIGCONT)
+        assert p.wait(60) == 0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+        p.stderr.close()
+    doc = json.loads(out.read_text())
+    (c,) = doc["per_cpu"]
+    gaps = np.array(c["gap_s"])
+    k = int(gaps.argmax())
+    assert 0.14 < gaps[k] < 1.0 and abs(c["gap_start_unix"][k] - t_stop) < 0.1
+    assert c["wait_s"] < 0.05  # stopped is not waiting for a CPU
+    s = doc["summary"]
+    assert s["cpus"] == 1 and s["gap_ms_max"] == pytest.approx(1e3 * gaps[k]) and 0 < s["gap_share"] < 0.5
