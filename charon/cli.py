@@ -44,10 +44,12 @@ HELP = {
     "the tail at light load (H100, ~260 events/s: p99 4.7-5.0 to 3.3-3.5 ms) and cost a saturated process 0-11 %% "
     "of its events/s, by host; 3 measured worse than 2 (benchmarks/RESULTS.md)",
     "engine_driver": "what runs the engine's batches in one process: thread (an engine thread, which wakes the "
-    "socket loop with each batch's results) or loop (the socket loop itself, through the CUDA engine's "
+    "socket loop with each batch's results), loop (the socket loop itself, through the CUDA engine's "
     "asynchronous calls: no hand-off between threads, and once a batch is nearly due the loop turns without "
-    "sleeping, spending a CPU core while the GPU finishes it; on an H100 host at ~250 events/s the clients' p50 "
-    "was 0.3 ms lower, benchmarks/RESULTS.md). --engine cuda, without --procs",
+    "sleeping, spending a CPU core while the GPU finishes it; on six H100 hosts at ~250 events/s the clients' "
+    "p50 was 0.2-0.5 ms lower, and a saturated process served 10-42 %% more events, benchmarks/RESULTS.md; "
+    "--engine cuda, without --procs) or auto (loop for the CUDA engine of one process that is not a router's "
+    "worker, thread otherwise)",
     "ping_reply": "reply to PING: PONG (ratpac-two, seed text) or ACK (ChAR0N client branch)",
     "reply_layout": "auto (13-frame request -> compact, 14-frame -> full), compact or full",
     "queue_policy": "queue policy for choosing the next events to batch",

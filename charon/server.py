@@ -55,7 +55,7 @@ INTAKES = ("python", "compiled")  # how the client socket's requests are receive
 # What runs the engine's batches in one process: "thread", an engine thread that wakes the socket loop with
 # results (engine_thread.py), or "loop", the socket loop itself through the CUDA engine's asynchronous calls,
 # with no hand-off between threads (engine_loop.py).
-ENGINE_DRIVERS = ("thread", "loop")
+ENGINE_DRIVERS = ("auto", "thread", "loop")
 
 
 @dataclass
@@ -74,7 +74,7 @@ class ServerConfig:
     max_event_photons: int = 50_000_000
     max_steps: int = 100
     engine_lanes: int = 1
-    engine_driver: str = "thread"
+    engine_driver: str = "auto"  # auto: loop for one plain process's CUDA engine, thread otherwise (engine_driver())
     ping_reply: str = "PONG"
     reply_layout: str = "auto"
     queue_policy: str = "fcfs"
@@ -102,6 +102,25 @@ class ServerConfig:
     parent: int | None = None
     engine_cpus_all: str | None = None
     intake: str = "python"
+
+    def resolved_engine_driver(self) -> str:
+        """What runs the engine's batches: ``engine_driver``, with ``auto`` read as ``loop`` for the CUDA engine
+        (``--engine cuda``, or ``auto`` finding a GPU) of one plain process, and ``thread`` otherwise: the
+        front ends of --procs hand their batches to a shared engine, and a router's workers (--connect) and
+        the CPU and Chroma engines were not measured with it or cannot be driven so. On six H100 hosts
+        the loop driver gave the lower median latency at light load every time, and a saturated process
+        more events/s (benchmarks/RESULTS.md, twenty-sixth and twenty-seventh sessions)."""
+        if self.engine_driver != "auto":
+            return self.engine_driver
+        if self.procs > 1 or self.engine_service or self.connect is not None or self.upstream:
+            return "thread"
+        if self.engine == "cuda":
+            return "loop"
+        if self.engine == "auto":
+            from .engines import cuda_usable
+
+            return "loop" if cuda_usable() else "thread"
+        return "thread"
 
     def validate(self) -> None:
         if self.max_batch_photons < 1:
@@ -361,7 +380,7 @@ class BatchServer:
             from .engine_service import ServiceLink
 
             self.engine_thread = ServiceLink(self.ctx, self.config.engine_service, handoff=self.config.handoff)
-        elif self.config.engine_driver == "loop":
+        elif self.config.resolved_engine_driver() == "loop":
             self.engine_thread = LoopEngine(self._engine_factory, self.busy)
         else:
             self.engine_thread = EngineThread(self.ctx, self._engine_factory, self.busy)

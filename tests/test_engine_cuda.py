@@ -580,7 +580,7 @@ def test_borrowed_hits_are_the_owned_hits_in_the_lanes_pinned_buffers(gpu_pair):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("driver", ["thread", "loop"])
+@pytest.mark.parametrize("driver", ["thread", "loop", "auto"])
 def test_one_process_server_with_two_lanes_answers_each_event_as_alone(tiny_det, cuda_engine_tiny, driver):
     """charon-batch --engine cuda --engine-lanes 2 without --procs: the engine thread, or the socket loop
     itself (--engine-driver loop), uses both lanes, and each event's hits are those of the event propagated
@@ -603,6 +603,9 @@ def test_one_process_server_with_two_lanes_answers_each_event_as_alone(tiny_det,
         assert srv.address, "the server did not start"
         d = DealerClient(srv.address)
         assert srv.engine_thread.lanes == 2
+        from charon.engine_loop import LoopEngine
+
+        assert isinstance(srv.engine_thread, LoopEngine) == (driver != "thread")  # auto: the loop, for one process
         rng = np.random.default_rng(17)
         tables = {i: random_event(int(rng.integers(5, 40)), rng, radius=200.0) for i in range(6)}
         for i, t in tables.items():

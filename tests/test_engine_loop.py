@@ -139,7 +139,7 @@ def test_server_config_refuses_the_loop_driver_where_it_cannot_drive_the_engine(
 
     for kw, reason in (({"engine": "cpu"}, "--engine cpu has none"), ({"engine": "chroma"}, "--engine chroma"),
                        ({"engine": "cuda", "procs": 2}, "share one engine process"),
-                       ({"engine_driver": "fast"}, "must be one of thread, loop")):  # fmt: skip
+                       ({"engine_driver": "fast"}, "must be one of auto, thread, loop")):  # fmt: skip
         with pytest.raises(ValueError, match=reason):
             ServerConfig(**{"engine_driver": "loop", **kw}).validate()
     ServerConfig(engine="cuda", engine_driver="loop").validate()
@@ -147,3 +147,22 @@ def test_server_config_refuses_the_loop_driver_where_it_cannot_drive_the_engine(
     assert batch_parser().parse_args(["--engine-driver", "loop"]).engine_driver == "loop"
     with pytest.raises(SystemExit):
         batch_parser().parse_args(["--engine-driver", "fast"])
+
+
+def test_auto_driver_is_the_loop_for_one_plain_cuda_process_only(monkeypatch):
+    import charon.engines as engines
+    from charon.cli import batch_parser
+    from charon.server import ServerConfig
+
+    assert ServerConfig().engine_driver == batch_parser().parse_args([]).engine_driver == "auto"
+    for kw, want in (({"engine": "cuda"}, "loop"), ({"engine": "cpu"}, "thread"), ({"engine": "chroma"}, "thread"),
+                     ({"engine": "cuda", "procs": 2}, "thread"),  # front ends share one engine process
+                     ({"engine": "cuda", "engine_service": "ipc:///tmp/x"}, "thread"),  # one of those front ends
+                     ({"engine": "cuda", "connect": "tcp://127.0.0.1:5556"}, "thread"),  # a router's worker
+                     ({"engine": "cuda", "upstream": "ipc:///tmp/y"}, "thread"),  # a worker behind the proxy
+                     ({"engine": "cuda", "engine_driver": "thread"}, "thread"),  # as given
+                     ({"engine": "cpu", "engine_driver": "loop"}, "loop")):  # as given (validate() refuses it)
+        assert ServerConfig(**kw).resolved_engine_driver() == want, kw
+    for usable, want in ((True, "loop"), (False, "thread")):  # --engine auto: whatever it will find
+        monkeypatch.setattr(engines, "cuda_usable", lambda u=usable: u)
+        assert ServerConfig(engine="auto").resolved_engine_driver() == want
