@@ -1,4 +1,5 @@
-"""The engine driven by the socket loop itself (``--engine-driver loop``): no engine thread, no hand-off.
+"""The engine driven by the socket loop itself (``--engine-driver loop``, and ``auto``'s choice for one plain
+process's CUDA engine): no engine thread, no hand-off.
 
 With the engine thread (engine_thread.py) every batch crosses two threads twice:
 the loop wakes the engine thread to launch it, the engine thread wakes the loop

@@ -74,7 +74,7 @@ class ServerConfig:
     max_event_photons: int = 50_000_000
     max_steps: int = 100
     engine_lanes: int = 1
-    engine_driver: str = "auto"  # auto: loop for one plain process's CUDA engine, thread otherwise (engine_driver())
+    engine_driver: str = "auto"  # auto: loop for one plain process's CUDA engine, else thread (resolved_engine_driver)
     ping_reply: str = "PONG"
     reply_layout: str = "auto"
     queue_policy: str = "fcfs"
