@@ -749,8 +749,15 @@ def test_metrics_endpoint_serves_prometheus_text(det):
                      "charon_engine_busy_fraction"):  # fmt: skip
             assert name in text, name
         if sys.platform.startswith("linux"):  # the process's own figures, which prometheus-client reads from /proc
-            value = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
+            from prometheus_client.parser import text_string_to_metric_families
+
+            samples = [x for fam in text_string_to_metric_families(text) for x in fam.samples]
+            value = {x.name: x.value for x in samples if not x.labels}
             assert 1e7 < value["process_resident_memory_bytes"] < 1e11 and value["process_open_fds"] > 3
+            # Each thread's CPU time and wait for a CPU, by thread (label values may hold spaces: "Thread-1 (...)")
+            cpu = {x.labels["thread"]: x.value for x in samples if x.name == "process_thread_cpu_seconds_total"}
+            wait = {x.labels["thread"]: x.value for x in samples if x.name == "process_thread_wait_seconds_total"}
+            assert cpu["MainThread"] > 0 and wait.keys() == cpu.keys() and min(wait.values()) >= 0
             if _mallinfo2() is not None:  # the C heap's own account (glibc)
                 assert 1e5 < value["process_malloc_in_use_bytes"] < value["process_resident_memory_bytes"]
                 assert value["process_malloc_free_bytes"] >= 0 and value["process_malloc_arena_bytes"] > 0
