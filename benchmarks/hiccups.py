@@ -24,13 +24,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from charon.bench import host_steal_s  # noqa: E402
+from charon.bench import host_steal_s, process_wait_s  # noqa: E402
 from charon.cpus import parse_cpus  # noqa: E402
-
-
-def _own_wait_s() -> float:
-    with open(f"/proc/self/task/{os.getpid()}/schedstat") as fh:
-        return int(fh.read().split()[1]) * 1e-9
 
 
 def meter(cpu: int | None, seconds: float, threshold_ms: float, out=None, started=None) -> dict:
@@ -43,7 +38,7 @@ def meter(cpu: int | None, seconds: float, threshold_ms: float, out=None, starte
     thr = int(threshold_ms * 1e6)
     clock = time.perf_counter_ns
     starts, lengths = [], []  # [gaps] ns on perf_counter's clock, ns
-    wait0 = _own_wait_s()
+    wait0 = process_wait_s()
     unix0, t0 = time.time(), clock()
     end = t0 + int(seconds * 1e9)
     last = t0
@@ -56,7 +51,7 @@ def meter(cpu: int | None, seconds: float, threshold_ms: float, out=None, starte
             starts.append(last)
             lengths.append(t - last)
         last = t
-    res = dict(cpu=cpu, seconds=(last - t0) * 1e-9, wait_s=_own_wait_s() - wait0,
+    res = dict(cpu=cpu, seconds=(last - t0) * 1e-9, wait_s=process_wait_s() - wait0,
                gap_start_unix=[unix0 + (s - t0) * 1e-9 for s in starts], gap_s=[g * 1e-9 for g in lengths])
     if out is not None:
         out.put(res)

@@ -254,9 +254,9 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
     """One load process: ``n_clients`` sockets on one poller. Returns raw figures for merging.
 
     ``start``: a barrier every load process waits at once its sockets are connected, so that they all begin
-    together. Each process compiles the compiled driver for seconds; without it the first ones would be
-    measured while the others still compile beside the server, and then send their clients' first requests
-    all at once inside the measured window."""
+    together: a process that starts late (a slow import or compile on a busy host) would otherwise send its
+    clients' first requests all at once inside the measured window. On the H100 hosts the starts were
+    8-37 ms apart without it (benchmarks/RESULTS.md, twenty-seventh session); it is a safeguard."""
     socks, ctx = [], zmq.Context()
     try:
         try:
@@ -281,10 +281,10 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
             except threading.BrokenBarrierError:
                 raise RuntimeError(f"load process of events {first_id}..{first_id + n_events - 1}: another load "
                                    f"process failed, or was not ready within {START_TIMEOUT_S:g} s") from None
-        wait0 = _own_wait_s()
+        wait0 = process_wait_s()
         drive = _drive_compiled if cfg.load_driver == "compiled" else _drive_python
         fig = drive(cfg, socks, depth, first_id, sizes, think, pool, progress)
-        fig["wait_s"] = _own_wait_s() - wait0  # the process's threads' wait for a CPU while it drove the load
+        fig["wait_s"] = process_wait_s() - wait0  # the process's threads' wait for a CPU while it drove the load
         return fig
     finally:
         for s in socks:
@@ -292,7 +292,7 @@ def _drive(cfg: BenchConfig, address: str, first_id: int, n_events: int, n_clien
         ctx.term()
 
 
-def _own_wait_s() -> float:
+def process_wait_s() -> float:
     """Seconds this process's threads have waited for a CPU (Linux schedstat; 0 where unreadable)."""
     return sum(w for _, w in read_thread_times().values())
 
